@@ -1,0 +1,285 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Tests of uniseg_components.data: MSD folders -> validated datalist, and the task-balanced batch sampler."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+
+from uniseg_components.data import TaskBalancedBatchSampler, load_datalist, prepare, read_msd_dataset
+from uniseg_components.tasks import TaskCatalog
+from uniseg_components.transforms import train_transforms
+
+CATALOG = TaskCatalog.from_dict(
+    {
+        "name": "test",
+        "tasks": [
+            {
+                "name": "organ_ct",
+                "id": 0,
+                "dims": 3,
+                "modalities": ["CT"],
+                "labels": ["background", "organ", "tumour"],
+                "spacing": [2.0, 2.0, 2.0],
+                "patch_size": [16, 16, 12],
+                "dataset": "Test01_CT",
+            },
+            {
+                "name": "lesion_petct",
+                "id": 1,
+                "dims": 3,
+                "modalities": ["CT", "PET"],
+                "labels": ["background", "lesion"],
+                "spacing": [2.0, 2.0, 2.0],
+                "patch_size": [16, 16, 12],
+                "dataset": "Test02_PETCT",
+            },
+            {
+                "name": "head_us",
+                "id": 2,
+                "dims": 2,
+                "modalities": ["US"],
+                "labels": ["background", "head"],
+                "spacing": [1.0, 1.0],
+                "patch_size": [24, 20],
+                "dataset": "Test03_US2D",
+            },
+        ],
+    }
+)
+
+
+def make_msd(root: Path, name: str, n: int, channels: int = 1, dims: int = 3, num_classes: int = 2, seed: int = 0):
+    """Write a tiny MSD-format folder with ``n`` cases; returns the folder."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    shape = (20, 18, 14) if dims == 3 else (30, 26)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0]) if dims == 3 else np.diag([1.0, 1.0, 1.0, 1.0])
+    training = []
+    for i in range(n):
+        img = rng.normal(0, 100, shape + ((channels,) if channels > 1 else ())).astype(np.float32)
+        lab = np.zeros(shape, np.uint8)
+        lab[tuple(slice(s // 3, s // 3 + 4) for s in shape)] = 1
+        if num_classes > 2:
+            lab[tuple(slice(s // 3, s // 3 + 2) for s in shape)] = num_classes - 1
+        nib.save(nib.Nifti1Image(img, aff), str(folder / "imagesTr" / f"case_{i:03d}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, aff), str(folder / "labelsTr" / f"case_{i:03d}.nii.gz"))
+        training.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
+    meta = {
+        "name": name,
+        "modality": {str(c): "CT" for c in range(channels)},
+        "labels": {str(c): f"class{c}" for c in range(num_classes)},
+        "numTraining": n,
+        "training": training,
+        "test": [],
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture()
+def collection(tmp_path):
+    return [
+        make_msd(tmp_path / "data", "Test01_CT", 5, num_classes=3, seed=1),
+        make_msd(tmp_path / "data", "Test02_PETCT", 3, channels=2, seed=2),
+        make_msd(tmp_path / "data", "Test03_US2D", 4, dims=2, seed=3),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- MSD folders
+def test_read_msd_dataset(collection):
+    items = read_msd_dataset(collection[0])
+    assert len(items) == 5
+    assert all(Path(it["image"]).is_absolute() and Path(it["image"]).is_file() for it in items)
+    assert items[0]["label"].endswith("labelsTr/case_000.nii.gz")
+
+
+def test_read_msd_dataset_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_msd_dataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/dataset\.json"):
+        read_msd_dataset(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad/dataset\.json.*not valid JSON"):
+        read_msd_dataset(bad)
+    (bad / "dataset.json").write_text(json.dumps({"labels": {}}))
+    with pytest.raises(ValueError, match=r"bad/dataset\.json.*no 'training' list"):
+        read_msd_dataset(bad)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def test_prepare_writes_split_datalist(collection, tmp_path):
+    out = tmp_path / "prepared"
+    path = prepare(collection, CATALOG, out, val_fraction=0.25, seed=3)
+    assert path == out / "datalist.json"
+    train, val, catalog_path = load_datalist(path)
+    assert catalog_path == (out / "tasks.json").resolve()
+    assert TaskCatalog.load(catalog_path) == CATALOG  # the full catalog, ids unchanged
+    assert len(train) + len(val) == 12
+    for items in (train, val):
+        assert all(set(it) == {"image", "label", "task"} and Path(it["image"]).is_absolute() for it in items)
+    per_task = Counter(it["task"] for it in val)
+    assert per_task == {"organ_ct": 1, "lesion_petct": 1, "head_us": 1}  # round(0.25 * n), at least 1
+    assert not {it["image"] for it in train} & {it["image"] for it in val}
+    # seeded: the same split again, another with a different seed
+    again = json.loads(prepare(collection, CATALOG, tmp_path / "again", val_fraction=0.25, seed=3).read_text())
+    assert again["validation"] == json.loads(path.read_text())["validation"]
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_prepare_explicit_mapping_and_select(tmp_path):
+    folder = make_msd(tmp_path / "data", "SomeUS", 1, dims=2)
+    path = prepare(folder, CATALOG, tmp_path / "out", tasks={"SomeUS": "head_us"}, select_present=True)
+    train, val, catalog_path = load_datalist(path)
+    assert len(train) == 1 and val == []  # a single case stays in training
+    sub = TaskCatalog.load(catalog_path)
+    assert sub.names == ["head_us"] and sub["head_us"].id == 0
+
+
+def test_prepare_unmapped_folder(tmp_path):
+    folder = make_msd(tmp_path / "data", "Unknown07", 1)
+    with pytest.raises(ValueError, match=r"Unknown07.*no task.*'Test01_CT'"):
+        prepare(folder, CATALOG, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_reports_every_problem_and_writes_nothing(collection, tmp_path):
+    ct, petct, us = collection
+    (ct / "imagesTr" / "case_001.nii.gz").unlink()  # missing file
+    gz = ct / "imagesTr" / "case_002.nii.gz"
+    gz.write_bytes(gz.read_bytes()[: len(gz.read_bytes()) // 2])  # truncated gzip
+    lab = np.zeros((20, 18, 14), np.uint8)
+    lab[0, 0, 0] = 7
+    aff3 = np.diag([2.0, 2.0, 2.0, 1.0])  # the grid make_msd uses for 3D cases
+    nib.save(nib.Nifti1Image(lab, aff3), str(ct / "labelsTr" / "case_003.nii.gz"))  # label out of range
+    img = np.zeros((20, 18, 14, 3), np.float32)
+    nib.save(nib.Nifti1Image(img, aff3), str(petct / "imagesTr" / "case_000.nii.gz"))  # 3 channels, not 2
+    lab = np.zeros((20, 18, 14), np.uint8)
+    nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.5, 1.0])), str(petct / "labelsTr" / "case_001.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((30, 25), np.uint8), np.eye(4)), str(us / "labelsTr" / "case_001.nii.gz"))
+    img = np.zeros((30, 26, 5), np.float32)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(us / "imagesTr" / "case_002.nii.gz"))  # 3D image, 2D task
+    img = np.zeros((20, 18, 14), np.float32)
+    img[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(img, aff3), str(ct / "imagesTr" / "case_004.nii.gz"))  # NaN
+    out = tmp_path / "prepared"
+    with pytest.raises(ValueError) as e:
+        prepare(collection, CATALOG, out)
+    msg = str(e.value)
+    expected = [
+        r"Test01_CT/imagesTr/case_001\.nii\.gz \(task 'organ_ct'\): image file does not exist",
+        r"Test01_CT/imagesTr/case_002\.nii\.gz \(task 'organ_ct'\): image cannot be read",
+        r"Test01_CT/labelsTr/case_003\.nii\.gz \(task 'organ_ct'\): label values must be in \[0, 3\).*\[0, 7\]",
+        r"Test01_CT/imagesTr/case_004\.nii\.gz \(task 'organ_ct'\): the image contains 1 NaN",
+        r"Test02_PETCT/imagesTr/case_000\.nii\.gz \(task 'lesion_petct'\): expected 2 channel\(s\).*got 3",
+        r"Test02_PETCT/labelsTr/case_001\.nii\.gz \(task 'lesion_petct'\): the label's affine .* differs",
+        r"Test03_US2D/labelsTr/case_001\.nii\.gz \(task 'head_us'\): label shape \(30, 25\) does not match.*\(30, 26\)",
+        r"Test03_US2D/imagesTr/case_002\.nii\.gz \(task 'head_us'\): expected a 2D image",
+    ]
+    for pattern in expected:
+        assert re.search(pattern, msg), (pattern, msg)
+    assert msg.startswith(f"prepare found {len(expected)} problem(s)")
+    assert not out.exists()
+
+
+def test_prepare_arguments(collection, tmp_path):
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare(collection, CATALOG, tmp_path / "o", val_fraction=1.0)
+    with pytest.raises(ValueError, match="already given"):
+        prepare([collection[0], collection[0]], CATALOG, tmp_path / "o")
+    with pytest.raises(ValueError, match=r"\['Test01_Typo'\] that are not among"):
+        prepare(collection, CATALOG, tmp_path / "o", tasks={"Test01_Typo": "organ_ct"})
+    assert not (tmp_path / "o").exists()
+
+
+def test_load_datalist_relative_paths(tmp_path):
+    (tmp_path / "dl.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "b.nii.gz", "task": 0}]}))
+    train, val, cat = load_datalist(tmp_path / "dl.json")
+    assert train[0]["image"] == str(tmp_path.resolve() / "a.nii.gz") and val == [] and cat is None
+    (tmp_path / "bad.json").write_text("[")
+    with pytest.raises(ValueError, match=r"bad\.json.*not valid JSON"):
+        load_datalist(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+TASK_IDS = [0] * 7 + [1] * 2 + [3] * 5  # task 2 has no items
+
+
+def test_sampler_single_task_batches_and_quota():
+    s = TaskBalancedBatchSampler(TASK_IDS, batch_size=3, batches_per_task=10, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == 30 and s.tasks == [0, 1, 3]
+    counts = Counter()
+    for b in batches:
+        assert len(b) == 3
+        tasks = {TASK_IDS[i] for i in b}
+        assert len(tasks) == 1
+        counts[tasks.pop()] += 1
+    assert counts == {0: 10, 1: 10, 3: 10}
+    first = [TASK_IDS[b[0]] for b in batches]
+    assert first != sorted(first)  # task order shuffled
+
+
+def test_sampler_determinism_and_epochs():
+    a = TaskBalancedBatchSampler(TASK_IDS, 2, 5, seed=4)
+    b = TaskBalancedBatchSampler(TASK_IDS, 2, 5, seed=4)
+    assert list(a) == list(b) and list(a) == list(a)
+    assert list(TaskBalancedBatchSampler(TASK_IDS, 2, 5, seed=5)) != list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+
+
+def test_sampler_distributed_split():
+    full = TaskBalancedBatchSampler(TASK_IDS, 2, batches_per_task=5, seed=0, num_replicas=1, rank=0)
+    ranks = [TaskBalancedBatchSampler(TASK_IDS, 2, batches_per_task=5, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    r0, r1 = list(ranks[0]), list(ranks[1])
+    assert len(r0) == len(r1) == len(ranks[0]) == 8  # 15 batches -> padded to 16
+    assert r0 != r1
+    # together the ranks see the whole epoch (plus one wrapped batch)
+    assert sorted(map(tuple, r0 + r1[:-1])) == sorted(map(tuple, list(full)))
+    assert r1[-1] == list(full)[0]
+
+
+def test_sampler_argument_checks():
+    with pytest.raises(ValueError, match="batch_size"):
+        TaskBalancedBatchSampler(TASK_IDS, 0)
+    with pytest.raises(ValueError, match="empty"):
+        TaskBalancedBatchSampler([], 2)
+    with pytest.raises(ValueError, match="rank"):
+        TaskBalancedBatchSampler(TASK_IDS, 2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="batches_per_task"):
+        TaskBalancedBatchSampler(TASK_IDS, 2, batches_per_task=0)
+    with pytest.raises(ValueError, match="num_replicas"):
+        TaskBalancedBatchSampler(TASK_IDS, 2, num_replicas=0, rank=0)
+
+
+def test_sampler_with_dataloader_and_train_transforms(collection, tmp_path):
+    train, val, catalog_path = load_datalist(prepare(collection, CATALOG, tmp_path / "prep", val_fraction=0.0))
+    catalog = TaskCatalog.load(catalog_path)
+    sampler = TaskBalancedBatchSampler.from_items(train, catalog, batch_size=2, batches_per_task=2, seed=0)
+    ds = Dataset(train, train_transforms(catalog, augment=False))
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=1)
+    seen = Counter()
+    for batch in loader:
+        task = catalog[batch["task"][0]]
+        assert batch["task"] == [task.name] * 2 and batch["task_id"].tolist() == [task.id] * 2
+        assert tuple(batch["image"].shape) == (2, task.num_channels, *task.patch_size)
+        assert tuple(batch["label"].shape) == (2, 1, *task.patch_size)
+        assert batch["image"].dtype == torch.float32
+        seen[task.name] += 1
+    assert seen == {"organ_ct": 2, "lesion_petct": 2, "head_us": 2}

@@ -1,0 +1,396 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Behavioural tests of uniseg_components.transforms on tiny synthetic NIfTI files (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
+from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
+
+from uniseg_components import transforms as T
+from uniseg_components.tasks import TaskCatalog, UnknownTaskError
+
+CATALOG = TaskCatalog.from_dict(
+    {
+        "name": "test",
+        "tasks": [
+            {
+                "name": "organ_ct",
+                "id": 0,
+                "dims": 3,
+                "modalities": ["CT"],
+                "labels": ["background", "organ", "tumour"],
+                "spacing": [2.0, 2.0, 3.0],
+                "patch_size": [16, 16, 12],
+                "dataset": "Test01_CT",
+            },
+            {
+                "name": "lesion_petct",
+                "id": 1,
+                "dims": 3,
+                "modalities": ["CT", "PET"],
+                "labels": ["background", "lesion"],
+                "spacing": [3.0, 3.0, 3.0],
+                "patch_size": [16, 16, 16],
+                "dataset": "Test02_PETCT",
+            },
+            {
+                "name": "head_us",
+                "id": 2,
+                "dims": 2,
+                "modalities": ["US"],
+                "labels": ["background", "head"],
+                "spacing": [1.0, 1.0],
+                "patch_size": [24, 20],
+                "dataset": "Test03_US2D",
+            },
+        ],
+    }
+)
+
+
+def save(path, array, affine=None):
+    """Write a NIfTI file; ``affine`` default: 1.5 x 1.5 x 2.5 mm, LPS-flipped x and y (not RAS)."""
+    if affine is None:
+        affine = np.diag([-1.5, -1.5, 2.5, 1.0])
+        affine[:3, 3] = [20.0, 10.0, -5.0]
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return str(path)
+
+
+def blob_label(shape, centre, radius, value=1):
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+    lab = np.zeros(shape, np.uint8)
+    lab[dist <= radius] = value
+    return lab
+
+
+@pytest.fixture()
+def ct_case(tmp_path):
+    rng = np.random.default_rng(0)
+    shape = (30, 26, 20)
+    img = rng.normal(0, 300, shape).astype(np.float32)
+    lab = blob_label(shape, (15, 13, 10), 5)
+    lab[14:16, 12:14, 9:11] = 2
+    return {
+        "image": save(tmp_path / "ct_001.nii.gz", img),
+        "label": save(tmp_path / "ct_001_seg.nii.gz", lab),
+        "task": "organ_ct",
+    }, img, lab
+
+
+@pytest.fixture()
+def petct_case(tmp_path):
+    rng = np.random.default_rng(1)
+    shape = (24, 22, 18)
+    img = np.stack([rng.normal(0, 300, shape), rng.gamma(2.0, 3.0, shape)], -1).astype(np.float32)  # (X, Y, Z, 2)
+    lab = blob_label(shape, (12, 11, 9), 5)
+    return {
+        "image": save(tmp_path / "petct_001.nii.gz", img),
+        "label": save(tmp_path / "petct_001_seg.nii.gz", lab),
+        "task": 1,
+    }, img, lab
+
+
+@pytest.fixture()
+def us_case(tmp_path):
+    rng = np.random.default_rng(2)
+    shape = (40, 34)
+    img = rng.normal(50, 10, shape).astype(np.float32)
+    lab = blob_label(shape, (20, 17), 6)
+    aff = np.diag([0.8, -0.8, 1.0, 1.0])
+    return {
+        "image": save(tmp_path / "us_001.nii.gz", img, aff),
+        "label": save(tmp_path / "us_001_seg.nii.gz", lab, aff),
+        "task": "2",
+    }, img, lab
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+def test_normalize_ct_window():
+    x = MetaTensor(torch.tensor([[-1000.0, -325.0, 0.0, 325.0, 1000.0]]))
+    out = T.NormalizeModalityd("image", CATALOG)({"image": x, "task": "organ_ct"})["image"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), [[0.0, 0.0, 0.5, 1.0, 1.0]], atol=1e-6)
+
+
+def test_normalize_zscore_and_mixed_channels():
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1000, (8, 8, 8))
+    pet = rng.gamma(2.0, 5.0, (8, 8, 8)) + 100
+    x = MetaTensor(torch.as_tensor(np.stack([ct, pet]), dtype=torch.float32))
+    out = T.NormalizeModalityd("image", CATALOG)({"image": x, "task": "lesion_petct"})["image"]
+    assert out.shape == x.shape
+    assert float(out[0].min()) >= 0.0 and float(out[0].max()) <= 1.0  # CT window
+    np.testing.assert_allclose(out[0].numpy(), (np.clip(ct, -325, 325) + 325) / 650, atol=1e-5)
+    assert abs(float(out[1].mean())) < 1e-4 and abs(float(out[1].std(unbiased=False)) - 1) < 1e-4  # PET z-score
+    # a constant channel stays finite (std clamped by eps)
+    const = T.NormalizeModalityd("image", CATALOG)({"image": torch.full((1, 4, 4), 7.0), "task": "head_us"})["image"]
+    assert torch.isfinite(const).all() and float(const.abs().max()) == 0.0
+
+
+def test_normalize_wrong_channels():
+    with pytest.raises(ValueError, match="lesion_petct.*2 channel"):
+        T.NormalizeModalityd("image", CATALOG)({"image": torch.zeros(1, 4, 4, 4), "task": "lesion_petct"})
+
+
+# ---------------------------------------------------------------------------------------------- task, checks
+def test_attach_task_resolves_names_and_ids():
+    attach = T.AttachTaskd(CATALOG)
+    for key in ("lesion_petct", 1, "1", np.int64(1), torch.tensor(1)):
+        d = attach({"image": "x.nii.gz", "task": key})
+        assert d["task"] == "lesion_petct" and d["task_id"] == 1 and isinstance(d["task_id"], int)
+    assert T.AttachTaskd(CATALOG, default="head_us")({"image": "x.nii.gz"})["task_id"] == 2
+
+
+def test_attach_task_unknown():
+    with pytest.raises(UnknownTaskError) as e:
+        T.AttachTaskd(CATALOG)({"image": "/data/case_7.nii.gz", "task": "spleen"})
+    msg = str(e.value)
+    assert "case_7.nii.gz" in msg and "spleen" in msg and "organ_ct" in msg and "head_us" in msg
+    with pytest.raises(UnknownTaskError, match="case_8.nii.gz.*no 'task' key"):
+        T.AttachTaskd(CATALOG)({"image": "/data/case_8.nii.gz"})
+
+
+def _load_and_check(item):
+    """The loading and checking steps, applied one by one (a ``Compose`` would wrap errors in RuntimeError)."""
+    d = item
+    for t in (
+        T.AttachTaskd(CATALOG),
+        LoadImaged(["image", "label"], image_only=True, allow_missing_keys=True),
+        EnsureChannelFirstd(["image", "label"], allow_missing_keys=True),
+        T.Squeeze2Dd(["image", "label"], CATALOG, allow_missing_keys=True),
+        T.CheckTaskInputd(CATALOG),
+    ):
+        d = t(d)
+    return d
+
+
+def test_check_task_input_accepts_good_items(ct_case, petct_case, us_case):
+    for item, img, _ in (ct_case, petct_case, us_case):
+        d = _load_and_check(item)
+        assert d["image"].shape[1:] == d["label"].shape[1:]
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("channels", r"bad_channels\.nii\.gz.*lesion_petct.*2 input channel.*got 1"),
+        ("2d_for_3d", r"bad_2d\.nii\.gz.*organ_ct.*3D image.*got a 2D image"),
+        ("3d_for_2d", r"bad_3d\.nii\.gz.*head_us.*2D image.*got a 3D image"),
+        ("label_range", r"bad_range_seg\.nii\.gz.*organ_ct.*\[0, 3\).*\[0, 1, 5\]"),
+        ("label_float", r"bad_float_seg\.nii\.gz.*organ_ct.*integers"),
+        ("label_shape", r"bad_shape_seg\.nii\.gz.*organ_ct.*\(1, 8, 8, 8\).*got \(1, 8, 8, 6\)"),
+        ("nan", r"bad_nan\.nii\.gz.*organ_ct.*NaN"),
+    ],
+)
+def test_check_task_input_errors(tmp_path, case, expect):
+    img3 = np.zeros((8, 8, 8), np.float32)
+    lab3 = np.zeros((8, 8, 8), np.uint8)
+    if case == "channels":
+        item = {"image": save(tmp_path / "bad_channels.nii.gz", img3), "label": save(tmp_path / "l.nii.gz", lab3)}
+        item["task"] = "lesion_petct"
+    elif case == "2d_for_3d":
+        item = {"image": save(tmp_path / "bad_2d.nii.gz", img3[..., 0]), "task": "organ_ct"}
+    elif case == "3d_for_2d":
+        item = {"image": save(tmp_path / "bad_3d.nii.gz", img3), "task": "head_us"}
+    elif case == "label_range":
+        lab = lab3.copy()
+        lab[0, 0, 0], lab[1, 1, 1] = 5, 1
+        item = {"image": save(tmp_path / "i.nii.gz", img3), "label": save(tmp_path / "bad_range_seg.nii.gz", lab)}
+        item["task"] = "organ_ct"
+    elif case == "label_float":
+        lab = lab3.astype(np.float32)
+        lab[0, 0, 0] = 0.5
+        item = {"image": save(tmp_path / "i.nii.gz", img3), "label": save(tmp_path / "bad_float_seg.nii.gz", lab)}
+        item["task"] = "organ_ct"
+    elif case == "label_shape":
+        item = {"image": save(tmp_path / "i.nii.gz", img3)}
+        item["label"] = save(tmp_path / "bad_shape_seg.nii.gz", lab3[..., :6])
+        item["task"] = "organ_ct"
+    else:
+        img = img3.copy()
+        img[2, 2, 2] = np.nan
+        item = {"image": save(tmp_path / "bad_nan.nii.gz", img), "task": "organ_ct"}
+    with pytest.raises(ValueError, match=expect):
+        _load_and_check(item)
+    # inside a Compose, MONAI re-raises as RuntimeError("applying transform ...") from the ValueError
+    pipe = T.val_transforms(CATALOG) if "label" in item else T.inference_transforms(CATALOG)
+    with pytest.raises(RuntimeError) as e:
+        pipe(item)
+    assert isinstance(e.value.__cause__, ValueError)
+    assert re.search(expect, str(e.value.__cause__))
+
+
+def test_squeeze_2d_singleton_axis(tmp_path):
+    img = np.random.default_rng(0).normal(size=(20, 16, 1)).astype(np.float32)
+    lab = np.zeros((20, 16, 1), np.uint8)
+    lab[5:9, 5:9] = 1
+    item = {"image": save(tmp_path / "s.nii.gz", img), "label": save(tmp_path / "s_seg.nii.gz", lab), "task": "head_us"}
+    d = _load_and_check(item)
+    assert d["image"].shape == (1, 20, 16) and d["label"].shape == (1, 20, 16)
+    out = T.val_transforms(CATALOG)(item)
+    assert out["image"].ndim == 3 and out["image"].pixdim.tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def test_task_spacing_resamples_and_inverts():
+    affine = torch.diag(torch.tensor([1.5, 1.0, 2.0, 1.0], dtype=torch.float64))
+    img = MetaTensor(torch.rand(1, 20, 30, 12), affine=affine)
+    lab = MetaTensor((torch.rand(1, 20, 30, 12) > 0.7).float(), affine=affine)
+    spacing = T.TaskSpacingd(["image", "label"], CATALOG)
+    d = spacing({"image": img, "label": lab, "task": "organ_ct"})
+    np.testing.assert_allclose(d["image"].pixdim.numpy(), [2.0, 2.0, 3.0], atol=1e-6)
+    assert d["image"].shape == d["label"].shape == (1, 15, 16, 8)  # MONAI: round((n - 1) * old / new) + 1
+    assert set(torch.unique(d["label"]).tolist()) <= {0.0, 1.0}  # nearest
+    d2 = T.TaskSpacingd("image", CATALOG)({"image": MetaTensor(torch.rand(1, 20, 30), affine=torch.eye(3)), "task": 2})
+    assert d2["image"].shape == (1, 20, 30)
+    d["pred"] = d["label"].clone()
+    inv = Invertd("pred", spacing, orig_keys="label", nearest_interp=True)(d)
+    assert inv["pred"].shape == (1, 20, 30, 12)
+    np.testing.assert_allclose(inv["pred"].affine.numpy(), affine.numpy(), atol=1e-6)
+
+
+def test_pipeline_round_trip_identity_grid(tmp_path):
+    """Spacing equal to the task's, non-RAS orientation: Invertd gives back exactly the file's label."""
+    shape = (20, 16, 12)
+    aff = np.diag([-2.0, 2.0, -3.0, 1.0])
+    aff[:3, 3] = [5.0, -3.0, 40.0]
+    img = np.random.default_rng(0).normal(0, 300, shape).astype(np.float32)
+    lab = blob_label(shape, (9, 8, 6), 4)
+    lab[9, 8, 6] = 2
+    item = {"image": save(tmp_path / "i.nii.gz", img, aff), "label": save(tmp_path / "l.nii.gz", lab, aff)}
+    item["task"] = "organ_ct"
+    pipe = T.val_transforms(CATALOG)
+    d = pipe(item)
+    np.testing.assert_allclose(np.diag(d["image"].affine.numpy())[:3], [2.0, 2.0, 3.0], atol=1e-6)  # RAS
+    d["pred"] = d["label"].clone()
+    out = Invertd("pred", pipe, orig_keys="image", nearest_interp=True)(d)["pred"]
+    assert out.shape == (1, *shape)
+    np.testing.assert_allclose(out.affine.numpy(), aff, atol=1e-5)
+    np.testing.assert_array_equal(out[0].numpy(), lab)
+
+
+@pytest.mark.parametrize("fixture", ["ct_case", "petct_case", "us_case"])
+def test_pipeline_round_trip_resampled(fixture, request):
+    item, img, lab = request.getfixturevalue(fixture)
+    pipe = T.val_transforms(CATALOG)
+    d = pipe(item)
+    task = CATALOG[item["task"]]
+    assert d["image"].shape[0] == task.num_channels and d["label"].shape[0] == 1
+    np.testing.assert_allclose(d["image"].pixdim.numpy(), task.spacing, atol=1e-5)
+    d["pred"] = d["label"].clone()
+    out = Invertd("pred", pipe, orig_keys="label", nearest_interp=True)(d)["pred"]
+    assert out.shape == (1, *lab.shape)
+    np.testing.assert_allclose(out.affine.numpy(), nib.load(item["label"]).affine, atol=1e-5)
+    assert set(torch.unique(out).tolist()) <= set(range(task.num_classes))
+    dice = 2 * np.sum((out[0].numpy() > 0) & (lab > 0)) / (np.sum(out[0].numpy() > 0) + np.sum(lab > 0))
+    assert dice > 0.8
+
+
+def test_crop_foreground_uses_raw_nonzero_region(tmp_path):
+    """A z-scored volume with a zero frame is cropped to the non-zero region (not to z-score > 0)."""
+    img = np.zeros((40, 34), np.float32)
+    img[5:35, 4:30] = np.random.default_rng(0).normal(50, 10, (30, 26))
+    item = {"image": save(tmp_path / "u.nii.gz", img, np.eye(4)), "task": "head_us"}
+    pipe = T.inference_transforms(CATALOG)
+    d = pipe(item)
+    assert d["image"].shape == (1, 30, 26) and "label" not in d
+    assert abs(float(d["image"].mean())) < 1e-4  # z-scored after the crop
+    d["pred"] = MetaTensor(torch.ones(1, 30, 26))
+    out = Invertd("pred", pipe, orig_keys="image", nearest_interp=True)(d)["pred"]
+    assert out.shape == (1, 40, 34) and float(out.sum()) == 30 * 26
+
+
+def test_invert_after_dataloader_workers(ct_case, petct_case):
+    """Items made in DataLoader worker processes invert in the main process (trace ids of forked workers)."""
+    items = [ct_case[0], petct_case[0]]
+    pipe = T.val_transforms(CATALOG)
+    loader = DataLoader(Dataset(items, pipe), batch_size=1, num_workers=1)
+    for batch, (_, _, lab) in zip(loader, [ct_case, petct_case]):
+        d = decollate_batch(batch)[0]
+        d["pred"] = d["label"].clone()
+        out = Invertd("pred", pipe, orig_keys="label", nearest_interp=True)(d)["pred"]
+        assert out.shape == (1, *lab.shape)
+
+
+def test_per_task_inverse_with_foreign_trace():
+    """A trace made by another instance (spawned worker, persistent cache) is inverted via its class name."""
+    affine = torch.diag(torch.tensor([-1.5, 1.0, 2.0, 1.0], dtype=torch.float64))
+    img = MetaTensor(torch.rand(1, 20, 30, 12), affine=affine)
+    geometry = Compose([T.TaskOrientationd("image", CATALOG), T.TaskSpacingd("image", CATALOG)])
+    d = geometry({"image": img, "task": "organ_ct"})
+    other = copy.deepcopy(geometry)  # new ids: no per-task instance matches the trace ids
+    back = other.inverse(dict(d))["image"]
+    assert back.shape == img.shape
+    np.testing.assert_allclose(back.affine.numpy(), affine.numpy(), atol=1e-6)
+    # the inverse checks the kind of transform it undoes
+    d2 = T.TaskOrientationd("image", CATALOG)({"image": img, "task": "organ_ct"})
+    with pytest.raises(RuntimeError, match="expected 'SpatialResample'"):
+        T.TaskSpacingd("image", CATALOG).inverse(d2)
+
+
+# ---------------------------------------------------------------------------------------------- random
+def test_random_transforms_patch_size_and_labels(ct_case, petct_case, us_case):
+    pipe = T.train_transforms(CATALOG, augment=True)
+    pipe.set_random_state(3)
+    for item, _, _ in (ct_case, petct_case, us_case):
+        task = CATALOG[item["task"]]
+        for _ in range(4):
+            d = pipe(item)
+            assert isinstance(d, dict)
+            assert tuple(d["image"].shape) == (task.num_channels, *task.patch_size)
+            assert tuple(d["label"].shape) == (1, *task.patch_size)
+            vals = torch.unique(d["label"])
+            assert torch.equal(vals, vals.round()) and set(vals.tolist()) <= set(range(task.num_classes))
+            assert torch.isfinite(d["image"]).all() and d["task_id"] == task.id
+
+
+def test_small_volume_is_padded_to_the_patch():
+    d = {
+        "image": MetaTensor(torch.rand(1, 10, 9)),
+        "label": MetaTensor((torch.arange(90).reshape(1, 10, 9) == 40).float()),
+        "task": "head_us",
+    }
+    out = T.TaskRandCropd(catalog=CATALOG)(d)
+    assert out["image"].shape == (1, 24, 20) and out["label"].shape == (1, 24, 20)
+
+
+def test_foreground_oversampling_one_third():
+    """pos=1, neg=2: about 1/3 of the crops contain a tiny foreground (plus the few random crops that hit it)."""
+    lab = torch.zeros(1, 128, 128)
+    lab[0, 60:62, 70:72] = 1
+    d = {"image": MetaTensor(torch.rand(1, 128, 128)), "label": MetaTensor(lab), "task": "head_us"}
+    crop = T.TaskRandCropd(catalog=CATALOG)
+    crop.set_random_state(0)
+    n = 400
+    hits = sum(bool(crop(d)["label"].sum() > 0) for _ in range(n))
+    # expected 1/3 + 2/3 * P(a background crop hits the foreground) ~ 1/3 + 2/3 * (24 * 20) / 128**2 ~ 0.35
+    assert 0.28 < hits / n < 0.45, hits / n
+
+
+def test_set_random_state_makes_pipeline_deterministic(ct_case, us_case):
+    def run(seed):
+        pipe = T.train_transforms(CATALOG, augment=True).set_random_state(seed)
+        return [pipe(item)["image"] for item in (ct_case[0], us_case[0], ct_case[0], us_case[0])]
+
+    a, b, c = run(5), run(5), run(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_builders_validate_keys():
+    with pytest.raises(ValueError, match="image_key, label_key"):
+        T.random_transforms(CATALOG, keys=("image",))
+    with pytest.raises(ValueError, match="keys must be"):
+        T.deterministic_transforms(CATALOG, keys=("a", "b", "c"))
+    with pytest.raises(ValueError, match="dims must be 2 or 3"):
+        T.augmentation_transforms(4)

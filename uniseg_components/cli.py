@@ -1,0 +1,319 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Command line: ``python -m uniseg_components <verb> [--help]`` (built with python-fire).
+
+Verbs: ``demo-data``, ``prepare``, ``train``, ``evaluate``, ``infer``, ``benchmark``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["demo_data", "prepare", "train", "evaluate", "infer", "benchmark", "main"]
+
+logger = logging.getLogger("uniseg_components")
+
+
+def _setup_logging(verbose: bool = True) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+
+
+def _as_list(value: Any) -> list[str]:
+    """Fire gives a string, a tuple or a list; also accept comma-separated strings."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v for v in str(value).split(",") if v]
+
+
+def _dataset_dirs(paths: Sequence[str]) -> list[str]:
+    """MSD folders: each path itself when it holds ``dataset.json``, else its sub-folders that do."""
+    out: list[str] = []
+    for p in map(Path, paths):
+        if (p / "dataset.json").is_file():
+            out.append(str(p))
+        elif p.is_dir():
+            subs = sorted(str(d) for d in p.iterdir() if (d / "dataset.json").is_file())
+            if not subs:
+                raise FileNotFoundError(f"{str(p)!r} holds no dataset.json, nor do its sub-folders.")
+            out += subs
+        else:
+            raise FileNotFoundError(f"dataset folder {str(p)!r} does not exist.")
+    return out
+
+
+def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False) -> str:
+    """Write the embedded demo collection (MSD format, no download) and its task catalog.
+
+    Four tasks: synthetic abdominal CT (organ, tumour), brain MR tissues from the MNI152 template shipped with
+    nilearn (CSF, grey and white matter), synthetic two-channel PET/CT lesions, and a 2D ultrasound task.
+
+    Args:
+        out: output folder, default "demo_data"; it receives one folder per task and tasks.json.
+        seed: random seed, default 0 (same seed, same files).
+        overwrite: regenerate an existing collection, default False.
+    Returns:
+        the output folder.
+    """
+    from .demo import write_demo_collection
+
+    _setup_logging()
+    t = time.time()
+    path = write_demo_collection(out, seed=seed, overwrite=overwrite)
+    logger.info("demo collection in %s (%.1f s); catalog %s", path, time.time() - t, Path(path) / "tasks.json")
+    return str(path)
+
+
+def prepare(
+    datasets: Any,
+    catalog: str = "",
+    out: str = "prepared",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> str:
+    """Validate MSD-format folders against a task catalog and write datalist.json and tasks.json.
+
+    Every case is checked (files exist and load, channel count and dimensionality match the task, label
+    values inside the task's classes, no NaN); all problems are reported together and nothing is written if
+    any case is bad.
+
+    Args:
+        datasets: MSD folders (holding dataset.json), comma-separated or a list; a folder whose sub-folders
+            hold dataset.json files stands for all of them.
+        catalog: catalog JSON path or built-in name; default: tasks.json inside the first folder given (as the
+            demo collection has), else an error.
+        out: output folder for datalist.json and tasks.json, default "prepared".
+        val_fraction: share of each task's cases for validation, default 0.2.
+        seed: split seed, default 0.
+    Returns:
+        the path of datalist.json.
+    """
+    from .data import prepare as prepare_datalist
+    from .tasks import TaskCatalog
+
+    _setup_logging()
+    roots = _as_list(datasets)
+    if not catalog:
+        guess = Path(roots[0]) / "tasks.json"
+        if not guess.is_file():
+            raise ValueError(f"no --catalog given and {str(guess)!r} does not exist; pass --catalog FILE_OR_NAME.")
+        catalog = str(guess)
+    cat = TaskCatalog.resolve(catalog)
+    path = prepare_datalist(_dataset_dirs(roots), cat, out, val_fraction=val_fraction, seed=seed)
+    logger.info("datalist written to %s", path)
+    return str(path)
+
+
+def train(
+    datalist: str,
+    catalog: str = "",
+    output_dir: str = "runs/uniseg",
+    epochs: int = 1000,
+    batches_per_task: int = 50,
+    batch_size: int = 2,
+    learning_rate: float = 1e-2,
+    val_interval: int = 1,
+    augment: bool = True,
+    device: str = "",
+    seed: int = 0,
+    num_workers: int = 0,
+) -> str:
+    """Train UniSeg jointly on every 3D task of a datalist (UniSeg's recipe by default).
+
+    SGD Nesterov (momentum 0.99, weight decay 3e-5), poly learning-rate decay (0.9), gradient clipping at 12,
+    Dice + CE with deep supervision, single-task batches with every task equally often, AMP on CUDA. The best
+    checkpoint by mean validation Dice over tasks is written to OUTPUT_DIR/model.pt with the network config and
+    catalog, so `infer` and `evaluate` need nothing else.
+
+    Args:
+        datalist: datalist.json from `prepare`.
+        catalog: catalog JSON or built-in name; default the datalist's own.
+        output_dir: default "runs/uniseg".
+        epochs: default 1000 (UniSeg); the demo uses far fewer.
+        batches_per_task: batches of each task per epoch, default 50.
+        batch_size: default 2.
+        learning_rate: default 1e-2.
+        val_interval: validate every N epochs, default 1.
+        augment: nnU-Net-style augmentation, default True.
+        device: "cuda", "cpu", ...; default CUDA when available.
+        seed: default 0.
+        num_workers: data-loader workers, default 0.
+    Returns:
+        the checkpoint path.
+    """
+    from .metrics import format_dice_table
+    from .training import train as run_training
+
+    _setup_logging()
+    res = run_training(
+        datalist,
+        catalog=catalog or None,
+        output_dir=output_dir,
+        epochs=epochs,
+        batches_per_task=batches_per_task,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        val_interval=val_interval,
+        augment=augment,
+        device=device or None,
+        seed=seed,
+        num_workers=num_workers,
+    )
+    if res["details"]:
+        print(format_dice_table(res["details"], title=f"last validation (best mean {res['best_metric']:.4f})"))
+    logger.info("training finished in %.0f s; checkpoint %s", res["seconds"], res["checkpoint"])
+    return str(res["checkpoint"])
+
+
+def evaluate(
+    checkpoint: str,
+    datalist: str,
+    split: str = "validation",
+    mirror: bool = False,
+    device: str = "",
+    output: str = "",
+) -> float:
+    """Segment the held-out cases of a datalist and print Dice per task and class on each file's own grid.
+
+    Beside the model's Dice, the table shows what an all-background prediction would score on the same cases
+    (1 for a class absent from a case, else 0), the baseline the model must beat.
+
+    Args:
+        checkpoint: model.pt written by `train`.
+        datalist: datalist.json from `prepare`.
+        split: "validation" (default) or "training".
+        mirror: mirroring test-time augmentation on every axis, default False.
+        device: default CUDA when available.
+        output: optional JSON file for the per-task results.
+    Returns:
+        the mean Dice over tasks.
+    """
+    from .evaluation import evaluate_checkpoint
+
+    _setup_logging()
+    res = evaluate_checkpoint(checkpoint, datalist, split=split, mirror=mirror, device=device or None)
+    print(res["table"])
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2))
+    return float(res["mean"])
+
+
+def infer(
+    checkpoint: str,
+    images: Any,
+    task: str,
+    out: str = "predictions",
+    modality: Any = None,
+    mirror: bool = False,
+    catalog: str = "",
+    device: str = "",
+) -> list[str]:
+    """Segment NIfTI images for one task, or for all tasks of their modality, into NIfTI label maps.
+
+    Output files are OUT/<image name>_<task>.nii.gz on the grid of the input image. With --task all the
+    network runs its encoder once per window and its decoder once per task, and the label maps are merged with
+    the catalog's label offsets (printed); later tasks win where tasks overlap.
+
+    Args:
+        checkpoint: model.pt written by `train`.
+        images: a NIfTI file, a folder of them, or a comma-separated list.
+        task: task name or id from the checkpoint's catalog, or "all".
+        out: output folder, default "predictions".
+        modality: with --task all, the image's channel modalities (e.g. CT or CT,PET) when its channel count
+            fits several modality combinations of the catalog.
+        mirror: mirroring test-time augmentation on every axis, default False.
+        catalog: overrides the catalog stored in the checkpoint.
+        device: default CUDA when available.
+    Returns:
+        the written files.
+    """
+    from .engines import load_checkpoint
+    from .inferers import TaskPredictor, save_label_map
+
+    _setup_logging()
+    net, cat = load_checkpoint(checkpoint, catalog=catalog or None)
+    files: list[Path] = []
+    for p in map(Path, _as_list(images)):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"image {str(p)!r} does not exist.")
+    if not files:
+        raise FileNotFoundError(f"no NIfTI image found in {images!r}.")
+    task_name = "all" if str(task).lower() == "all" else cat[task].name
+    mirror_axes = tuple(range(net.plan.spatial_dims)) if mirror else ()
+    predictor = TaskPredictor(net, cat, mirror_axes=mirror_axes, device=device or None)
+    written: list[str] = []
+    for i, f in enumerate(files, 1):
+        t = time.time()
+        stem = f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
+        if task_name == "all":
+            label, tasks = predictor.predict_all(str(f), _as_list(modality) if modality else None)
+            legend = {v: n for v, n in cat.merged_label_names().items() if v == 0 or n.split("/")[0] in
+                      {tk.name for tk in tasks}}
+        else:
+            label, legend = predictor.predict(str(f), task_name), dict(enumerate(cat[task_name].labels))
+        dest = save_label_map(label, Path(out) / f"{stem}_{task_name}.nii.gz")
+        written.append(str(dest))
+        logger.info("[%d/%d] %s -> %s (%.1f s)", i, len(files), f, dest, time.time() - t)
+    logger.info("labels: %s", json.dumps({str(k): v for k, v in legend.items()}))
+    return written
+
+
+def benchmark(catalog: str = "uniseg_11tasks", patch: Any = None, repeats: int = 3, device: str = "",
+              write: str = "") -> str:
+    """Measure parameters, time ratios and sliding-window throughput in one run on this machine.
+
+    Prints (a) parameters of UniSeg and of the plain backbone for the catalog's plan, (b) the time ratio
+    UniSeg / plain backbone for one training step at the same patch, (c) the time ratio of the all-tasks path /
+    separate per-task passes, with the ratio the multiply-accumulate counts allow, and (d) sliding-window
+    throughput in voxels per second.
+
+    Args:
+        catalog: catalog JSON or built-in name, default "uniseg_11tasks" (the paper's plan).
+        patch: timed patch, comma-separated (e.g. 96,96,32); default the catalog's on CUDA and half of it per
+            axis on CPU.
+        repeats: timed repetitions (median), default 3.
+        device: default CUDA when available.
+        write: also write the markdown table to this file.
+    Returns:
+        the markdown table.
+    """
+    from .benchmark import format_report, run_benchmark
+
+    _setup_logging()
+    patch_size = [int(v) for v in _as_list(patch)] if patch else None
+    report = format_report(run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device or None))
+    if write:
+        Path(write).parent.mkdir(parents=True, exist_ok=True)
+        Path(write).write_text(report + "\n")
+    return report
+
+
+COMMANDS = {
+    "demo-data": demo_data,
+    "prepare": prepare,
+    "train": train,
+    "evaluate": evaluate,
+    "infer": infer,
+    "benchmark": benchmark,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m uniseg_components`` and the ``uniseg`` script."""
+    import fire
+
+    fire.Fire(COMMANDS, command=list(argv) if argv is not None else None, name="uniseg")

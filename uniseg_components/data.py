@@ -1,0 +1,546 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Datasets of many partially labelled tasks: MSD folders -> validated datalist; task-balanced batch sampler.
+
+* :func:`read_msd_dataset` reads one Medical Segmentation Decathlon style folder (``dataset.json``,
+  ``imagesTr/``, ``labelsTr/``).
+* :func:`prepare` maps several such folders to the tasks of a :class:`~uniseg_components.tasks.TaskCatalog`,
+  checks every case (files load, channel count, spatial rank and shape, label values) and writes
+  ``datalist.json`` + ``tasks.json``; :func:`load_datalist` reads them back.
+* :class:`TaskBalancedBatchSampler` draws UniSeg's batches: one task per batch, every task equally often per
+  epoch, different batches on each distributed rank.
+
+File layout conventions (the same as the transforms'): a 3D image is ``(X, Y, Z)`` or ``(X, Y, Z, C)`` (MSD's
+channel-last 4-D NIfTI); a 2D image is ``(X, Y)``, ``(X, Y, 1)`` or ``(X, Y, 1, C)``; labels have the
+image's spatial shape (a trailing singleton axis is allowed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from .tasks import TaskCatalog, TaskSpec
+
+__all__ = [
+    "read_msd_dataset",
+    "prepare",
+    "load_datalist",
+    "TaskBalancedBatchSampler",
+]
+
+logger = logging.getLogger(__name__)
+
+DATALIST_NAME = "datalist.json"
+CATALOG_NAME = "tasks.json"
+#: tolerance (mm) when comparing the affines of an image and its label
+AFFINE_ATOL = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- MSD folders
+def _read_dataset_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """Load and check ``<folder>/dataset.json``; errors name the file."""
+    path = Path(folder) / "dataset.json"
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; an MSD-format folder needs a dataset.json.")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}.") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(meta).__name__}.")
+    training = meta.get("training")
+    if not isinstance(training, list):
+        raise ValueError(
+            f"{str(path)!r} has no 'training' list (MSD format: {{'modality', 'labels', 'training': "
+            f"[{{'image', 'label'}}, ...]}}); keys found: {sorted(meta)}."
+        )
+    for i, item in enumerate(training):
+        if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)):
+            raise ValueError(f"{str(path)!r}: training[{i}] must be {{'image': path, 'label': path}}, got {item!r}.")
+    return meta
+
+
+def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, str]]:
+    """Read the training cases of an MSD-format folder.
+
+    Args:
+        folder: a folder with ``dataset.json`` (keys ``modality``, ``labels``, ``training``: a list of
+            ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` relative to the folder).
+
+    Returns:
+        ``[{"image": abs_path, "label": abs_path}, ...]`` in the order of ``dataset.json`` (files are not
+        checked here, see :func:`prepare`).
+
+    Raises:
+        FileNotFoundError: when the folder or its ``dataset.json`` is missing.
+        ValueError: when ``dataset.json`` is not valid JSON or not in MSD format (naming the file).
+    """
+    root = Path(folder).resolve()
+    meta = _read_dataset_json(root)
+    return [
+        {"image": str((root / it["image"]).resolve()), "label": str((root / it["label"]).resolve())}
+        for it in meta["training"]
+    ]
+
+
+def _load_array(path: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """Load a NIfTI file completely (so truncated / corrupt gzip is caught); return (array, affine, problem)."""
+    import nibabel as nib
+
+    if not os.path.isfile(path):
+        return None, None, "file does not exist"
+    try:
+        img = nib.load(path)
+        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=float), None
+    except Exception as e:  # any failure to decode is a problem to report (gzip, zlib, header, size errors)
+        return None, None, f"cannot be read ({type(e).__name__}: {e})"
+
+
+def _split_image_shape(shape: tuple[int, ...], dims: int) -> tuple[tuple[int, ...], int] | None:
+    """(spatial shape, channels) of an image file of a ``dims``-D task, or ``None`` when the layout is wrong."""
+    if dims == 3:
+        if len(shape) == 3:
+            return shape, 1
+        if len(shape) == 4:
+            return shape[:3], shape[3]
+        return None
+    if len(shape) == 2:
+        return shape, 1
+    if len(shape) == 3 and shape[2] == 1:
+        return shape[:2], 1
+    if len(shape) == 4 and shape[2] == 1:
+        return shape[:2], shape[3]
+    return None
+
+
+def _check_case(item: Mapping[str, str], task: TaskSpec, check_files: bool) -> list[str]:
+    """All problems of one case, each naming the file, the task and what was expected."""
+    problems: list[str] = []
+    img_path, lab_path = item["image"], item["label"]
+    t = f"task {task.name!r}"
+    if not check_files:
+        for p in (img_path, lab_path):
+            if not os.path.isfile(p):
+                problems.append(f"{p} ({t}): file does not exist.")
+        return problems
+    img, img_affine, err = _load_array(img_path)
+    if err:
+        problems.append(f"{img_path} ({t}): image {err}.")
+    lab, lab_affine, lerr = _load_array(lab_path)
+    if lerr:
+        problems.append(f"{lab_path} ({t}): label {lerr}.")
+    spatial = None
+    if img is not None:
+        split = _split_image_shape(tuple(img.shape), task.dims)
+        if split is None:
+            layout = "(X, Y, Z) or (X, Y, Z, C)" if task.dims == 3 else "(X, Y), (X, Y, 1) or (X, Y, 1, C)"
+            problems.append(
+                f"{img_path} ({t}): expected a {task.dims}D image {layout} with {task.num_channels} channel(s), "
+                f"got an array of shape {tuple(img.shape)}."
+            )
+        else:
+            spatial, channels = split
+            if channels != task.num_channels:
+                problems.append(
+                    f"{img_path} ({t}): expected {task.num_channels} channel(s) ({', '.join(task.modalities)}), "
+                    f"got {channels} (shape {tuple(img.shape)})."
+                )
+        if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+            problems.append(f"{img_path} ({t}): the image contains {int((~np.isfinite(img)).sum())} NaN/Inf voxel(s).")
+    if lab is not None:
+        lshape = tuple(lab.shape)
+        while len(lshape) > task.dims and lshape[-1] == 1:  # (X, Y, Z, 1) or (X, Y, 1)
+            lshape = lshape[:-1]
+        if spatial is not None and lshape != tuple(spatial):
+            problems.append(
+                f"{lab_path} ({t}): label shape {tuple(lab.shape)} does not match the image's spatial shape "
+                f"{tuple(spatial)} ({img_path})."
+            )
+        elif len(lshape) != task.dims:
+            problems.append(f"{lab_path} ({t}): expected a {task.dims}D label, got shape {tuple(lab.shape)}.")
+        elif img_affine is not None and not np.allclose(img_affine, lab_affine, atol=AFFINE_ATOL):
+            problems.append(
+                f"{lab_path} ({t}): the label's affine {np.round(lab_affine[:3], 4).tolist()} differs from the "
+                f"image's {np.round(img_affine[:3], 4).tolist()} ({img_path}); they must share one voxel grid."
+            )
+        problems += _check_label_values(lab, lab_path, task)
+    return problems
+
+
+def _check_label_values(lab: np.ndarray, path: str, task: TaskSpec) -> list[str]:
+    """Integer values in [0, num_classes): min/max for integer arrays, ``np.unique`` only when needed."""
+    t = f"task {task.name!r}"
+    if lab.size == 0:
+        return [f"{path} ({t}): the label is empty."]
+    if not np.issubdtype(lab.dtype, np.integer):
+        if not np.isfinite(lab).all():
+            return [f"{path} ({t}): the label contains NaN/Inf."]
+        if not np.array_equal(lab, np.round(lab)):
+            vals = np.unique(lab[lab != np.round(lab)])[:10].tolist()
+            return [f"{path} ({t}): label values must be integers, got e.g. {vals}."]
+    lo, hi = lab.min(), lab.max()
+    if lo < 0 or hi >= task.num_classes:
+        vals = [int(v) if float(v).is_integer() else float(v) for v in np.unique(lab)[:20]]
+        return [
+            f"{path} ({t}): label values must be in [0, {task.num_classes}) for classes {list(task.labels)}, "
+            f"got values {vals}."
+        ]
+    return []
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=4) + "\n")
+    os.replace(tmp, path)
+
+
+def _split(items: list[dict[str, str]], val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """Seeded split of one task's items; >= 1 validation case when there are >= 2 cases and val_fraction > 0."""
+    n = len(items)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    order = rng.permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    train = [it for i, it in enumerate(items) if i not in val_idx]
+    val = [it for i, it in enumerate(items) if i in val_idx]
+    return train, val
+
+
+def prepare(
+    dataset_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
+    catalog: TaskCatalog | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    tasks: Mapping[str, str] | None = None,
+    check_files: bool = True,
+    select_present: bool = False,
+    num_workers: int = 1,
+    log_every: int = 50,
+) -> Path:
+    """Validate MSD-format folders against a catalog and write ``datalist.json`` + ``tasks.json``.
+
+    Each folder is mapped to a task: by ``tasks[folder_name]`` when given, else by the catalog task whose
+    ``dataset`` equals the folder name. Every case is then checked (with ``check_files=True``, the default):
+    image and label exist and load completely with nibabel (a truncated or corrupt ``.gz`` is caught); the
+    image has ``task.dims`` spatial axes (see the module docstring for the layouts) and one channel per task
+    modality; no NaN/Inf in the image; the label has the image's spatial shape, the image's affine (within
+    1e-3 mm) and integer values in ``[0, task.num_classes)``. All problems of all folders are collected and
+    raised together as one ``ValueError``, and then nothing is written. A mismatch between ``dataset.json``'s
+    ``labels`` / ``modality`` counts and the task is only logged as a warning (the checks trust the files).
+
+    On success, writes (atomically: temporary file + ``os.replace``):
+
+    * ``<out_dir>/tasks.json``: the catalog. By default the full catalog, unchanged, so that task ids stay those
+      of the given catalog (checkpoints and built-in catalogs agree); tasks without data simply get no batches
+      from :class:`TaskBalancedBatchSampler`. ``select_present=True`` writes ``catalog.select(present tasks)``
+      instead (ids renumbered densely); the datalist refers to tasks by name, so it is valid either way.
+    * ``<out_dir>/datalist.json``: ``{"catalog": "tasks.json", "training": [...], "validation": [...]}`` with
+      items ``{"image": abs_path, "label": abs_path, "task": name}``. The split is per task and seeded: a
+      fraction ``val_fraction`` of each task's cases (rounded; at least one when the task has >= 2 cases and
+      ``val_fraction > 0``, never all of them) goes to validation.
+
+    Args:
+        dataset_dirs: one MSD folder or a sequence of them.
+        catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
+        out_dir: output folder (created).
+        val_fraction: validation fraction per task, in [0, 1), default ``0.2``.
+        seed: split seed, default ``0``.
+        tasks: ``{folder_name: task_name}`` overriding the catalog's ``dataset`` fields, default ``None``.
+        check_files: load and check every file (default ``True``); ``False`` only checks that files exist.
+        select_present: write only the tasks that have data, renumbered, default ``False``.
+        num_workers: threads reading files, default ``1`` (nibabel's gzip decoding releases the GIL).
+        log_every: log progress every this many cases, default ``50``.
+
+    Returns:
+        The path of ``datalist.json``.
+
+    Raises:
+        ValueError: listing every problem found (or for bad arguments).
+    """
+    catalog = TaskCatalog.resolve(catalog)
+    if isinstance(dataset_dirs, (str, os.PathLike)):
+        dataset_dirs = [dataset_dirs]
+    dataset_dirs = [Path(p).resolve() for p in dataset_dirs]
+    if not dataset_dirs:
+        raise ValueError("prepare: no dataset folders given.")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+    tasks = dict(tasks or {})
+    by_dataset = {t.dataset: t for t in catalog if t.dataset}
+
+    problems: list[str] = []
+    unused = sorted(set(tasks) - {p.name for p in dataset_dirs})
+    if unused:
+        problems.append(f"tasks= maps folder name(s) {unused} that are not among the dataset folders given.")
+    cases: list[tuple[dict[str, str], TaskSpec]] = []
+    seen_tasks: dict[str, Path] = {}
+    for folder in dataset_dirs:
+        name = folder.name
+        if name in tasks:
+            try:
+                task = catalog[tasks[name]]
+            except KeyError as e:
+                problems.append(f"{folder}: {e}")
+                continue
+        elif name in by_dataset:
+            task = by_dataset[name]
+        else:
+            problems.append(
+                f"{folder}: no task of catalog {catalog.name!r} has dataset {name!r}; known datasets: "
+                f"{sorted(by_dataset)}; map the folder explicitly with tasks={{{name!r}: '<task name>'}}."
+            )
+            continue
+        if task.name in seen_tasks:
+            problems.append(f"{folder}: task {task.name!r} is already given by {seen_tasks[task.name]}.")
+            continue
+        seen_tasks[task.name] = folder
+        try:
+            meta = _read_dataset_json(folder)
+        except (OSError, ValueError) as e:
+            problems.append(f"{folder} (task {task.name!r}): {e}")
+            continue
+        for key, expected in (("labels", task.num_classes), ("modality", task.num_channels)):
+            if isinstance(meta.get(key), dict) and len(meta[key]) != expected:
+                logger.warning(
+                    "%s: dataset.json lists %d %s (%s) but task %r has %d; the files are checked against the task.",
+                    folder, len(meta[key]), key, list(meta[key].values()), task.name, expected,
+                )
+        items = read_msd_dataset(folder)
+        if not items:
+            problems.append(f"{folder / 'dataset.json'} (task {task.name!r}): the 'training' list is empty.")
+        cases += [(it, task) for it in items]
+
+    total = len(cases)
+    logger.info("prepare: checking %d case(s) of %d folder(s).", total, len(dataset_dirs))
+
+    def check(i: int) -> list[str]:
+        item, task = cases[i]
+        out = _check_case(item, task, check_files)
+        if log_every and (i + 1) % log_every == 0:
+            logger.info("prepare: checked %d/%d cases.", i + 1, total)
+        return out
+
+    if num_workers > 1:
+        with ThreadPoolExecutor(num_workers) as pool:
+            results = list(pool.map(check, range(total)))
+    else:
+        results = [check(i) for i in range(total)]
+    for r in results:
+        problems += r
+    if problems:
+        raise ValueError(
+            f"prepare found {len(problems)} problem(s) in {len(dataset_dirs)} dataset folder(s); nothing was "
+            "written:\n  - " + "\n  - ".join(problems)
+        )
+
+    training: list[dict[str, str]] = []
+    validation: list[dict[str, str]] = []
+    for task in catalog:
+        items = [{"image": it["image"], "label": it["label"], "task": task.name} for it, t in cases if t is task]
+        if not items:
+            continue
+        items.sort(key=lambda it: it["image"])
+        tr, va = _split(items, val_fraction, np.random.default_rng([seed, task.id]))
+        training += tr
+        validation += va
+        logger.info("prepare: task %r: %d training, %d validation case(s).", task.name, len(tr), len(va))
+    absent = [t.name for t in catalog if t.name not in seen_tasks]
+    if absent:
+        logger.info("prepare: catalog task(s) without data: %s.", absent)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_catalog = catalog.select(names=[t.name for t in catalog if t.name in seen_tasks]) if select_present else catalog
+    _atomic_write_json(out / CATALOG_NAME, out_catalog.to_dict())
+    datalist_path = out / DATALIST_NAME
+    _atomic_write_json(datalist_path, {"catalog": CATALOG_NAME, "training": training, "validation": validation})
+    logger.info("prepare: wrote %s and %s.", datalist_path, out / CATALOG_NAME)
+    return datalist_path
+
+
+def load_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Path | None]:
+    """Read a datalist written by :func:`prepare` (or by hand).
+
+    Relative ``image`` / ``label`` paths are resolved against the datalist's folder, as is ``"catalog"``.
+
+    Args:
+        path: the ``datalist.json``: ``{"catalog"?: str, "training": [...], "validation"?: [...]}``.
+
+    Returns:
+        ``(training_items, validation_items, catalog_path)``; ``catalog_path`` is ``None`` when the datalist
+        names no catalog.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {str(path)!r} does not exist.")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"datalist {str(path)!r} is not valid JSON: {e}.") from e
+    if not isinstance(d, dict) or not isinstance(d.get("training", []), list):
+        raise ValueError(f"datalist {str(path)!r} must be a JSON object with a 'training' list.")
+    root = path.resolve().parent
+
+    def fix(items: Any, section: str) -> list[dict[str, Any]]:
+        if not isinstance(items, list):
+            raise ValueError(f"datalist {str(path)!r}: {section!r} must be a list.")
+        out = []
+        for i, it in enumerate(items):
+            if not isinstance(it, dict) or "image" not in it:
+                raise ValueError(f"datalist {str(path)!r}: {section}[{i}] must be an object with an 'image' path.")
+            it = dict(it)
+            for k in ("image", "label"):
+                if isinstance(it.get(k), str) and not os.path.isabs(it[k]):
+                    it[k] = str(root / it[k])
+            out.append(it)
+        return out
+
+    catalog = d.get("catalog")
+    return fix(d.get("training", []), "training"), fix(d.get("validation", []), "validation"), (
+        (root / catalog) if catalog else None
+    )
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+class TaskBalancedBatchSampler(Sampler[list[int]]):
+    """UniSeg's task-balanced batches: one task per batch, every task equally often, shuffled task order.
+
+    Each epoch, every task that has at least one item gets exactly ``batches_per_task`` batches (counted over
+    all ranks together). A batch holds ``batch_size`` indices of items of a single task, drawn uniformly with
+    replacement from that task's items. The order of the batches is a random permutation of the multiset of
+    tasks, which is the same distribution as UniSeg's "next task drawn uniformly among the tasks with quota
+    left". Everything is drawn from ``numpy.random.default_rng([seed, epoch])``: the same seed and epoch give the
+    same batches on every rank; :meth:`set_epoch` changes the draw.
+
+    Distributed: the global list of ``num_tasks * batches_per_task`` batches is split round-robin, rank ``r``
+    taking batches ``r, r + num_replicas, ...``, so ranks get different batches and all the same number
+    ``ceil(total / num_replicas)``; when the total is not divisible, the list is padded by wrapping around to
+    its start (so a few tasks get one extra batch in that epoch).
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)`` and call ``sampler.set_epoch(epoch)`` at the start
+    of each epoch. Nothing does this automatically: MONAI workflows only call ``set_epoch`` on a
+    ``DistributedSampler`` passed as ``sampler``, so add an ``Events.EPOCH_STARTED`` handler, e.g.
+    ``trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))``.
+    ``batch_size`` of the DataLoader must stay at its default (the sampler makes the batches).
+
+    Args:
+        task_ids: the task id of each dataset item, length ``len(dataset)``.
+        batch_size: items per batch, >= 1.
+        batches_per_task: batches of each task per epoch (global), default ``50`` (UniSeg: 50, 11 tasks).
+        seed: default ``0``.
+        num_replicas: number of ranks, default ``None`` = ``torch.distributed`` world size when initialised,
+            else 1.
+        rank: this rank, default ``None`` = ``torch.distributed`` rank when initialised, else 0.
+
+    Raises:
+        ValueError: for an empty ``task_ids``, negative task ids, ``batch_size`` or ``batches_per_task`` < 1,
+            ``num_replicas`` < 1 or ``rank`` outside ``[0, num_replicas)``.
+    """
+
+    def __init__(
+        self,
+        task_ids: Sequence[int],
+        batch_size: int,
+        batches_per_task: int = 50,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        ids = [int(t) for t in (task_ids.tolist() if hasattr(task_ids, "tolist") else task_ids)]
+        if not ids:
+            raise ValueError("task_ids is empty: the dataset has no items to sample from.")
+        if min(ids) < 0:
+            raise ValueError(f"task ids must be >= 0, got {min(ids)}.")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if int(batches_per_task) < 1:
+            raise ValueError(f"batches_per_task must be >= 1, got {batches_per_task}.")
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        if int(num_replicas) < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}.")
+        if not 0 <= int(rank) < int(num_replicas):
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}.")
+        self.batch_size = int(batch_size)
+        self.batches_per_task = int(batches_per_task)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+        arr = np.asarray(ids)
+        #: task id -> indices of its items (only tasks that have items)
+        self.indices: dict[int, np.ndarray] = {int(t): np.flatnonzero(arr == t) for t in np.unique(arr)}
+
+    @classmethod
+    def from_items(
+        cls,
+        items: Sequence[Mapping[str, Any]],
+        catalog: TaskCatalog | str | os.PathLike,
+        batch_size: int,
+        task_key: str = "task",
+        **kwargs: Any,
+    ) -> TaskBalancedBatchSampler:
+        """Build the sampler from datalist items ``{"task": name or id, ...}`` (the dataset's ``data``).
+
+        Args:
+            items: the dataset's items, in dataset order.
+            catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
+            batch_size: items per batch.
+            task_key: key of the task in the items, default ``"task"``.
+            kwargs: ``batches_per_task``, ``seed``, ``num_replicas``, ``rank``.
+        """
+        catalog = TaskCatalog.resolve(catalog)
+        return cls([catalog[it[task_key]].id for it in items], batch_size, **kwargs)
+
+    @property
+    def tasks(self) -> list[int]:
+        """Ids of the tasks that have items, sorted."""
+        return sorted(self.indices)
+
+    @property
+    def total_batches(self) -> int:
+        """Batches per epoch over all ranks, before padding."""
+        return len(self.indices) * self.batches_per_task
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch: the batches of each epoch are drawn from ``(seed, epoch)``."""
+        self.epoch = int(epoch)
+
+    def global_batches(self) -> list[list[int]]:
+        """All batches of the current epoch, in order, for all ranks (padded to a multiple of the ranks)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = np.repeat(np.asarray(self.tasks), self.batches_per_task)
+        order = order[rng.permutation(len(order))]
+        batches = [rng.choice(self.indices[int(t)], size=self.batch_size, replace=True).tolist() for t in order]
+        pad = -len(batches) % self.num_replicas
+        return batches + [batches[i % len(batches)] for i in range(pad)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.global_batches()[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return -(-self.total_batches // self.num_replicas)

@@ -1,0 +1,693 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""A small, self-contained demo collection: four MSD-format datasets written in seconds, with no download.
+
+:func:`write_demo_collection` writes one folder per task of the built-in ``"demo"`` catalog (see
+``catalogs/demo.json``), each in the Medical Segmentation Decathlon layout (``dataset.json``, ``imagesTr/``,
+``labelsTr/``), plus ``tasks.json``, the catalog of the tasks written::
+
+    <out_dir>/
+        tasks.json
+        Demo01_AbdomenCT/    dataset.json  imagesTr/abdomen_ct_000.nii.gz ...  labelsTr/abdomen_ct_000.nii.gz ...
+        Demo02_BrainMR/      ...
+        Demo03_LesionPETCT/  ...
+        Demo04_FetalUS2D/    ...
+
+The tasks:
+
+* ``abdomen_ct``: synthetic abdominal CT in Hounsfield units (air, fat, muscle, bowel, spine, aorta, kidneys,
+  spleen) with a liver-like organ (label 1) holding hypodense tumours (label 2) in most cases. Written at a
+  per-case voxel spacing within +-20% of the task's target spacing so that resampling is exercised.
+* ``brain_mr``: real anatomy, the MNI152 ICBM 2009 T1 template and its grey / white matter probability maps
+  shipped inside nilearn (an optional dependency, the ``demo`` extra), deformed per case by a random affine
+  and a smooth elastic field, with bias field, gamma, scaling and Rician noise. Labels: CSF (brain mask minus
+  grey and white matter), grey matter, white matter.
+* ``lesion_petct``: two-channel CT + PET (SUV) of a torso (lungs, heart, liver, kidneys, bladder), 1 to 4
+  FDG-avid lesions per case (label 1), PET blurred by the scanner resolution and with count noise.
+* ``fetal_us``: 2D ultrasound sector image with speckle, a bright skull ring around the fetal head in
+  amniotic fluid; the label is the filled head ellipse.
+
+Array axis order is MONAI's ``(x, y, z)`` with ``x`` towards the patient's right, ``y`` anterior and ``z``
+superior (RAS); the NIfTI affines are diagonal (voxel spacing) so ``Orientationd("RAS")`` is a no-op.
+Multi-channel images are 4-D NIfTI with the channel last (MSD convention); 2D images are 2-D NIfTI.
+Files are byte-for-byte deterministic given the seed (the gzip header carries no time stamp), and case ``i``
+of a task does not depend on how many cases are written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tasks import TaskCatalog, TaskSpec
+
+__all__ = [
+    "DEMO_CATALOG",
+    "DEMO_TASKS_FILE",
+    "DEFAULT_NUM_CASES",
+    "write_demo_collection",
+    "demo_collection_exists",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the built-in catalog that describes the demo tasks.
+DEMO_CATALOG = "demo"
+#: File name of the catalog written at the root of a demo collection.
+DEMO_TASKS_FILE = "tasks.json"
+#: Cases written per task when ``num_cases`` is not given.
+DEFAULT_NUM_CASES: dict[str, int] = {"abdomen_ct": 10, "brain_mr": 10, "lesion_petct": 10, "fetal_us": 16}
+
+_MNI_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+_MNI_NOTICE = (
+    "MNI ICBM152 2009 template, Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal "
+    "Neurological Institute, McGill University; free use with this notice (as distributed by nilearn)."
+)
+
+
+# ====================================================================================================== helpers
+def _world_grid(shape: Sequence[int], spacing: Sequence[float]) -> list[np.ndarray]:
+    """Sparse (broadcastable) world coordinates in mm of a grid centred on 0, one array per axis."""
+    axes = [((np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * np.float32(s)) for n, s in zip(shape, spacing)]
+    return np.meshgrid(*axes, indexing="ij", sparse=True)
+
+
+def _resize(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Linear up/down-sampling of a 2D or 3D array to ``shape`` (corners aligned)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(t, size=tuple(int(s) for s in shape), mode=mode, align_corners=True)[0, 0].numpy()
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], coarse: int | Sequence[int] = 4) -> np.ndarray:
+    """Smooth random field: standard normal values on a coarse lattice, linearly interpolated to ``shape``."""
+    if isinstance(coarse, int):
+        coarse = [coarse] * len(shape)
+    return _resize(rng.standard_normal([max(2, int(c)) for c in coarse]), shape)
+
+
+def _gaussian_blur(arr: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
+    """Separable Gaussian blur of a 2D / 3D array; ``sigma`` in voxels per axis (0 skips an axis)."""
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    nd = arr.ndim
+    conv = F.conv3d if nd == 3 else F.conv2d
+    for ax, s in enumerate(sigma):
+        if s <= 0:
+            continue
+        r = max(1, int(math.ceil(3.0 * s)))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / float(s)) ** 2)
+        kshape = [1, 1] + [1] * nd
+        kshape[2 + ax] = 2 * r + 1
+        pad = [0] * (2 * nd)  # F.pad lists the last axis first
+        pad[2 * (nd - 1 - ax)] = pad[2 * (nd - 1 - ax) + 1] = r
+        x = conv(F.pad(x, pad, mode="replicate"), (k / k.sum()).view(kshape))
+    return x[0, 0].numpy()
+
+
+def _correlated_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float = 0.7) -> np.ndarray:
+    """Unit-variance Gaussian noise with a short correlation length (``sigma`` voxels)."""
+    n = _gaussian_blur(rng.standard_normal(tuple(shape), dtype=np.float32), [sigma] * len(shape))
+    return n / max(float(n.std()), 1e-6)
+
+
+def _rot_xy(x: np.ndarray, y: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    c, s = math.cos(angle), math.sin(angle)
+    return c * x + s * y, -s * x + c * y
+
+
+def _ellipsoid(
+    coords: Sequence[np.ndarray],
+    center: Sequence[float],
+    semi: Sequence[float],
+    angle: float = 0.0,
+    wobble: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Implicit ellipsoid / ellipse ``q`` (inside where ``q < 1``), rotated by ``angle`` about the last axis
+    of the x-y plane, with an additive ``wobble`` field that makes the boundary irregular."""
+    d = [c - float(m) for c, m in zip(coords, center)]
+    d[0], d[1] = _rot_xy(d[0], d[1], angle)
+    q = sum((di / float(si)) ** 2 for di, si in zip(d, semi))
+    return q + wobble
+
+
+def _pick_voxel(rng: np.random.Generator, mask: np.ndarray, coords: Sequence[np.ndarray]) -> list[float] | None:
+    """World coordinates of a random voxel of ``mask`` (``None`` when empty)."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return None
+    sub = np.unravel_index(int(idx[rng.integers(idx.size)]), mask.shape)
+    return [float(c.reshape(-1)[i]) for c, i in zip(coords, sub)]
+
+
+def _affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """RAS affine with ``spacing`` on the diagonal and the volume centred on the world origin."""
+    aff = np.eye(4)
+    for i, (s, n) in enumerate(zip(spacing, shape)):
+        aff[i, i] = s
+        aff[i, 3] = -(n - 1) / 2.0 * s
+    return aff
+
+
+def _write_nifti(path: Path, arr: np.ndarray, spacing: Sequence[float]) -> None:
+    """Write ``arr`` as ``.nii.gz`` with a diagonal affine; gzip without time stamp so files are reproducible."""
+    img = nib.Nifti1Image(arr, _affine(spacing, arr.shape[: len(spacing)]))
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+
+
+# ====================================================================================================== torso
+def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], thorax: bool) -> dict[str, Any]:
+    """Synthetic torso: an HU map (no noise, no liver yet) and the tissue masks the tasks need.
+
+    The liver is returned as a mask only (``"liver"``) so that callers paint it (and any lesion) last.
+    With ``thorax`` the field of view runs from the lungs and heart down to the bladder.
+    """
+    coords = _world_grid(shape, spacing)
+    x, y, z = coords
+    full = tuple(shape)
+    zlo, zhi = float(z.min()), float(z.max())
+
+    a, b = rng.uniform(78, 92), rng.uniform(58, 70)  # body semi-axes (mm), x (left-right) and y (antero-posterior)
+    fat = rng.uniform(7, 16)
+    wall = rng.uniform(6, 10)
+    y0 = rng.uniform(-4, 4)
+    r_body = np.sqrt((x / a) ** 2 + ((y - y0) / b) ** 2) * (1 + 0.02 * _smooth_noise(rng, full, (4, 4, 3)))
+    r_visc = np.sqrt((x / (a - fat)) ** 2 + ((y - y0) / (b - fat)) ** 2) * (1 + 0.03 * _smooth_noise(rng, full, 5))
+    r_cav = np.sqrt((x / (a - fat - wall)) ** 2 + ((y - y0) / (b - fat - wall)) ** 2)
+    body, visceral, cavity = r_body < 1, r_visc < 1, r_cav < 1
+
+    hu = np.full(full, -1000.0, dtype=np.float32)
+    hu[body] = rng.uniform(-110, -90)  # subcutaneous fat
+    hu[visceral] = rng.uniform(45, 55)  # muscle wall
+    # bowel: heterogeneous soft tissue with mesenteric fat and a few gas pockets
+    bowel = rng.uniform(15, 30) + 15 * _smooth_noise(rng, full, 12)
+    bowel = np.where(_smooth_noise(rng, full, 12) > 0.55, np.float32(-90.0), bowel)
+    bowel = np.where(_smooth_noise(rng, full, 10) > 1.9, np.float32(-850.0), bowel)
+    hu = np.where(cavity, bowel, hu)
+
+    # spine: vertebral body (cortex + cancellous bone, discs every ~30 mm), canal, lamina, paraspinal muscles
+    rv = rng.uniform(13, 17)
+    ys = y0 - (b - fat - wall) + rv + rng.uniform(8, 14)
+    dv = np.sqrt(x**2 + (y - ys) ** 2)
+    disc = np.mod(z - rng.uniform(0, 30), 30.0) < 5.0
+    vert = dv < rv
+    cortex = vert & (dv > rv - 3) & ~disc
+    canal_y = ys - rv - 9
+    dc = np.sqrt(x**2 + (y - canal_y) ** 2)
+    for side in (-1, 1):
+        mus = ((x - side * 28) / 17) ** 2 + ((y - canal_y) / 13) ** 2 < 1
+        hu = np.where(mus & visceral, np.float32(50.0), hu)
+    hu = np.where((dc < 13) & visceral, np.float32(rng.uniform(450, 600)), hu)  # lamina
+    hu = np.where(dc < 7, np.float32(15.0), hu)  # canal
+    hu = np.where(vert, np.where(disc, np.float32(85.0), np.float32(rng.uniform(220, 320))), hu)
+    hu = np.where(cortex, np.float32(rng.uniform(650, 800)), hu)
+    spine = np.broadcast_to((dv < rv + 3) | (dc < 13), full)
+
+    # great vessels (contrast enhanced)
+    aorta = np.broadcast_to((x + 0.7 * rv) ** 2 + (y - ys - rv - 10) ** 2 < rng.uniform(9, 12) ** 2, full)
+    ivc = np.broadcast_to((x - 1.4 * rv) ** 2 + (y - ys - rv - 12) ** 2 < rng.uniform(8, 10) ** 2, full)
+    hu = np.where(aorta, np.float32(rng.uniform(140, 190)), hu)
+    hu = np.where(ivc, np.float32(rng.uniform(100, 130)), hu)
+
+    masks: dict[str, np.ndarray] = {"body": body, "visceral": visceral, "cavity": cavity, "spine": spine}
+    masks["vessels"] = aorta | ivc
+    # landmarks along z: diaphragm dome (thorax only), organ heights
+    if thorax:
+        z_dia = zhi - rng.uniform(70, 85)
+        z_liver = z_dia - rng.uniform(25, 40)
+    else:
+        z_dia = zhi + 40.0
+        z_liver = rng.uniform(5, 25)
+    z_kid = z_liver - rng.uniform(35, 50)
+
+    # kidneys: cortex bright, hilum darker
+    kidneys = np.zeros(full, bool)
+    for side in (-1, 1):
+        kc = [side * (rv + rng.uniform(32, 40)), ys + rng.uniform(0, 10), z_kid + rng.uniform(-8, 8)]
+        ks = [rng.uniform(20, 26), rng.uniform(15, 19), rng.uniform(40, 50)]
+        q = _ellipsoid(coords, kc, ks, angle=side * rng.uniform(0.2, 0.5))
+        k = (q < 1) & cavity
+        hu = np.where(k, np.where(q < 0.35, np.float32(30.0), np.float32(rng.uniform(140, 180))), hu)
+        kidneys |= k
+    masks["kidneys"] = kidneys
+
+    # spleen on the patient's left (-x)
+    sc = [-(a - fat - wall) + rng.uniform(22, 30), ys + rng.uniform(20, 35), z_liver + rng.uniform(-5, 10)]
+    spleen = (_ellipsoid(coords, sc, [rng.uniform(18, 24), rng.uniform(30, 40), rng.uniform(35, 45)], 0.4) < 1)
+    spleen &= cavity
+    hu = np.where(spleen, np.float32(rng.uniform(95, 120)), hu)
+    masks["spleen"] = spleen
+
+    # liver on the patient's right (+x): an irregular ellipsoid inside the abdominal cavity, painted by the caller
+    lc = [(a - fat - wall) * rng.uniform(0.45, 0.6), y0 + rng.uniform(-4, 10), z_liver]
+    ls = [rng.uniform(38, 48), rng.uniform(34, 44), rng.uniform(42, 55)]
+    q_liver = _ellipsoid(coords, lc, ls, angle=rng.uniform(-0.3, 0.3), wobble=0.15 * _smooth_noise(rng, full, 5))
+    liver = (q_liver < 1) & cavity & ~spine & ~masks["vessels"]
+    if thorax:
+        liver &= z < z_dia
+    masks["liver"] = liver
+    masks["liver_core"] = liver & (q_liver < 0.45)
+
+    if thorax:
+        # lungs above the diaphragm dome, heart between them, bladder at the bottom of the field of view
+        lungs = np.zeros(full, bool)
+        for side in (-1, 1):
+            lcent = [side * (a - fat - wall) * 0.5, y0 + rng.uniform(-5, 5), z_dia + 90]
+            lsemi = [(a - fat - wall) * rng.uniform(0.42, 0.5), (b - fat - wall) * rng.uniform(0.75, 0.9), 95]
+            lungs |= (_ellipsoid(coords, lcent, lsemi, wobble=0.05 * _smooth_noise(rng, full, 4)) < 1) & cavity
+        lungs &= ~spine
+        hu = np.where(lungs, np.float32(rng.uniform(-870, -820)) + 25 * _smooth_noise(rng, full, 6), hu)
+        hc = [-rng.uniform(5, 15), y0 + rng.uniform(10, 20), z_dia + rng.uniform(30, 40)]
+        heart = (_ellipsoid(coords, hc, [rng.uniform(38, 46), rng.uniform(30, 36), rng.uniform(35, 42)], 0.5) < 1)
+        heart &= cavity & ~spine
+        hu = np.where(heart, np.float32(rng.uniform(35, 50)), hu)
+        bc = [rng.uniform(-5, 5), y0 + (b - fat - wall) * 0.35, zlo + rng.uniform(20, 30)]
+        bladder = (_ellipsoid(coords, bc, [rng.uniform(28, 35), rng.uniform(22, 28), rng.uniform(18, 25)]) < 1)
+        bladder &= cavity & ~spine
+        hu = np.where(bladder, np.float32(rng.uniform(5, 15)), hu)
+        masks.update(lungs=lungs & ~heart, heart=heart, bladder=bladder)
+    return {"hu": hu, "coords": coords, "masks": masks}
+
+
+# ====================================================================================================== tasks
+def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    target = np.asarray(spec.spacing, dtype=float)
+    inplane = rng.uniform(0.8, 1.2)
+    spacing = target * np.array([inplane, inplane, rng.uniform(0.8, 1.2)])
+    fov = np.array([192.0, 168.0, 168.0]) * rng.uniform(0.95, 1.05, size=3)
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    torso = _torso(rng, shape, spacing, thorax=False)
+    hu, coords, masks = torso["hu"], torso["coords"], torso["masks"]
+
+    liver = masks["liver"]
+    liver_hu = rng.uniform(55, 70)
+    hu = np.where(liver, np.float32(liver_hu) + 5 * _smooth_noise(rng, shape, 6), hu)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[liver] = 1
+    if index == 0 or rng.random() < 0.85:  # most cases have 1-2 hypodense tumours, the first one always
+        for _ in range(int(rng.integers(1, 3))):
+            c = _pick_voxel(rng, masks["liver_core"], coords)
+            if c is None:
+                break
+            r = rng.uniform(8, 20)
+            q = _ellipsoid(coords, c, r * rng.uniform(0.8, 1.2, size=3), wobble=0.1 * _smooth_noise(rng, shape, 4))
+            tumour = (q < 1) & liver
+            hu = np.where(tumour, np.float32(liver_hu - rng.uniform(30, 45)) + 4 * _smooth_noise(rng, shape, 8), hu)
+            label[tumour] = 2
+    noise = _correlated_noise(rng, shape) * rng.uniform(10, 18)
+    image = np.clip(np.rint(hu + noise), -1024, 3071).astype(np.float32)
+    return image, label, tuple(float(s) for s in spacing)
+
+
+def _lesion_petct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    target = np.asarray(spec.spacing, dtype=float)
+    inplane = rng.uniform(0.85, 1.15)
+    spacing = target * np.array([inplane, inplane, rng.uniform(0.85, 1.15)])
+    fov = np.array([240.0, 192.0, 216.0]) * rng.uniform(0.95, 1.05, size=3)
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    torso = _torso(rng, shape, spacing, thorax=True)
+    hu, coords, m = torso["hu"], torso["coords"], torso["masks"]
+    hu = np.where(m["liver"], np.float32(rng.uniform(50, 65)), hu)
+
+    # PET activity (SUV) per tissue
+    suv = np.zeros(shape, dtype=np.float32)
+    suv[m["body"]] = rng.uniform(0.3, 0.45)  # fat
+    suv[m["visceral"]] = rng.uniform(0.7, 0.9)  # muscle
+    suv = np.where(m["cavity"], np.float32(rng.uniform(0.8, 1.1)) * (1 + 0.1 * _smooth_noise(rng, shape, 6)), suv)
+    organ_suv = {
+        "spine": rng.uniform(1.3, 1.9),
+        "vessels": rng.uniform(1.4, 1.9),
+        "kidneys": rng.uniform(2.5, 4.0),
+        "spleen": rng.uniform(1.6, 2.2),
+        "liver": rng.uniform(1.9, 2.6),
+        "lungs": rng.uniform(0.3, 0.5),
+        "heart": rng.uniform(3.0, 8.0),
+        "bladder": rng.uniform(6.0, 12.0),
+    }
+    for organ, value in organ_suv.items():
+        suv[m[organ]] = value
+
+    # 1-4 spherical-ish lesions inside the trunk, away from the hot heart and bladder
+    label = np.zeros(shape, dtype=np.uint8)
+    allowed = m["cavity"] & ~m["heart"] & ~m["bladder"] & ~m["spine"] & ~m["vessels"]
+    x, y, _ = coords
+    allowed &= np.sqrt((x / (x.max() * 0.75)) ** 2 + (y / (y.max() * 0.75)) ** 2) < 1
+    for _ in range(int(rng.integers(1, 5))):
+        c = _pick_voxel(rng, allowed & (label == 0), coords)
+        if c is None:
+            break
+        r = rng.uniform(6, 14)
+        q = _ellipsoid(coords, c, r * rng.uniform(0.85, 1.15, size=3), wobble=0.1 * _smooth_noise(rng, shape, 4))
+        lesion = (q < 1) & m["body"]
+        label[lesion] = 1
+        suv[lesion] = rng.uniform(4.0, 15.0)
+        hu = np.where(lesion, np.float32(rng.uniform(30, 50)), hu)
+
+    # scanner resolution (FWHM 6-9 mm) and count noise (variance ~ activity)
+    sigma_vox = rng.uniform(6.0, 9.0) / 2.355 / spacing
+    pet = _gaussian_blur(suv, sigma_vox)
+    pet = pet + _correlated_noise(rng, shape, 0.8) * np.sqrt(np.maximum(pet, 0)) * rng.uniform(0.12, 0.2)
+    pet = np.maximum(pet, 0).astype(np.float32)
+    ct = np.clip(np.rint(hu + _correlated_noise(rng, shape) * rng.uniform(15, 25)), -1024, 3071)
+    image = np.stack([ct.astype(np.float32), pet], axis=-1)
+    return image, label, tuple(float(s) for s in spacing)
+
+
+def _fetal_us_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    shape = (128, 112)
+    spacing = np.asarray(spec.spacing, dtype=float) * rng.uniform(0.85, 1.15)
+    x, y = _world_grid(shape, spacing)
+    depth = y - float(y.min())  # the probe sits at the y = 0 edge; depth in mm along +y
+    apex = -rng.uniform(8, 15)
+    half_angle = math.radians(rng.uniform(36, 42))
+    radial = np.sqrt(x**2 + (depth - apex) ** 2)
+    sector = (np.abs(np.arctan2(x, depth - apex)) < half_angle) & (radial < float(depth.max()) - apex - 2)
+    margin = np.abs(np.arctan2(x, depth - apex)) < half_angle - 0.06
+    for _ in range(100):  # draw a head that fits well inside the sector
+        semi_a = rng.uniform(22, 38)
+        semi_b = semi_a * rng.uniform(0.7, 0.86)
+        center = [rng.uniform(-15, 15), rng.uniform(semi_a + 8, float(depth.max()) - semi_a - 8)]
+        angle = rng.uniform(-math.pi, math.pi)
+        q = _ellipsoid([x, depth], center, [semi_a, semi_b], angle)
+        head = q < 1
+        inside = np.zeros(shape, dtype=bool)
+        inside[3:-3, 3:-3] = True
+        if not (head & ~(margin & sector & inside)).any():
+            break
+    thick = rng.uniform(2.5, 4.0)
+    q_in = _ellipsoid([x, depth], center, [semi_a - thick, semi_b - thick], angle)
+    # amniotic fluid pocket around the head, maternal tissue elsewhere
+    fluid_q = _ellipsoid([x, depth], center, [semi_a * rng.uniform(1.35, 1.7), semi_b * rng.uniform(1.4, 1.8)],
+                         angle + rng.uniform(-0.4, 0.4), wobble=0.15 * _smooth_noise(rng, shape, 5))
+    echo = np.broadcast_to(0.5 + 0.12 * _smooth_noise(rng, shape, 9), shape).copy()
+    echo[fluid_q < 1] = rng.uniform(0.04, 0.08)
+    echo[head] = rng.uniform(0.18, 0.26) + 0.04 * _smooth_noise(rng, shape, 8)[head]
+    # skull ring, brighter where the bone is perpendicular to the beam
+    dx, dy = x - center[0], depth - center[1]
+    u, v = _rot_xy(dx, dy, angle)
+    nu, nv = u / semi_a**2, v / semi_b**2
+    c, s = math.cos(angle), math.sin(angle)
+    n_depth = (s * nu + c * nv) / np.maximum(np.sqrt(nu**2 + nv**2), 1e-6)
+    ring = head & (q_in >= 1)
+    echo[ring] = (rng.uniform(0.8, 1.0) * (0.45 + 0.55 * np.abs(n_depth)))[ring]
+    # midline echo along the major axis
+    midline = (np.abs(v) < 0.8) & (q_in < 0.85)
+    echo[midline] = rng.uniform(0.45, 0.6)
+    # attenuation, speckle (Rayleigh amplitude, anisotropic grain), log compression, sector mask
+    echo = echo * np.exp(-rng.uniform(0.004, 0.01) * depth)
+    speckle = rng.rayleigh(1.0 / math.sqrt(math.pi / 2), size=shape).astype(np.float32)
+    amp = _gaussian_blur(echo * speckle, [0.9, 0.5])
+    image = 255.0 * np.log1p(25.0 * amp) / math.log1p(25.0)
+    image = np.where(sector, image, 0.0).astype(np.float32)
+    return image, head.astype(np.uint8), tuple(float(s) for s in spacing)
+
+
+def _find_nilearn() -> Path | None:
+    """Folder of the installed nilearn package, without importing it (``None`` when not installed)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_mni152() -> dict[str, Any]:
+    """T1, GM and WM maps (1 mm, scaled to [0, 1]) of the MNI152 2009 template shipped inside nilearn.
+
+    The files are read from ``nilearn/datasets/data`` directly (importing ``nilearn.datasets`` takes seconds);
+    when they are not found there, the ``nilearn.datasets.load_mni152_*`` loaders are used.
+
+    Raises:
+        ImportError: when nilearn is not installed.
+    """
+    root = _find_nilearn()
+    if root is None:
+        raise ImportError(
+            "the 'brain_mr' demo task is built from the MNI152 template shipped with nilearn, which is not "
+            "installed: run `pip install nilearn` (or `pip install uniseg-components[demo]`), or leave the task "
+            "out with tasks=[...]."
+        )
+    files = {k: root / "datasets" / "data" / f for k, f in _MNI_FILES.items()}
+    if all(f.is_file() for f in files.values()):
+        imgs = {k: nib.load(str(f)) for k, f in files.items()}
+    else:  # other nilearn versions: the public loaders (same files, same [0, 1] scaling)
+        from nilearn import datasets as nds
+
+        imgs = {
+            "t1": nds.load_mni152_template(resolution=1),
+            "gm": nds.load_mni152_gm_template(resolution=1),
+            "wm": nds.load_mni152_wm_template(resolution=1),
+        }
+    out: dict[str, Any] = {}
+    for k, img in imgs.items():
+        a = np.asarray(img.dataobj, dtype=np.float32)
+        out[k] = a / max(float(a.max()), 1e-6)
+    out["affine"] = np.asarray(imgs["t1"].affine, dtype=float)
+    return out
+
+
+def _prepare_brain(mni: dict[str, Any]) -> dict[str, Any]:
+    """Tissue probabilities of the template cropped to the brain and average-pooled to 2 mm."""
+    t1, gm, wm = mni["t1"], mni["gm"], mni["wm"]
+    mask = (t1 > 0.2).astype(np.float32)  # nilearn's load_mni152_brain_mask threshold
+    chans = np.stack([t1, 1 - mask, np.clip(mask - gm - wm, 0, 1), gm * mask, wm * mask])
+    nz = np.argwhere(mask > 0)
+    lo = np.maximum(nz.min(0) - 6, 0)
+    hi = np.minimum(nz.max(0) + 7, mask.shape)
+    hi = lo + (hi - lo) // 2 * 2  # even sizes for the 2x pooling
+    crop = chans[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    pooled = F.avg_pool3d(torch.from_numpy(np.ascontiguousarray(crop))[None], 2)[0]
+    aff = mni["affine"]
+    vox = np.abs(np.diag(aff)[:3])
+    # world (mm) of pooled voxel 0 and the pooled voxel size; the template affine is diagonal and RAS
+    origin = aff[:3, 3] + (lo + 0.5) * vox
+    center = aff[:3, 3] + (nz.min(0) + nz.max(0)) / 2.0 * vox
+    return {"data": pooled, "origin": origin, "step": 2 * vox, "center": center}
+
+
+def _rotation(angles: Sequence[float]) -> np.ndarray:
+    rx, ry, rz = angles
+    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
+    mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return mz @ my @ mx
+
+
+def _brain_mr_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    if "brain" not in ctx:
+        ctx["brain"] = _prepare_brain(_load_mni152())
+    tpl = ctx["brain"]
+    spacing = np.asarray(spec.spacing, dtype=float) * rng.uniform(0.9, 1.1, size=3)
+    fov = np.array([192.0, 228.0, 192.0])
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    grid = np.stack(np.meshgrid(*_world_grid(shape, spacing), indexing="ij"), axis=-1).astype(np.float64)
+    # random affine (rotation +-10 deg, scaling 0.9-1.1, shift +-6 mm) and a smooth elastic field (2-4 mm)
+    m = _rotation(rng.uniform(-0.17, 0.17, size=3)) @ np.diag(rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, 3))
+    src = (grid - rng.uniform(-6, 6, size=3)) @ np.linalg.inv(m).T + tpl["center"]
+    disp = np.stack([_smooth_noise(rng, shape, 5) for _ in range(3)], axis=-1)
+    src = src + disp / max(float(np.abs(disp).max()), 1e-6) * rng.uniform(2, 4)
+    idx = (src - tpl["origin"]) / tpl["step"]
+    size = np.asarray(tpl["data"].shape[1:], dtype=float)
+    norm = 2.0 * idx / (size - 1) - 1.0
+    g = torch.from_numpy(norm[..., ::-1].copy()).float()[None]  # grid_sample wants (z, y, x) order
+    out = F.grid_sample(tpl["data"][None], g, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    out = out.numpy()
+    label = out[1:].argmax(0).astype(np.uint8)
+    # intensity: gamma, bias field, scaling, Rician noise
+    t1 = np.clip(out[0], 0, None) ** rng.uniform(0.8, 1.25)
+    t1 = t1 * np.exp(rng.uniform(0.08, 0.2) * _smooth_noise(rng, shape, 3))
+    scale = rng.uniform(400, 1000)
+    sigma = rng.uniform(0.01, 0.03)
+    n1 = rng.standard_normal(shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(shape, dtype=np.float32) * sigma
+    image = (scale * np.sqrt((t1 + n1) ** 2 + n2**2)).astype(np.float32)
+    return image, label, tuple(float(s) for s in spacing)
+
+
+_GENERATORS: dict[str, tuple[int, Callable[..., tuple]]] = {
+    # task name -> (salt of the random stream, case generator)
+    "abdomen_ct": (1, _abdomen_ct_case),
+    "brain_mr": (2, _brain_mr_case),
+    "lesion_petct": (3, _lesion_petct_case),
+    "fetal_us": (4, _fetal_us_case),
+}
+
+
+# ====================================================================================================== writing
+def _write_task(folder: Path, spec: TaskSpec, n: int, seed: int, ctx: dict) -> None:
+    salt, gen = _GENERATORS[spec.name]
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    training = []
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), salt, i])
+        image, label, spacing = gen(rng, spec, i, ctx)
+        case = f"{spec.name}_{i:03d}.nii.gz"
+        _write_nifti(folder / "imagesTr" / case, np.ascontiguousarray(image, dtype=np.float32), spacing)
+        _write_nifti(folder / "labelsTr" / case, np.ascontiguousarray(label, dtype=np.uint8), spacing)
+        training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
+    if spec.num_channels > 1:
+        size = "4D"
+    else:
+        size = f"{spec.dims}D"
+    meta = {
+        "name": spec.dataset or spec.name,
+        "description": f"{spec.description} (uniseg_components synthetic demo, seed {seed})".lstrip(),
+        "reference": "uniseg_components.demo",
+        "licence": _MNI_NOTICE if spec.name == "brain_mr" else "CC0-1.0 (synthetic)",
+        "release": "1.0",
+        "tensorImageSize": size,
+        "modality": {str(i): m for i, m in enumerate(spec.modalities)},
+        "labels": {str(i): c for i, c in enumerate(spec.labels)},
+        "numTraining": n,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=4) + "\n")
+
+
+def demo_collection_exists(out_dir: str | os.PathLike, names: Sequence[str] | None = None) -> bool:
+    """Whether ``out_dir`` holds a complete demo collection.
+
+    Args:
+        out_dir: the collection folder.
+        names: task names that must be in the collection, default ``None`` (any).
+
+    Returns:
+        True when ``<out_dir>/tasks.json`` loads, lists ``names`` and every listed task's dataset folder has a
+        ``dataset.json``.
+    """
+    out_dir = Path(out_dir)
+    try:
+        catalog = TaskCatalog.load(out_dir / DEMO_TASKS_FILE)
+    except (OSError, ValueError):
+        return False
+    if names is not None and not set(names) <= set(catalog.names):
+        return False
+    return all((out_dir / (t.dataset or t.name) / "dataset.json").is_file() for t in catalog)
+
+
+def _case_counts(catalog: TaskCatalog, num_cases: Mapping[str, int] | int | None) -> dict[str, int]:
+    counts = {t.name: DEFAULT_NUM_CASES.get(t.name, 10) for t in catalog}
+    if num_cases is None:
+        pass
+    elif isinstance(num_cases, Mapping):
+        unknown = sorted(set(num_cases) - set(counts))
+        if unknown:
+            raise ValueError(f"num_cases names unknown or unselected task(s) {unknown}; tasks: {sorted(counts)}.")
+        counts.update({k: int(v) for k, v in num_cases.items()})
+    else:
+        counts = {k: int(num_cases) for k in counts}
+    bad = {k: v for k, v in counts.items() if v < 1}
+    if bad:
+        raise ValueError(f"num_cases must be >= 1 per task, got {bad}.")
+    return counts
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished collection ``tmp`` to ``out_dir``: one rename when ``out_dir`` is absent or empty,
+    otherwise folder by folder (replacing same-named ones) with ``tasks.json`` last."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"demo collection target {str(out_dir)!r} exists and is not a folder.")
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        for child in sorted(tmp.iterdir()):
+            if child.name == DEMO_TASKS_FILE:
+                continue
+            target = out_dir / child.name
+            if target.exists() or target.is_symlink():
+                os.replace(target, trash / child.name)
+            os.replace(child, target)
+        os.replace(tmp / DEMO_TASKS_FILE, out_dir / DEMO_TASKS_FILE)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_demo_collection(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    num_cases: Mapping[str, int] | int | None = None,
+    tasks: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the synthetic demo collection (MSD layout plus ``tasks.json``) under ``out_dir``.
+
+    The collection is built in a temporary sibling folder and moved into place at the end, so an interrupted
+    run leaves no half-written collection. Prints nothing; progress goes to the module logger.
+
+    Args:
+        out_dir: collection folder; created (with its parents) when missing. Other files already in it are
+            kept; dataset folders of the written tasks and ``tasks.json`` are replaced.
+        seed: random seed, default 0. The same seed gives byte-identical files; case ``i`` of a task does not
+            depend on ``num_cases``.
+        num_cases: cases per task: an int for every task, a dict ``{task name: count}`` overriding some tasks,
+            or ``None`` (default) for :data:`DEFAULT_NUM_CASES` (10 per 3D task, 16 for ``fetal_us``).
+        tasks: names of the demo tasks to write, default ``None`` (all four). ``tasks.json`` then holds the
+            catalog restricted to these tasks, ids renumbered from 0.
+        overwrite: regenerate even when ``out_dir`` already holds a collection with the requested tasks,
+            default False. Without it such a collection is returned unchanged (seed and case counts are not
+            compared).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ImportError: when ``brain_mr`` is requested and nilearn (the ``demo`` extra) is not installed.
+        ValueError: for unknown task names or case counts below 1.
+    """
+    out_dir = Path(out_dir)
+    catalog = TaskCatalog.builtin(DEMO_CATALOG)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if tasks is not None:
+        catalog = catalog.select(names=list(dict.fromkeys(tasks)))
+    missing = [t.name for t in catalog if t.name not in _GENERATORS]
+    if missing:
+        raise ValueError(f"no demo generator for task(s) {missing}; known: {sorted(_GENERATORS)}.")
+    counts = _case_counts(catalog, num_cases)
+    if not overwrite and demo_collection_exists(out_dir, catalog.names):
+        logger.info("demo collection already in %s; pass overwrite=True to regenerate.", out_dir)
+        return out_dir
+    if "brain_mr" in catalog.names and _find_nilearn() is None:
+        _load_mni152()  # raises the ImportError before any work
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    ctx: dict[str, Any] = {}
+    try:
+        with torch.no_grad():
+            for spec in catalog:
+                t0 = time.perf_counter()
+                _write_task(tmp / (spec.dataset or spec.name), spec, counts[spec.name], seed, ctx)
+                logger.info("wrote %d %s cases in %.1f s", counts[spec.name], spec.name, time.perf_counter() - t0)
+        catalog.save(tmp / DEMO_TASKS_FILE)
+        _install(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

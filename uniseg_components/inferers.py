@@ -1,0 +1,259 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Task-aware sliding-window inference, with optional mirroring TTA and an all-tasks path."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import MetaTensor, NibabelWriter
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose, Invertd, LoadImage
+
+from .tasks import TaskSpec
+from .transforms import inference_transforms
+
+__all__ = ["MirroredPredictor", "TaskSlidingWindowInferer", "TaskPredictor", "merge_task_labels", "save_label_map"]
+
+
+class MirroredPredictor:
+    """Wrap a predictor so that it averages the logits over every combination of flips of ``mirror_axes``.
+
+    Args:
+        predictor: callable ``(x, *args, **kwargs) -> logits`` (or a tuple/list of logits).
+        mirror_axes: spatial axes (0-based, MONAI order) to flip; ``(0, 1, 2)`` gives 8 passes in 3D, ``()`` one.
+    """
+
+    def __init__(self, predictor: Callable[..., Any], mirror_axes: Sequence[int] = ()) -> None:
+        self.predictor = predictor
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if any(a < 0 or a >= x.ndim - 2 for a in self.mirror_axes):
+            raise ValueError(f"mirror_axes {self.mirror_axes} do not fit a {x.ndim - 2}D input.")
+        combos = [c for r in range(len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, r)]
+        total: Any = None
+        for combo in combos:
+            dims = [a + 2 for a in combo]
+            out = self.predictor(torch.flip(x, dims) if dims else x, *args, **kwargs)
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            outs = [torch.flip(o, dims) if dims else o for o in outs]
+            total = outs if total is None else [t + o for t, o in zip(total, outs)]
+        total = [t / len(combos) for t in total]
+        return tuple(total) if isinstance(out, (tuple, list)) else total[0]
+
+
+class TaskSlidingWindowInferer(SlidingWindowInferer):
+    """Sliding-window inference that passes the task to the network, with optional mirroring TTA.
+
+    Defaults follow UniSeg / nnU-Net: Gaussian importance weighting and 50% overlap. Use it as any MONAI inferer:
+    ``inferer(image, network, task_id=3)`` calls ``network(window, task_id=3)`` on every window. The all-tasks
+    path :meth:`all_tasks` runs ``network.forward_all_tasks`` on every window: the encoder once per window, the
+    decoder once per task.
+
+    Args:
+        roi_size: window size, normally the training patch (divisible by the network's total stride).
+        sw_batch_size: windows per forward pass, default 1.
+        overlap: fraction of overlap between windows, default 0.5.
+        mode: ``"gaussian"`` (default) or ``"constant"`` blending.
+        mirror_axes: spatial axes for mirroring test-time augmentation, default ``()`` (off); UniSeg used all.
+        kwargs: any other :class:`monai.inferers.SlidingWindowInferer` argument (``sw_device``, ``device``,
+            ``progress``...).
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int,
+        sw_batch_size: int = 1,
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        mirror_axes: Sequence[int] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs)
+        self.mirror_axes = tuple(mirror_axes)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``inputs``: ``(B, C, *spatial)``; returns the stitched logits ``(B, K, *spatial)``."""
+        predictor = MirroredPredictor(network, self.mirror_axes) if self.mirror_axes else network
+        return super().__call__(inputs, predictor, *args, **kwargs)
+
+    def all_tasks(
+        self, inputs: torch.Tensor, network: Any, task_ids: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Logits of several tasks from one sliding-window pass sharing the encoder.
+
+        Args:
+            inputs: ``(B, C, *spatial)``.
+            network: a network with ``forward_all_tasks(x, task_ids)`` (``UniSeg``).
+            task_ids: tasks to segment, default all of the network's tasks.
+
+        Returns:
+            one stitched logits tensor ``(B, K_t, *spatial)`` per task, in ``task_ids`` order.
+        """
+        if not hasattr(network, "forward_all_tasks"):
+            raise ValueError(f"{type(network).__name__} has no forward_all_tasks(); it cannot segment all tasks.")
+        ids = None if task_ids is None else [int(t) for t in task_ids]
+
+        def predict(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(network.forward_all_tasks(x, ids))
+
+        out = self(inputs, predict)
+        # MONAI unpacks a one-element tuple into a tensor: keep one entry per task
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def merge_task_labels(label_maps: Sequence[torch.Tensor], tasks: Sequence[TaskSpec]) -> torch.Tensor:
+    """Merge per-task label maps into one map with the catalog's global label offsets.
+
+    Foreground class ``c`` of task ``t`` becomes ``t.label_offset + c``; where tasks overlap, the later task in
+    ``tasks`` wins (as in UniSeg's all-task mode).
+
+    Args:
+        label_maps: one integer label map per task, all of the same shape.
+        tasks: the matching task specs (with ``label_offset`` set, as a catalog assigns them).
+    """
+    if len(label_maps) != len(tasks) or not label_maps:
+        raise ValueError(f"need one label map per task, got {len(label_maps)} maps for {len(tasks)} tasks.")
+    merged = torch.zeros_like(label_maps[0], dtype=torch.int16)
+    for lm, task in zip(label_maps, tasks):
+        if lm.shape != merged.shape:
+            raise ValueError(f"label map of task {task.name!r} has shape {tuple(lm.shape)}, expected {merged.shape}.")
+        fg = lm > 0
+        merged[fg] = (lm[fg] + int(task.label_offset or 0)).to(torch.int16)
+    return merged
+
+
+class TaskPredictor:
+    """Image files in, label maps on the grid of the input file out: the inference path of ``uniseg infer``.
+
+    Per image: the catalog's deterministic transforms for the task (load, orientation, task spacing, foreground
+    crop, modality normalisation), task-aware sliding-window inference, then
+
+    * one task: softmax over the task's classes -> ``Invertd`` (probabilities resampled back to the input grid)
+      -> argmax;
+    * all tasks (:meth:`predict_all`): one encoder pass per window, argmax per task, merge with the catalog's
+      label offsets (later tasks win overlaps) -> ``Invertd`` with nearest interpolation.
+
+    Args:
+        network: a trained network (``UniSeg``); it is moved to ``device`` and put in eval mode.
+        catalog: its task catalog.
+        roi_size: sliding-window size, default the network plan's patch.
+        sw_batch_size: windows per forward pass, default 2.
+        overlap: window overlap, default 0.5.
+        mirror_axes: mirroring TTA axes, default ``()``.
+        device: default CUDA when available else CPU.
+        amp: autocast on CUDA, default ``True`` on CUDA.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        catalog: Any,
+        roi_size: Sequence[int] | None = None,
+        sw_batch_size: int = 2,
+        overlap: float = 0.5,
+        mirror_axes: Sequence[int] = (),
+        device: str | torch.device | None = None,
+        amp: bool | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        self.network = network.to(self.device).eval()
+        self.catalog = catalog
+        roi = roi_size if roi_size is not None else network.plan.patch_size  # type: ignore[union-attr]
+        self.inferer = TaskSlidingWindowInferer(roi, sw_batch_size, overlap, mirror_axes=mirror_axes)
+        self.preprocessing = inference_transforms(catalog)
+        self._invert_linear = Compose(
+            [Invertd("pred", self.preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)]
+        )
+        self._invert_nearest = Compose(
+            [Invertd("pred", self.preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True)]
+        )
+
+    def _prepare(self, image: Any, task: Any) -> tuple[dict[str, Any], torch.Tensor]:
+        data = self.preprocessing({"image": image, "task": task})
+        return data, data["image"].unsqueeze(0).to(self.device)
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+            return fn()
+
+    def predict(self, image: Any, task: int | str) -> torch.Tensor:
+        """Label map ``(1, *spatial)`` of ``task`` on the input file's grid (a MetaTensor with its affine).
+
+        Args:
+            image: a file path (or anything ``LoadImaged`` reads).
+            task: task name or id.
+        """
+        data, x = self._prepare(image, task)
+        tid = int(data["task_id"])
+        logits = self._run(lambda: self.inferer(x, self.network, task_id=tid))
+        data["pred"] = torch.softmax(logits[0].float(), dim=0).cpu()
+        data["image"] = data["image"].cpu()
+        pred = self._invert_linear(data)["pred"]
+        return pred.argmax(0, keepdim=True).to(torch.int16)
+
+    def tasks_for_image(self, image: Any, modalities: Sequence[str] | None = None) -> list[Any]:
+        """The tasks ``--task all`` segments: those with the given ``modalities``, or, when not given, those of the
+        only modality combination in the catalog with the image's channel count.
+
+        Raises:
+            ValueError: no task fits, or several modality combinations fit and ``modalities`` is needed.
+        """
+        if modalities is not None:
+            tasks = self.catalog.tasks_for_channels(list(modalities))
+            if not tasks:
+                raise ValueError(
+                    f"no task in catalog {self.catalog.name!r} takes modalities {list(modalities)}; known "
+                    f"combinations: {sorted({tuple(t.modalities) for t in self.catalog})}."
+                )
+            return tasks
+        img = LoadImage(image_only=True, ensure_channel_first=True)(image)
+        n = int(img.shape[0])
+        combos = sorted({tuple(t.modalities) for t in self.catalog if t.num_channels == n})
+        if len(combos) != 1:
+            raise ValueError(
+                f"{image}: {n} channel(s) fit {'no' if not combos else 'several'} modality combination(s) of "
+                f"catalog {self.catalog.name!r} {combos}; pass modalities explicitly (e.g. --modality CT)."
+            )
+        return self.catalog.tasks_for_channels(list(combos[0]))
+
+    def predict_all(self, image: Any, modalities: Sequence[str] | None = None) -> tuple[torch.Tensor, list[Any]]:
+        """Merged label map ``(1, *spatial)`` of every task for the image's modalities, and those tasks.
+
+        Preprocessing (spacing, normalisation) follows the first of these tasks.
+        """
+        tasks = self.tasks_for_image(image, modalities)
+        data, x = self._prepare(image, tasks[0].name)
+        logits = self._run(lambda: self.inferer.all_tasks(x, self.network, [t.id for t in tasks]))
+        labels = [lg[0].float().argmax(0, keepdim=True).cpu() for lg in logits]
+        data["pred"] = merge_task_labels(labels, tasks).float()
+        data["image"] = data["image"].cpu()
+        pred = self._invert_nearest(data)["pred"]
+        return pred.round().to(torch.int16), tasks
+
+
+def save_label_map(label: torch.Tensor, path: str | Any) -> Any:
+    """Write a ``(1, *spatial)`` label map as NIfTI atomically (temporary file renamed into place).
+
+    Args:
+        label: integer label map, a MetaTensor carrying the affine of the grid it lies on.
+        path: output ``.nii.gz`` path; parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = label.affine if isinstance(label, MetaTensor) else None
+    writer = NibabelWriter(output_dtype=torch.uint8 if int(label.max()) < 256 else torch.int16)
+    writer.set_data_array(label, channel_dim=0)
+    writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{''.join(path.suffixes)}")
+    writer.write(str(tmp))
+    os.replace(tmp, path)
+    return path
