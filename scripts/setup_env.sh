@@ -15,11 +15,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "installing ${TORCH_SPEC:=torch==2.13.0}"
     # shellcheck disable=SC2086
-    "$PY" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+    "$PY" -m pip install -q $TORCH_SPEC
 fi
 echo "installing uniseg_components${EXTRAS:+[$EXTRAS]}"
-"$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
 "$PY" -c "import uniseg_components, torch, monai; print('uniseg_components', uniseg_components.__version__, '| torch', torch.__version__, '| monai', monai.__version__, '| cuda', torch.cuda.is_available())"
-# glibc returns large tensors' memory to the system after every step and pays page faults to get it back;
-# keeping it cut a CPU training step by ~30% here (see docs/benchmarks.md).
-export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824

@@ -333,7 +333,9 @@ def test_per_task_inverse_with_foreign_trace():
     assert back.shape == img.shape
     np.testing.assert_allclose(back.affine.numpy(), affine.numpy(), atol=1e-6)
     # the inverse checks the kind of transform it undoes
-    d2 = T.TaskOrientationd("image", CATALOG)({"image": img, "task": "organ_ct"})
+    # keep the orientation transform alive: a garbage-collected object's id can be reused by the next one
+    orient = T.TaskOrientationd("image", CATALOG)
+    d2 = orient({"image": img, "task": "organ_ct"})
     with pytest.raises(RuntimeError, match="expected 'SpatialResample'"):
         T.TaskSpacingd("image", CATALOG).inverse(d2)
 

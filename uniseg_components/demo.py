@@ -29,8 +29,8 @@ The tasks:
 Array axis order is MONAI's ``(x, y, z)`` with ``x`` towards the patient's right, ``y`` anterior and ``z``
 superior (RAS); the NIfTI affines are diagonal (voxel spacing) so ``Orientationd("RAS")`` is a no-op.
 Multi-channel images are 4-D NIfTI with the channel last (MSD convention); 2D images are 2-D NIfTI.
-Files are byte-for-byte deterministic given the seed (the gzip header carries no time stamp), and case ``i``
-of a task does not depend on how many cases are written.
+Files are byte-for-byte deterministic given the seed and the numpy / torch versions (the gzip header carries
+no time stamp), and case ``i`` of a task does not depend on how many cases are written.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ _MNI_FILES = {
 }
 _MNI_NOTICE = (
     "MNI ICBM152 2009 template, Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal "
-    "Neurological Institute, McGill University; free use with this notice (as distributed by nilearn)."
+    "Neurological Institute, McGill University; use and redistribution are permitted provided this copyright "
+    "notice is retained (distributed with nilearn)."
 )
 
 
@@ -291,6 +292,7 @@ def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[flo
 
 # ====================================================================================================== tasks
 def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One abdominal CT (HU) with liver (1) and tumours (2); returns ``(image, label, spacing)``."""
     target = np.asarray(spec.spacing, dtype=float)
     inplane = rng.uniform(0.8, 1.2)
     spacing = target * np.array([inplane, inplane, rng.uniform(0.8, 1.2)])
@@ -300,7 +302,7 @@ def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: 
     hu, coords, masks = torso["hu"], torso["coords"], torso["masks"]
 
     liver = masks["liver"]
-    liver_hu = rng.uniform(55, 70)
+    liver_hu = rng.uniform(58, 72)
     hu = np.where(liver, np.float32(liver_hu) + 5 * _smooth_noise(rng, shape, 6), hu)
     label = np.zeros(shape, dtype=np.uint8)
     label[liver] = 1
@@ -309,10 +311,10 @@ def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: 
             c = _pick_voxel(rng, masks["liver_core"], coords)
             if c is None:
                 break
-            r = rng.uniform(8, 20)
+            r = rng.uniform(10, 22)
             q = _ellipsoid(coords, c, r * rng.uniform(0.8, 1.2, size=3), wobble=0.1 * _smooth_noise(rng, shape, 4))
             tumour = (q < 1) & liver
-            hu = np.where(tumour, np.float32(liver_hu - rng.uniform(30, 45)) + 4 * _smooth_noise(rng, shape, 8), hu)
+            hu = np.where(tumour, np.float32(liver_hu - rng.uniform(40, 55)) + 4 * _smooth_noise(rng, shape, 8), hu)
             label[tumour] = 2
     noise = _correlated_noise(rng, shape) * rng.uniform(10, 18)
     image = np.clip(np.rint(hu + noise), -1024, 3071).astype(np.float32)
@@ -320,6 +322,7 @@ def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: 
 
 
 def _lesion_petct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One CT + PET (SUV) torso, channel last, with 1-4 lesions (1); returns ``(image, label, spacing)``."""
     target = np.asarray(spec.spacing, dtype=float)
     inplane = rng.uniform(0.85, 1.15)
     spacing = target * np.array([inplane, inplane, rng.uniform(0.85, 1.15)])
@@ -374,6 +377,7 @@ def _lesion_petct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx
 
 
 def _fetal_us_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One 2D ultrasound sector image with the fetal head (1); returns ``(image, label, spacing)``."""
     shape = (128, 112)
     spacing = np.asarray(spec.spacing, dtype=float) * rng.uniform(0.85, 1.15)
     x, y = _world_grid(shape, spacing)
@@ -494,6 +498,7 @@ def _rotation(angles: Sequence[float]) -> np.ndarray:
 
 
 def _brain_mr_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One deformed MNI152 T1 with CSF (1), GM (2), WM (3); returns ``(image, label, spacing)``."""
     if "brain" not in ctx:
         ctx["brain"] = _prepare_brain(_load_mni152())
     tpl = ctx["brain"]
