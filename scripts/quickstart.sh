@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh demo
 WORK=${WORK:-runs/quickstart}
-EPOCHS=${EPOCHS:-12}
+EPOCHS=${EPOCHS:-30}
 BATCHES_PER_TASK=${BATCHES_PER_TASK:-12}
 CLI=("$PY" -m uniseg_components)
 

@@ -20,3 +20,6 @@ fi
 echo "installing uniseg_components${EXTRAS:+[$EXTRAS]}"
 "$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
 "$PY" -c "import uniseg_components, torch, monai; print('uniseg_components', uniseg_components.__version__, '| torch', torch.__version__, '| monai', monai.__version__, '| cuda', torch.cuda.is_available())"
+# glibc returns large freed tensors to the system after every step and pays page faults to get them back; keeping
+# them cut a CPU training step of the demo plan from 0.35 s to 0.29 s here (docs/benchmarks.md).
+export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824

@@ -109,12 +109,11 @@ def test_abdomen_ct_intensities(collection: Path) -> None:
         assert -1030 <= img.min() <= -950 and img.max() >= 400  # air and bone
         assert np.array_equal(img, np.rint(img))  # integer HU
         organ.append(img[lab == 1].mean())
-        if (lab == 2).any():
-            tumour.append(img[lab == 2].mean())
-            assert tumour[-1] < organ[-1] - 15  # hypodense
+        assert (lab == 2).any(), f"{lab_path}: every demo CT case has a tumour"
+        tumour.append(img[lab == 2].mean())
+        assert tumour[-1] < organ[-1] - 40  # clearly hypodense
     assert all(30 <= m <= 90 for m in organ), organ
-    assert len(tumour) >= len(organ) // 2
-    assert all(0 <= m <= 50 for m in tumour), tumour
+    assert all(-30 <= m <= 20 for m in tumour), tumour
 
 
 def test_lesion_petct_intensities(collection: Path) -> None:

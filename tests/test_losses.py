@@ -67,7 +67,9 @@ def test_matches_monai_dicece_without_background():
     torch.manual_seed(0)
     target = _target()
     logits = torch.randn(2, 3, 8, 8, 8)
-    ref = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    ref = DiceCELoss(
+        include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+    )
     assert torch.allclose(TaskDiceCELoss()(logits, target), ref(logits, target))
     # the background channel does not enter the Dice term
     dice_only = TaskDiceCELoss(lambda_ce=0.0)

@@ -178,7 +178,17 @@ class TaskPredictor:
         )
 
     def _prepare(self, image: Any, task: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        data = self.preprocessing({"image": image, "task": task})
+        try:
+            data = self.preprocessing({"image": image, "task": task})
+        except RuntimeError as e:
+            # MONAI wraps a transform's error as RuntimeError("applying transform ..."): surface the original one,
+            # which names the file, the task and what was expected
+            cause: BaseException = e
+            while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is e:
+                raise
+            raise cause from None
         return data, data["image"].unsqueeze(0).to(self.device)
 
     def _run(self, fn: Callable[[], Any]) -> Any:

@@ -14,7 +14,7 @@ Pipeline built by :func:`deterministic_transforms` (cacheable: nothing random in
 
 and by :func:`random_transforms` (training only)::
 
-    TaskRandCropd (SpatialPadd + RandCropByPosNegLabeld, 1/3 foreground) -> nnU-Net "moreDA" augmentation
+    TaskRandCropd (SpatialPadd + RandCropByLabelClassesd, 1/3 foreground) -> nnU-Net "moreDA" augmentation
 
 Design choices (see the function docstrings for details):
 
@@ -55,7 +55,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -567,11 +567,12 @@ class PerTaskd(Randomizable, MapTransform):
 class TaskRandCropd(PerTaskd):
     """Pad to the task's patch, then crop one patch with 1/3 foreground oversampling (nnU-Net's scheme).
 
-    Per task: ``SpatialPadd(keys, task.patch_size)`` then
-    ``RandCropByPosNegLabeld(keys, label_key, task.patch_size, pos, neg, num_samples=1)``. With the default
-    ``pos=1, neg=2`` one crop in three is centred on a foreground voxel, the others anywhere in the volume
-    (background or not; no image threshold, since z-scored images have no meaningful one). Works for 2D and 3D
-    tasks. Returns one dict (not MONAI's list of samples), with spatial shape ``task.patch_size``.
+    Per task: ``SpatialPadd(keys, task.patch_size)`` then ``RandCropByLabelClassesd(keys, label_key,
+    task.patch_size, ratios=[neg, pos / F, ..., pos / F], num_classes=task.num_classes, num_samples=1)`` with
+    ``F`` foreground classes. With the default ``pos=1, neg=2`` one crop in three is centred on a foreground voxel
+    of a foreground class drawn uniformly among those the case has (as nnU-Net v2 does, so that a small tumour is
+    sampled as often as the organ around it), the others on a background voxel. Works for 2D and 3D tasks.
+    Returns one dict (not MONAI's list of samples), with spatial shape ``task.patch_size``.
 
     Args:
         keys: keys to pad and crop, default ``("image", "label")``.
@@ -598,7 +599,15 @@ class TaskRandCropd(PerTaskd):
             t.name: Compose(
                 [
                     SpatialPadd(keys, spatial_size=t.patch_size),
-                    RandCropByPosNegLabeld(keys, label_key, spatial_size=t.patch_size, pos=pos, neg=neg, num_samples=1),
+                    RandCropByLabelClassesd(
+                        keys,
+                        label_key,
+                        spatial_size=t.patch_size,
+                        ratios=[neg] + [pos / (t.num_classes - 1)] * (t.num_classes - 1),
+                        num_classes=t.num_classes,
+                        num_samples=1,
+                        warn=False,
+                    ),
                 ]
             )
             for t in catalog

@@ -78,9 +78,8 @@ class StackedConvBlocks(nn.Sequential):
         negative_slope: float = 0.01,
     ) -> None:
         blocks = [conv_norm_act(spatial_dims, in_channels, out_channels, kernel_size, stride, negative_slope)]
-        blocks += [
-            conv_norm_act(spatial_dims, out_channels, out_channels, kernel_size, 1, negative_slope) for _ in range(n - 1)
-        ]
+        for _ in range(n - 1):
+            blocks.append(conv_norm_act(spatial_dims, out_channels, out_channels, kernel_size, 1, negative_slope))
         super().__init__(*blocks)
 
 

@@ -1,0 +1,38 @@
+"""The benchmark runs end to end on a tiny plan and reports consistent figures."""
+
+from __future__ import annotations
+
+import torch
+
+from uniseg_components import cli
+from uniseg_components.benchmark import count_parameters, format_report, run_benchmark, time_interleaved
+from uniseg_components.networks import UniSeg
+from uniseg_components.tasks import TaskCatalog
+
+
+def test_time_interleaved_orders_calls_and_takes_medians():
+    calls = []
+    times = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert len(times) == 2 and all(t >= 0 for t in times)
+
+
+def test_run_benchmark_on_demo_plan(tmp_path):
+    torch.set_num_threads(1)
+    cat = TaskCatalog.builtin("demo").select(dims=3)
+    res = run_benchmark(cat, patch_size=(16, 16, 16), repeats=1, device="cpu", volume_factor=1.5)
+    net = UniSeg.from_catalog(cat)  # parameters are reported at the catalog's patch, not the timed one
+    assert res["params_uniseg"] == count_parameters(net)
+    assert res["params_prompt_fuse"] == net.prompt.numel() + count_parameters(net.fuse)
+    assert res["all_tasks_n"] == 3
+    for key in ("train_step_ratio", "all_tasks_ratio", "sw_voxels_per_s"):
+        assert res[key] > 0
+    # one encoder pass for three tasks cannot cost more FLOPs than three full passes
+    assert 1 / 3 < res["all_tasks_flop_bound"] < 1
+    assert res["sw_volume"] == [24, 24, 24]
+    report = format_report(res)
+    assert "(b) training step" in report and "voxels/s" in report
+    # the CLI writes the same kind of table
+    out = tmp_path / "bench.md"
+    text = cli.benchmark(catalog="demo", patch="16,16,16", repeats=1, device="cpu", write=str(out))
+    assert out.read_text().strip() == text.strip()

@@ -1,0 +1,140 @@
+"""End-to-end: demo data -> prepare -> train -> evaluate -> infer, through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from uniseg_components import cli
+from uniseg_components.demo import write_demo_collection
+from uniseg_components.engines import load_checkpoint
+from uniseg_components.evaluation import evaluate_checkpoint
+from uniseg_components.tasks import UnknownTaskError
+from uniseg_components.training import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A UniSeg trained briefly on two demo tasks (brain MR tissues, PET/CT lesions) plus the 2D task's data."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("workflow")
+    demo = write_demo_collection(
+        root / "demo", tasks=["brain_mr", "lesion_petct", "fetal_us"], num_cases={"brain_mr": 5, "lesion_petct": 5,
+                                                                                 "fetal_us": 3}
+    )
+    datalist = cli.prepare(str(demo), out=str(root / "prepared"))
+    res = train(
+        datalist,
+        output_dir=root / "model",
+        epochs=4,
+        batches_per_task=10,
+        val_interval=2,
+        augment=False,
+        seed=0,
+    )
+    return {"root": root, "datalist": datalist, "result": res, "demo": demo}
+
+
+def test_training_writes_checkpoints_and_validates(trained):
+    res, root = trained["result"], trained["root"]
+    assert Path(res["checkpoint"]) == root / "model" / "model.pt"
+    assert (root / "model" / "model_final.pt").is_file()
+    assert res["best_epoch"] in (2, 4)
+    # the 2D task was left out (UniSeg is 3D), the others validated
+    assert set(res["details"]) == {"brain_mr", "lesion_petct"}
+    obj = torch.load(res["checkpoint"], weights_only=True)
+    assert obj["meta"]["network"]["name"] == "UniSeg"
+    assert [t["name"] for t in obj["meta"]["catalog"]["tasks"]] == ["brain_mr", "lesion_petct"]
+
+
+def test_trained_model_beats_all_background_on_held_out_cases(trained):
+    res = evaluate_checkpoint(trained["result"]["checkpoint"], trained["datalist"])
+    assert res["cases"] == 2
+    assert res["mean"] > res["baseline_mean"] + 0.2
+    brain = res["per_task"]["brain_mr"]
+    assert brain["grey matter"] > 0.4 and brain["white matter"] > 0.4
+    assert "all-bg" in res["table"] and "brain_mr" in res["table"]
+
+
+def test_infer_single_task_writes_label_map_on_input_grid(trained, tmp_path):
+    val = json.loads(Path(trained["datalist"]).read_text())["validation"]
+    item = next(it for it in val if it["task"] == "brain_mr")
+    out = cli.infer(trained["result"]["checkpoint"], item["image"], task="brain_mr", out=str(tmp_path))
+    assert len(out) == 1 and out[0].endswith("_brain_mr.nii.gz")
+    pred, img = nib.load(out[0]), nib.load(item["image"])
+    assert pred.shape == img.shape[:3]
+    np.testing.assert_allclose(pred.affine, img.affine, atol=1e-4)
+    values = set(np.unique(np.asarray(pred.dataobj)).tolist())
+    assert values <= {0, 1, 2, 3} and len(values) >= 3
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file may be left behind"
+
+
+def test_infer_all_tasks_merges_with_offsets(trained, tmp_path):
+    val = json.loads(Path(trained["datalist"]).read_text())["validation"]
+    item = next(it for it in val if it["task"] == "lesion_petct")
+    # two channels fit only the CT+PET combination: no --modality needed
+    out = cli.infer(trained["result"]["checkpoint"], item["image"], task="all", out=str(tmp_path))
+    pred = np.asarray(nib.load(out[0]).dataobj)
+    _, cat = load_checkpoint(trained["result"]["checkpoint"])
+    offset = cat["lesion_petct"].label_offset
+    assert set(np.unique(pred).tolist()) <= {0, offset + 1}
+    # one channel fits the brain task only in this catalog; the T1 image gets the brain offsets
+    brain = next(it for it in val if it["task"] == "brain_mr")
+    out = cli.infer(trained["result"]["checkpoint"], brain["image"], task="all", out=str(tmp_path))
+    vals = set(np.unique(np.asarray(nib.load(out[0]).dataobj)).tolist())
+    assert vals <= {0, 1, 2, 3}
+
+
+def test_infer_bad_inputs_name_the_problem(trained, tmp_path):
+    ckpt = trained["result"]["checkpoint"]
+    val = json.loads(Path(trained["datalist"]).read_text())["validation"]
+    brain = next(it for it in val if it["task"] == "brain_mr")
+    with pytest.raises(UnknownTaskError, match="liver"):
+        cli.infer(ckpt, brain["image"], task="liver", out=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        cli.infer(ckpt, str(tmp_path / "missing.nii.gz"), task="brain_mr", out=str(tmp_path))
+    with pytest.raises(ValueError, match="no task .* takes modalities"):
+        cli.infer(ckpt, brain["image"], task="all", modality="US", out=str(tmp_path))
+    # a 2-channel PET/CT image given to the 1-channel brain task: the error names the file and the task
+    petct = next(it for it in val if it["task"] == "lesion_petct")
+    with pytest.raises(Exception, match="brain_mr") as err:
+        cli.infer(ckpt, petct["image"], task="brain_mr", out=str(tmp_path))
+    assert "channel" in str(err.value) or "channel" in str(err.value.__cause__)
+    # a truncated checkpoint
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(Path(ckpt).read_bytes()[:1000])
+    with pytest.raises(ValueError, match="bad.pt"):
+        cli.infer(str(bad), brain["image"], task="brain_mr", out=str(tmp_path))
+    assert not list(tmp_path.glob("*.nii.gz")), "a failed run must not write outputs"
+
+
+def test_prepare_cli_needs_a_catalog(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match="--catalog"):
+        cli.prepare(str(tmp_path / "ds"), out=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cli.prepare(str(tmp_path / "nowhere"), catalog="demo", out=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("verb", ["demo-data", "prepare", "train", "evaluate", "infer", "benchmark"])
+def test_cli_help(verb):
+    proc = subprocess.run(
+        [sys.executable, "-m", "uniseg_components", verb, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PAGER": "cat", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "Args" in text or "FLAGS" in text
+    doc = cli.COMMANDS[verb].__doc__.split("\n")[0]
+    assert doc.split()[0] in text
