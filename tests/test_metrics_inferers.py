@@ -13,7 +13,7 @@ from uniseg_components.engines import CheckpointMeta, GradientClipHandler, Prepa
 from uniseg_components.inferers import MirroredPredictor, TaskSlidingWindowInferer, merge_task_labels
 from uniseg_components.losses import TaskDiceCELoss
 from uniseg_components.metrics import TaskDice, TaskDiceAggregator, case_dice, format_dice_table
-from uniseg_components.networks import UNetPlan, UniSeg
+from uniseg_components.networks import UniSeg
 from uniseg_components.tasks import TaskCatalog
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 
 import nibabel as nib
 import numpy as np
@@ -80,11 +79,15 @@ def ct_case(tmp_path):
     img = rng.normal(0, 300, shape).astype(np.float32)
     lab = blob_label(shape, (15, 13, 10), 5)
     lab[14:16, 12:14, 9:11] = 2
-    return {
-        "image": save(tmp_path / "ct_001.nii.gz", img),
-        "label": save(tmp_path / "ct_001_seg.nii.gz", lab),
-        "task": "organ_ct",
-    }, img, lab
+    return (
+        {
+            "image": save(tmp_path / "ct_001.nii.gz", img),
+            "label": save(tmp_path / "ct_001_seg.nii.gz", lab),
+            "task": "organ_ct",
+        },
+        img,
+        lab,
+    )
 
 
 @pytest.fixture()
@@ -93,11 +96,15 @@ def petct_case(tmp_path):
     shape = (24, 22, 18)
     img = np.stack([rng.normal(0, 300, shape), rng.gamma(2.0, 3.0, shape)], -1).astype(np.float32)  # (X, Y, Z, 2)
     lab = blob_label(shape, (12, 11, 9), 5)
-    return {
-        "image": save(tmp_path / "petct_001.nii.gz", img),
-        "label": save(tmp_path / "petct_001_seg.nii.gz", lab),
-        "task": 1,
-    }, img, lab
+    return (
+        {
+            "image": save(tmp_path / "petct_001.nii.gz", img),
+            "label": save(tmp_path / "petct_001_seg.nii.gz", lab),
+            "task": 1,
+        },
+        img,
+        lab,
+    )
 
 
 @pytest.fixture()
@@ -107,11 +114,15 @@ def us_case(tmp_path):
     img = rng.normal(50, 10, shape).astype(np.float32)
     lab = blob_label(shape, (20, 17), 6)
     aff = np.diag([0.8, -0.8, 1.0, 1.0])
-    return {
-        "image": save(tmp_path / "us_001.nii.gz", img, aff),
-        "label": save(tmp_path / "us_001_seg.nii.gz", lab, aff),
-        "task": "2",
-    }, img, lab
+    return (
+        {
+            "image": save(tmp_path / "us_001.nii.gz", img, aff),
+            "label": save(tmp_path / "us_001_seg.nii.gz", lab, aff),
+            "task": "2",
+        },
+        img,
+        lab,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- normalisation

@@ -26,8 +26,9 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("workflow")
     demo = write_demo_collection(
-        root / "demo", tasks=["brain_mr", "lesion_petct", "fetal_us"], num_cases={"brain_mr": 5, "lesion_petct": 5,
-                                                                                 "fetal_us": 3}
+        root / "demo",
+        tasks=["brain_mr", "lesion_petct", "fetal_us"],
+        num_cases={"brain_mr": 5, "lesion_petct": 5, "fetal_us": 3},
     )
     datalist = cli.prepare(str(demo), out=str(root / "prepared"))
     res = train(

@@ -261,8 +261,8 @@ def infer(
         stem = f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
         if task_name == "all":
             label, tasks = predictor.predict_all(str(f), _as_list(modality) if modality else None)
-            legend = {v: n for v, n in cat.merged_label_names().items() if v == 0 or n.split("/")[0] in
-                      {tk.name for tk in tasks}}
+            names = {tk.name for tk in tasks}
+            legend = {v: n for v, n in cat.merged_label_names().items() if v == 0 or n.split("/")[0] in names}
         else:
             label, legend = predictor.predict(str(f), task_name), dict(enumerate(cat[task_name].labels))
         dest = save_label_map(label, Path(out) / f"{stem}_{task_name}.nii.gz")
@@ -272,8 +272,9 @@ def infer(
     return written
 
 
-def benchmark(catalog: str = "uniseg_11tasks", patch: Any = None, repeats: int = 3, device: str = "",
-              write: str = "") -> str:
+def benchmark(
+    catalog: str = "uniseg_11tasks", patch: Any = None, repeats: int = 3, device: str = "", write: str = ""
+) -> str:
     """Measure parameters, time ratios and sliding-window throughput in one run on this machine.
 
     Prints (a) parameters of UniSeg and of the plain backbone for the catalog's plan, (b) the time ratio

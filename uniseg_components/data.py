@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
@@ -321,7 +320,12 @@ def prepare(
             if isinstance(meta.get(key), dict) and len(meta[key]) != expected:
                 logger.warning(
                     "%s: dataset.json lists %d %s (%s) but task %r has %d; the files are checked against the task.",
-                    folder, len(meta[key]), key, list(meta[key].values()), task.name, expected,
+                    folder,
+                    len(meta[key]),
+                    key,
+                    list(meta[key].values()),
+                    task.name,
+                    expected,
                 )
         items = read_msd_dataset(folder)
         if not items:
@@ -417,8 +421,10 @@ def load_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
         return out
 
     catalog = d.get("catalog")
-    return fix(d.get("training", []), "training"), fix(d.get("validation", []), "validation"), (
-        (root / catalog) if catalog else None
+    return (
+        fix(d.get("training", []), "training"),
+        fix(d.get("validation", []), "validation"),
+        ((root / catalog) if catalog else None),
     )
 
 

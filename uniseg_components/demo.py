@@ -254,7 +254,7 @@ def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[flo
 
     # spleen on the patient's left (-x)
     sc = [-(a - fat - wall) + rng.uniform(22, 30), ys + rng.uniform(20, 35), z_liver + rng.uniform(-5, 10)]
-    spleen = (_ellipsoid(coords, sc, [rng.uniform(18, 24), rng.uniform(30, 40), rng.uniform(35, 45)], 0.4) < 1)
+    spleen = _ellipsoid(coords, sc, [rng.uniform(18, 24), rng.uniform(30, 40), rng.uniform(35, 45)], 0.4) < 1
     spleen &= cavity
     hu = np.where(spleen, np.float32(rng.uniform(95, 120)), hu)
     masks["spleen"] = spleen
@@ -279,11 +279,11 @@ def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[flo
         lungs &= ~spine
         hu = np.where(lungs, np.float32(rng.uniform(-870, -820)) + 25 * _smooth_noise(rng, full, 6), hu)
         hc = [-rng.uniform(5, 15), y0 + rng.uniform(10, 20), z_dia + rng.uniform(30, 40)]
-        heart = (_ellipsoid(coords, hc, [rng.uniform(38, 46), rng.uniform(30, 36), rng.uniform(35, 42)], 0.5) < 1)
+        heart = _ellipsoid(coords, hc, [rng.uniform(38, 46), rng.uniform(30, 36), rng.uniform(35, 42)], 0.5) < 1
         heart &= cavity & ~spine
         hu = np.where(heart, np.float32(rng.uniform(35, 50)), hu)
         bc = [rng.uniform(-5, 5), y0 + (b - fat - wall) * 0.35, zlo + rng.uniform(20, 30)]
-        bladder = (_ellipsoid(coords, bc, [rng.uniform(28, 35), rng.uniform(22, 28), rng.uniform(18, 25)]) < 1)
+        bladder = _ellipsoid(coords, bc, [rng.uniform(28, 35), rng.uniform(22, 28), rng.uniform(18, 25)]) < 1
         bladder &= cavity & ~spine
         hu = np.where(bladder, np.float32(rng.uniform(5, 15)), hu)
         masks.update(lungs=lungs & ~heart, heart=heart, bladder=bladder)
@@ -401,8 +401,13 @@ def _fetal_us_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: di
     thick = rng.uniform(2.5, 4.0)
     q_in = _ellipsoid([x, depth], center, [semi_a - thick, semi_b - thick], angle)
     # amniotic fluid pocket around the head, maternal tissue elsewhere
-    fluid_q = _ellipsoid([x, depth], center, [semi_a * rng.uniform(1.35, 1.7), semi_b * rng.uniform(1.4, 1.8)],
-                         angle + rng.uniform(-0.4, 0.4), wobble=0.15 * _smooth_noise(rng, shape, 5))
+    fluid_q = _ellipsoid(
+        [x, depth],
+        center,
+        [semi_a * rng.uniform(1.35, 1.7), semi_b * rng.uniform(1.4, 1.8)],
+        angle + rng.uniform(-0.4, 0.4),
+        wobble=0.15 * _smooth_noise(rng, shape, 5),
+    )
     echo = np.broadcast_to(0.5 + 0.12 * _smooth_noise(rng, shape, 9), shape).copy()
     echo[fluid_q < 1] = rng.uniform(0.04, 0.08)
     echo[head] = rng.uniform(0.18, 0.26) + 0.04 * _smooth_noise(rng, shape, 8)[head]

@@ -66,8 +66,8 @@ def evaluate_checkpoint(
             )
         d = model.add(pred, label, task.id)
         baseline.add(torch.zeros_like(label), label, task.id)
-        logger.info("[%d/%d] %s %s Dice %s", i, len(items), task.name, os.path.basename(str(it["image"])),
-                    [round(float(v), 4) for v in d])
+        name = os.path.basename(str(it["image"]))
+        logger.info("[%d/%d] %s %s Dice %s", i, len(items), task.name, name, [round(float(v), 4) for v in d])
     per_task, base = model.per_task(), baseline.per_task()
     table = format_dice_table(
         per_task, title=f"{split} Dice on {len(items)} held-out case(s), {time.time() - t0:.0f} s", baseline=base

@@ -161,8 +161,8 @@ class TaskPredictor:
         device: str | torch.device | None = None,
         amp: bool | None = None,
     ) -> None:
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         self.network = network.to(self.device).eval()

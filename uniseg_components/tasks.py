@@ -428,7 +428,7 @@ class TaskCatalog:
         """Accept a catalog, a path to a catalog JSON file, or the name of a built-in catalog."""
         if isinstance(catalog, TaskCatalog):
             return catalog
-        if isinstance(catalog, (str, os.PathLike)) and Path(catalog).suffix == ".json":
+        if isinstance(catalog, (str, os.PathLike)) and (Path(catalog).suffix == ".json" or Path(catalog).is_file()):
             return cls.load(catalog)
         if isinstance(catalog, str) and catalog in cls.available_builtins():
             return cls.builtin(catalog)

@@ -751,9 +751,7 @@ def random_transforms(
     return out
 
 
-def train_transforms(
-    catalog: TaskCatalog | str | os.PathLike, augment: bool = True, reader: Any = None
-) -> Compose:
+def train_transforms(catalog: TaskCatalog | str | os.PathLike, augment: bool = True, reader: Any = None) -> Compose:
     """``Compose(deterministic_transforms + random_transforms)`` for training items with labels.
 
     Args:

@@ -94,4 +94,3 @@ def init_he(module: nn.Module, negative_slope: float = 1e-2) -> None:
         nn.init.kaiming_normal_(module.weight, a=negative_slope)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
