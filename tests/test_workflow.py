@@ -139,3 +139,18 @@ def test_cli_help(verb):
     assert "Args" in text or "FLAGS" in text
     doc = cli.COMMANDS[verb].__doc__.split("\n")[0]
     assert doc.split()[0] in text
+
+
+def test_prepare_cli_maps_renamed_folders_to_tasks(tmp_path):
+    demo = write_demo_collection(tmp_path / "demo", tasks=["fetal_us"], num_cases=3)
+    renamed = tmp_path / "Task99_Ultrasound"
+    (demo / "Demo04_FetalUS2D").rename(renamed)
+    with pytest.raises(ValueError, match="Task99_Ultrasound"):  # no catalog task has that dataset name
+        cli.prepare(str(renamed), catalog="demo", out=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "datalist.json").exists()
+    path = cli.prepare(str(renamed), catalog="demo", out=str(tmp_path / "out"), tasks="Task99_Ultrasound=fetal_us")
+    d = json.loads(Path(path).read_text())
+    assert {it["task"] for it in d["training"] + d["validation"]} == {"fetal_us"}
+    assert len(d["training"]) + len(d["validation"]) == 3
+    with pytest.raises(ValueError, match="FOLDER=TASK"):
+        cli.prepare(str(renamed), catalog="demo", out=str(tmp_path / "out2"), tasks="Task99_Ultrasound")

@@ -79,6 +79,7 @@ def prepare(
     out: str = "prepared",
     val_fraction: float = 0.2,
     seed: int = 0,
+    tasks: Any = None,
 ) -> str:
     """Validate MSD-format folders against a task catalog and write datalist.json and tasks.json.
 
@@ -94,6 +95,8 @@ def prepare(
         out: output folder for datalist.json and tasks.json, default "prepared".
         val_fraction: share of each task's cases for validation, default 0.2.
         seed: split seed, default 0.
+        tasks: which task each folder holds when the folder names differ from the catalog's `dataset` fields,
+            as FOLDER=TASK pairs, comma-separated (e.g. Task03_Liver=liver,Task09_Spleen=spleen).
     Returns:
         the path of datalist.json.
     """
@@ -108,7 +111,13 @@ def prepare(
             raise ValueError(f"no --catalog given and {str(guess)!r} does not exist; pass --catalog FILE_OR_NAME.")
         catalog = str(guess)
     cat = TaskCatalog.resolve(catalog)
-    path = prepare_datalist(_dataset_dirs(roots), cat, out, val_fraction=val_fraction, seed=seed)
+    mapping = None
+    if tasks:
+        pairs = [p.split("=", 1) for p in _as_list(tasks)]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise ValueError(f"--tasks must be FOLDER=TASK pairs separated by commas, got {tasks!r}.")
+        mapping = {folder: task for folder, task in pairs}
+    path = prepare_datalist(_dataset_dirs(roots), cat, out, val_fraction=val_fraction, seed=seed, tasks=mapping)
     logger.info("datalist written to %s", path)
     return str(path)
 

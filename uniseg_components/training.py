@@ -33,7 +33,7 @@ from .networks import UniSeg
 from .tasks import TaskCatalog
 from .transforms import train_transforms, val_transforms
 
-__all__ = ["default_device", "cpu_threads", "train"]
+__all__ = ["default_device", "train"]
 
 logger = logging.getLogger("uniseg_components.training")
 
@@ -43,11 +43,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_threads() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def train(

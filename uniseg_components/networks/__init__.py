@@ -4,7 +4,17 @@
 from __future__ import annotations
 
 from .backbone import UNetBackbone
+from .downstream import UniSegDownstream
 from .plans import UNetPlan, auto_plan, plan_from_catalog
 from .uniseg import FusePromptModule, UniSeg, task_index
 
-__all__ = ["UNetBackbone", "UNetPlan", "auto_plan", "plan_from_catalog", "FusePromptModule", "UniSeg", "task_index"]
+__all__ = [
+    "UNetBackbone",
+    "UNetPlan",
+    "auto_plan",
+    "plan_from_catalog",
+    "FusePromptModule",
+    "UniSeg",
+    "task_index",
+    "UniSegDownstream",
+]
