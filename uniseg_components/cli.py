@@ -312,6 +312,52 @@ def benchmark(
     return report
 
 
+def package(bundle: str, out: str = "dist", vendor: bool = True) -> str:
+    """Write a bundle's release zip ``<out>/<name>_v<version>.zip`` (model-zoo layout, ``uniseg_components`` vendored
+    inside so that a machine with only MONAI and its dependencies runs it).
+
+    Args:
+        bundle: the bundle folder, e.g. ``bundles/uniseg_finetune_segmentation``.
+        out: output folder, default ``"dist"``.
+        vendor: copy this package into the bundle, default ``True``.
+
+    Returns:
+        the zip's path (also printed, with its sha1).
+    """
+    from .packaging import package as _package
+    from .packaging import sha1sum
+
+    _setup_logging()
+    path = _package(bundle, out=out, vendor=vendor)
+    print(f"{path}  sha1 {sha1sum(path)}")
+    return str(path)
+
+
+def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onnx", catalog: str = "") -> list[str]:
+    """Export a checkpoint to TorchScript (``model.ts``) and ONNX (``model_c<C>.onnx`` per input channel count).
+
+    Both take the task as an input: ``model(x, task_id)`` with ``x`` ``(B, C, *patch)`` and ``task_id`` a ``(1,)``
+    int64 tensor, and return ``(B, max(num_classes), *patch)`` logits whose channels beyond the task's classes hold
+    the lowest float value (so softmax / argmax equal the eager network's). Use them with a sliding window of the
+    training patch.
+
+    Args:
+        checkpoint: model.pt written by `train` or the bundle.
+        out: output folder, default "models".
+        formats: "torchscript", "onnx" or both (comma-separated), default both.
+        catalog: overrides the catalog stored in the checkpoint.
+    Returns:
+        the written files.
+    """
+    from .export import export_checkpoint
+
+    _setup_logging()
+    written = export_checkpoint(checkpoint, out, formats=[str(f) for f in _as_list(formats)], catalog=catalog or None)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return [str(p) for p in written.values()]
+
+
 COMMANDS = {
     "demo-data": demo_data,
     "prepare": prepare,
@@ -319,6 +365,8 @@ COMMANDS = {
     "evaluate": evaluate,
     "infer": infer,
     "benchmark": benchmark,
+    "package": package,
+    "export": export,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,15 @@ from monai.transforms import Compose, Invertd, LoadImage
 from .tasks import TaskSpec
 from .transforms import inference_transforms
 
-__all__ = ["MirroredPredictor", "TaskSlidingWindowInferer", "TaskPredictor", "merge_task_labels", "save_label_map"]
+__all__ = [
+    "MirroredPredictor",
+    "TaskSlidingWindowInferer",
+    "MergedTasksInferer",
+    "TaskPredictor",
+    "merge_task_labels",
+    "save_label_map",
+    "list_images",
+]
 
 
 class MirroredPredictor:
@@ -61,6 +69,9 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         overlap: fraction of overlap between windows, default 0.5.
         mode: ``"gaussian"`` (default) or ``"constant"`` blending.
         mirror_axes: spatial axes for mirroring test-time augmentation, default ``()`` (off); UniSeg used all.
+        task_id: task used when a call gives none, default ``None`` (the caller must pass ``task_id``). Binding it
+            lets callers that only do ``inferer(inputs, network)`` (MONAI Label, a bundle's ``inferer`` key)
+            segment one task; an explicit ``task_id=`` keyword still wins.
         kwargs: any other :class:`monai.inferers.SlidingWindowInferer` argument (``sw_device``, ``device``,
             ``progress``...).
     """
@@ -72,15 +83,25 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         overlap: float = 0.5,
         mode: str = "gaussian",
         mirror_axes: Sequence[int] = (),
+        task_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs)
         self.mirror_axes = tuple(mirror_axes)
+        self.task_id = None if task_id is None else int(task_id)
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``inputs``: ``(B, C, *spatial)``; returns the stitched logits ``(B, K, *spatial)``."""
+    def _sliding(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         predictor = MirroredPredictor(network, self.mirror_axes) if self.mirror_axes else network
         return super().__call__(inputs, predictor, *args, **kwargs)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``inputs``: ``(B, C, *spatial)``; returns the stitched logits ``(B, K, *spatial)``.
+
+        ``network`` is called as ``network(window, *args, task_id=...)``; ``task_id`` defaults to the bound one.
+        """
+        if self.task_id is not None and not args and "task_id" not in kwargs:
+            kwargs["task_id"] = self.task_id
+        return self._sliding(inputs, network, *args, **kwargs)
 
     def all_tasks(
         self, inputs: torch.Tensor, network: Any, task_ids: Sequence[int] | None = None
@@ -102,9 +123,100 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         def predict(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(network.forward_all_tasks(x, ids))
 
-        out = self(inputs, predict)
+        out = self._sliding(inputs, predict)
         # MONAI unpacks a one-element tuple into a tensor: keep one entry per task
         return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+class MergedTasksInferer(TaskSlidingWindowInferer):
+    """All tasks of one modality in one call: the merged label map that ``--task all`` writes.
+
+    ``inferer(inputs, network)`` runs :meth:`TaskSlidingWindowInferer.all_tasks` (encoder once per window, decoder
+    once per task), takes the argmax of each task and merges the maps with the tasks' label offsets
+    (:func:`merge_task_labels`, later tasks win overlaps). Any ``task_id`` keyword (e.g. from a
+    ``TaskEvaluator`` batch) is ignored: the tasks are bound here. The result is already a label map, so the
+    post-processing must not apply softmax/argmax again and must invert it with nearest interpolation.
+
+    Args:
+        roi_size: window size, normally the training patch.
+        tasks: the tasks to segment (``TaskSpec`` with ``id`` and ``label_offset``, e.g.
+            ``catalog.tasks_for_channels(["CT"])``); at least one.
+        sw_batch_size: windows per forward pass, default 1.
+        overlap: window overlap, default 0.5.
+        mode: ``"gaussian"`` (default) or ``"constant"``.
+        mirror_axes: mirroring TTA axes, default ``()``.
+        kwargs: other :class:`monai.inferers.SlidingWindowInferer` arguments.
+
+    Returns (when called):
+        float32 merged label map ``(B, 1, *spatial)``.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int,
+        tasks: Sequence[TaskSpec],
+        sw_batch_size: int = 1,
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        mirror_axes: Sequence[int] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(roi_size, sw_batch_size, overlap, mode, mirror_axes, **kwargs)
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("MergedTasksInferer needs at least one task (e.g. catalog.tasks_for_channels(['CT'])).")
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``inputs``: ``(B, C, *spatial)``; returns the merged label map ``(B, 1, *spatial)`` (float32)."""
+        logits = self.all_tasks(inputs, network, [t.id for t in self.tasks])
+        labels = [lg.float().argmax(1, keepdim=True) for lg in logits]
+        return merge_task_labels(labels, self.tasks).float()
+
+
+def list_images(source: str | os.PathLike | Sequence[Any], pattern: str = "*.nii*") -> list[dict[str, Any]]:
+    """Inference items ``[{"image": path}, ...]`` from a folder, a datalist JSON file or a list.
+
+    Args:
+        source: a folder (its files matching ``pattern``, sorted), a ``.json`` file holding a list of paths or
+            items (or a dict with a ``"test"``, ``"testing"``, ``"validation"`` or ``"val"`` list), a single image
+            file, or a list of paths / item dicts. Items keep only their ``"image"`` and ``"task"`` entries (an
+            item's own task overrides the config's default in single-task mode).
+        pattern: glob for folders, default ``"*.nii*"``.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ValueError: the source holds no image.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no image folder, image or datalist at {str(path)!r}.")
+        if path.is_dir():
+            entries: Sequence[Any] = sorted(str(p) for p in path.glob(pattern) if p.is_file())
+        elif path.suffix == ".json":
+            import json
+
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                key = next((k for k in ("test", "testing", "validation", "val") if k in loaded), None)
+                if key is None:
+                    raise ValueError(f"{path}: expected a list or a dict with a 'test' or 'validation' list.")
+                loaded = loaded[key]
+            entries = loaded
+        else:
+            entries = [str(path)]
+    else:
+        entries = list(source)
+    # keep only what inference reads: a prepared datalist's items also carry labels, which are not loaded
+    items = [
+        {k: v for k, v in e.items() if k in ("image", "task")} if isinstance(e, Mapping) else {"image": str(e)}
+        for e in entries
+    ]
+    if any("image" not in item for item in items):
+        raise ValueError(f"every item of {source!r} needs an 'image' entry.")
+    if not items:
+        raise ValueError(f"no image found in {source!r} (pattern {pattern!r}).")
+    return items
 
 
 def merge_task_labels(label_maps: Sequence[torch.Tensor], tasks: Sequence[TaskSpec]) -> torch.Tensor:

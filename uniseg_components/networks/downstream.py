@@ -95,9 +95,7 @@ class UniSegDownstream(nn.Module):
             num_classes = num_classes[0]
         return cls(UNetPlan.from_dict(config["plan"]), int(num_classes), config["in_channels"])
 
-    def forward(
-        self, x: torch.Tensor, task_id: int | torch.Tensor | None = None
-    ) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x``.
 
         Args:
@@ -108,6 +106,64 @@ class UniSegDownstream(nn.Module):
         Returns:
             logits ``(B, num_classes, *spatial)`` (a list per decoder stage in training with deep supervision).
         """
-        if task_id is not None:
+        if task_id is not None and not torch.jit.is_tracing():
             task_index(task_id, 1, x.shape[0])
-        return self.backbone(x)
+        return self.backbone.decode(self._encode(x))
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``backbone.encode`` with the stem picked by a Python int (under ``torch.jit.trace`` a shape is a
+        tensor, and the stems are keyed by strings)."""
+        bb = self.backbone
+        bb.check_input(x)
+        h = bb.stem_norm_act(bb.stems[str(int(x.shape[1]))](x))
+        skips = []
+        for stage in bb.encoder:
+            h = stage(h)
+            skips.append(h)
+        return skips
+
+    def example_input(self, channels: int | None = None, batch_size: int = 1) -> torch.Tensor:
+        """A zero input ``(batch_size, channels, *plan.patch_size)``; ``channels`` defaults to the first stem's."""
+        c = self.backbone.in_channels[0] if channels is None else int(channels)
+        return torch.zeros(batch_size, c, *self.plan.patch_size)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` (MONAI's ``ckpt_export`` without ``--use_trace``): the eval-mode network
+        traced with one input of the first stem's channel count (the downstream task's), which is what a
+        single-task model needs; the result takes ``x`` only and returns the logits ``(B, num_classes, *spatial)``.
+        """
+        if len(self.backbone.in_channels) != 1:
+            raise ValueError(
+                f"scripting needs a single input stem, this network has stems for {list(self.backbone.in_channels)} "
+                "channels; use torch.jit.trace with an input of the wanted channel count."
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(_ImageOnly(self), self.example_input(), check_trace=False)
+        finally:
+            self.train(was_training)
+        return _TracedDownstream(traced)
+
+
+class _TracedDownstream(nn.Module):
+    """What ``torch.jit.script`` compiles for :class:`UniSegDownstream`: a holder of its trace."""
+
+    def __init__(self, traced: nn.Module) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.traced(x)
+
+
+class _ImageOnly(nn.Module):
+    """``network(x)`` only, so that the trace has one input."""
+
+    def __init__(self, network: UniSegDownstream) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)  # type: ignore[return-value]

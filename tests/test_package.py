@@ -1,0 +1,122 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Release zips: model-zoo layout, vendored package, and inference from the unzipped bundle without the install."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from uniseg_components import cli
+from uniseg_components.demo import write_demo_collection
+from uniseg_components.engines import CheckpointMeta
+from uniseg_components.finetune import task_catalog
+from uniseg_components.networks import UniSegDownstream
+from uniseg_components.packaging import bundle_files, package, sha1sum
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "uniseg_finetune_segmentation"
+NAME = BUNDLE.name
+
+
+def _bundle_copy(tmp_path: Path) -> Path:
+    """A copy of the fine-tune bundle with a models/model.pt and clutter that must stay out of the zip."""
+    import shutil
+
+    dst = tmp_path / "src" / NAME
+    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
+    (dst / "models").mkdir()
+    torch.manual_seed(0)
+    cat = task_catalog("demo", "abdomen_ct")
+    net = UniSegDownstream.from_catalog(cat)
+    torch.save({"model": net.state_dict(), "meta": CheckpointMeta(net, cat).state_dict()}, dst / "models" / "model.pt")
+    (dst / "models" / "model_final.pt").write_bytes(b"x")  # training-only file
+    for junk in ("eval/metrics.csv", "demo_data/x.nii.gz", "configs/__pycache__/a.pyc"):
+        (dst / junk).parent.mkdir(parents=True, exist_ok=True)
+        (dst / junk).write_text("junk")
+    return dst
+
+
+def test_package_layout_and_errors(tmp_path):
+    src = _bundle_copy(tmp_path)
+    zip_path = Path(cli.package(str(src), out=str(tmp_path / "dist")))
+    version = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert zip_path == tmp_path / "dist" / f"{NAME}_v{version}.zip"
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert all(n.startswith(f"{NAME}/") for n in names)
+    for required in (
+        "LICENSE",
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/train.json",
+        "models/model.pt",
+    ):
+        assert f"{NAME}/{required}" in names
+    assert f"{NAME}/uniseg_components/__init__.py" in names
+    assert f"{NAME}/uniseg_components/catalogs/demo.json" in names
+    assert not any(
+        ("__pycache__" in n or "/eval/" in n or "/demo_data/" in n or n.endswith("model_final.pt")) for n in names
+    )
+    assert not any(p.name.startswith(".") for p in (tmp_path / "dist").iterdir())  # no temporary file left
+    meta = json.loads(zipfile.ZipFile(zip_path).read(f"{NAME}/configs/metadata.json"))
+    assert "uniseg-components" not in meta["required_packages_version"]  # vendored, not installed
+    # same inputs, same bytes
+    first = sha1sum(zip_path)
+    assert sha1sum(package(src, out=tmp_path / "dist")) == first
+    assert {p.as_posix() for p in bundle_files(src)} >= {"LICENSE", "models/model.pt", "docs/README.md"}
+    with pytest.raises(FileNotFoundError, match="metadata.json"):
+        package(tmp_path, out=tmp_path / "dist")
+
+
+def test_unzipped_bundle_runs_inference_without_the_installed_package(tmp_path):
+    src = _bundle_copy(tmp_path)
+    zip_path = package(src, out=tmp_path / "dist")
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    root = tmp_path / "unzipped" / NAME
+    demo = write_demo_collection(tmp_path / "demo", tasks=["abdomen_ct"], num_cases=1)
+    image = sorted((demo / "Demo01_AbdomenCT" / "imagesTr").glob("*.nii.gz"))[0]
+    out_dir = tmp_path / "pred"
+    code = textwrap.dedent(f"""
+        import importlib.util, os, sys
+        repo, root = {str(REPO)!r}, {str(root)!r}
+        # hide the editable install of this repository and anything on sys.path that is not the bundle
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) not in (repo, root, os.getcwd())]
+        assert importlib.util.find_spec("uniseg_components") is None, "the installed package is still importable"
+        sys.path.insert(0, root)  # what PYTHONPATH=<bundle root> or MONAI Label does
+        import uniseg_components
+        assert uniseg_components.__file__.startswith(root), uniseg_components.__file__
+        from monai.bundle import run
+        run(
+            run_id="run",
+            config_file="configs/inference.json",
+            meta_file="configs/metadata.json",
+            logging_file="configs/logging.conf",
+            images={str(image)!r},
+            output_dir={str(out_dir)!r},
+            device="cpu",
+        )
+        assert all(m.__file__.startswith(root) for n, m in sys.modules.items() if n.startswith("uniseg_components"))
+        print("VENDORED_OK", uniseg_components.__file__)
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "VENDORED_OK" in proc.stdout
+    outputs = list(out_dir.glob("*.nii.gz"))
+    assert len(outputs) == 1
+    pred, img = nib.load(str(outputs[0])), nib.load(str(image))
+    assert pred.shape[:3] == img.shape[:3]
+    np.testing.assert_allclose(pred.affine, img.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2}

@@ -1,0 +1,313 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""TorchScript and ONNX export of UniSeg with the task id as a model input.
+
+:class:`UniSeg`'s eager ``forward(x, task_id)`` picks the task with Python logic (an ``int``), slices the
+output to the task's classes and selects the input stem by channel count, none of which survives
+``torch.jit.trace``. :class:`UniSegExportable` is a drop-in subclass (identical state-dict keys, so any UniSeg
+checkpoint loads into it) whose forward is traceable with the task as a tensor:
+
+* the task prompt is picked with ``index_select`` on a ``task_id`` tensor (so one traced graph serves every
+  task);
+* the output always has ``max(num_classes)`` channels; channels beyond the task's classes are filled with the
+  lowest float value, so ``softmax`` / ``argmax`` equal those of the eager output, and ``out[:, :K_task]`` equals
+  it;
+* ``task_id=None`` uses ``default_task`` (what MONAI's one-input ``ckpt_export`` / ``onnx_export`` trace or
+  check with).
+
+``torch.jit.script`` of it (MONAI's ``ckpt_export`` without ``--use_trace``) goes through
+``__prepare_scriptable__``: one trace per input channel count of the network, dispatched by a small scripted
+module, so the TorchScript model takes ``(x, task_id)`` for every task and every stem.
+
+Example::
+
+    net = UniSegExportable.from_catalog(catalog, default_task=0)
+    net.load_state_dict(torch.load("model.pt", weights_only=True)["model"])
+    ts = export_torchscript(net, "model.ts")
+    logits = ts(x, torch.tensor([2]))[:, : catalog[2].num_classes]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .networks.plans import UNetPlan
+from .networks.uniseg import UniSeg
+from .tasks import TaskCatalog
+
+__all__ = ["UniSegExportable", "ScriptableUniSeg", "export_torchscript", "export_onnx", "export_checkpoint"]
+
+
+class UniSegExportable(UniSeg):
+    """UniSeg with a traceable forward taking the task id as a tensor (see the module docstring).
+
+    Args:
+        plan: the network plan.
+        num_classes: classes per task (background included).
+        in_channels: input channel counts, one stem each, default ``(1,)``.
+        default_task: task id used when ``forward`` gets no ``task_id``, default ``0``.
+    """
+
+    def __init__(
+        self, plan: UNetPlan, num_classes: Sequence[int], in_channels: Sequence[int] = (1,), default_task: int = 0
+    ) -> None:
+        super().__init__(plan, num_classes, in_channels)
+        if not 0 <= int(default_task) < self.num_tasks:
+            raise ValueError(f"default_task must be a task id in [0, {self.num_tasks}), got {default_task}.")
+        self.default_task = int(default_task)
+        k_max = max(self.num_classes)
+        mask = torch.zeros(self.num_tasks, k_max, dtype=torch.bool)
+        for t, k in enumerate(self.num_classes):
+            mask[t, :k] = True
+        # not persistent: the state dict keeps exactly UniSeg's keys
+        self.register_buffer("class_mask", mask, persistent=False)
+
+    @classmethod
+    def from_catalog(  # type: ignore[override]
+        cls,
+        catalog: Any,
+        patch_size: Sequence[int] | None = None,
+        default_task: int | str = 0,
+        **plan_overrides: Any,
+    ) -> UniSegExportable:
+        """Build from a :class:`TaskCatalog` (or catalog path / built-in name) like :meth:`UniSeg.from_catalog`.
+
+        Args:
+            catalog: the task catalog (3D tasks only).
+            patch_size: replaces the plan's patch, default ``None``.
+            default_task: task name or id used when ``forward`` gets no ``task_id``, default ``0``.
+            plan_overrides: other plan fields.
+        """
+        catalog = TaskCatalog.resolve(catalog)
+        net = UniSeg.from_catalog(catalog, patch_size=patch_size, **plan_overrides)
+        return cls(net.plan, net.num_classes, net.backbone.in_channels, default_task=catalog[default_task].id)
+
+    @classmethod
+    def from_uniseg(cls, network: UniSeg, default_task: int = 0) -> UniSegExportable:
+        """A copy of a trained ``network`` (same weights) with the export forward."""
+        out = cls(network.plan, network.num_classes, network.backbone.in_channels, default_task=default_task)
+        out.load_state_dict(network.state_dict())
+        return out
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor | int | None = None) -> torch.Tensor:  # type: ignore
+        """Logits of one task, padded to ``max(num_classes)`` channels.
+
+        Args:
+            x: ``(B, C, *spatial)`` with ``spatial`` the plan's patch (or divisible by the total stride).
+            task_id: a task id (int or tensor with one value; a ``(B,)`` tensor must hold one id), default
+                ``default_task``.
+
+        Returns:
+            ``(B, max(num_classes), *spatial)``; channels ``>= num_classes[task_id]`` hold the lowest float value.
+        """
+        if task_id is None:
+            tid = torch.full((1,), self.default_task, dtype=torch.long, device=x.device)
+        else:
+            tid = torch.as_tensor(task_id, device=x.device).to(torch.long).reshape(-1)[:1]
+        skips = self._encode(x)
+        prompts = self.task_prompts(skips[-1])  # (B, T, *b)
+        out = self.backbone.decode(skips, torch.index_select(prompts, 1, tid))
+        if isinstance(out, list):  # deep supervision in training mode: export is for eval
+            out = out[0]
+        keep = torch.index_select(self.class_mask, 0, tid).reshape(1, -1, *([1] * (out.ndim - 2)))
+        return out.masked_fill(~keep, torch.finfo(out.dtype).min)
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``backbone.encode`` with the stem picked by a Python int (a traced shape is a tensor)."""
+        bb = self.backbone
+        c = int(x.shape[1])
+        if str(c) not in bb.stems:
+            raise ValueError(f"input has {c} channel(s); this network has stems for {list(bb.in_channels)}.")
+        h = bb.stem_norm_act(bb.stems[str(c)](x))
+        skips = []
+        for stage in bb.encoder:
+            h = stage(h)
+            skips.append(h)
+        return skips
+
+    def example_inputs(self, channels: int | None = None, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, task_id)`` for tracing: a random patch ``(batch_size, channels, *patch)`` and ``tensor([t])``
+        with ``t`` the first task taking ``channels`` inputs (default: the first stem's channel count)."""
+        channels = int(self.backbone.in_channels[0] if channels is None else channels)
+        device = self.prompt.device
+        x = torch.rand(batch_size, channels, *self.plan.patch_size, device=device)
+        return x, torch.tensor([self.default_task], dtype=torch.long, device=device)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: returns a :class:`ScriptableUniSeg` of per-stem traces."""
+        return ScriptableUniSeg(self)
+
+
+class _ByStem(nn.Module):
+    def __init__(self, traced: Sequence[torch.jit.ScriptModule], channels: Sequence[int]) -> None:
+        super().__init__()
+        self.traced = nn.ModuleList(traced)
+        self.channels: list[int] = [int(c) for c in channels]
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        i = 0
+        for m in self.traced:
+            if self.channels[i] == c:
+                return m(x, task_id)
+            i += 1
+        raise ValueError("input channel count does not match any stem of the network")
+
+
+class ScriptableUniSeg(nn.Module):
+    """What ``torch.jit.script(UniSegExportable)`` compiles: one ``torch.jit.trace`` per input stem.
+
+    ``forward(x, task_id=None)``: ``x`` ``(B, C, *patch)`` with ``C`` one of the network's stems, ``task_id`` a
+    ``(1,)`` long tensor (default the network's ``default_task``); returns ``(B, max(num_classes), *patch)`` as
+    :meth:`UniSegExportable.forward`. Traced at the plan's patch size in eval mode (the shape sliding-window
+    inference feeds).
+
+    Args:
+        network: the network to export (moved to eval mode).
+    """
+
+    def __init__(self, network: UniSegExportable) -> None:
+        super().__init__()
+        network = network.eval()
+        self.default_task = int(network.default_task)
+        traced = []
+        with torch.no_grad(), warnings.catch_warnings():
+            # shape checks of the backbone run as Python bools in the trace: constant for a fixed patch, as intended
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            for c in network.backbone.in_channels:
+                x, tid = network.example_inputs(channels=c)
+                traced.append(torch.jit.trace(_TwoInputs(network), (x, tid), check_trace=False))
+        self.stems = _ByStem(traced, network.backbone.in_channels)
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        if task_id is None:
+            task_id = torch.full([1], self.default_task, dtype=torch.long, device=x.device)
+        return self.stems(x, task_id)
+
+
+class _TwoInputs(nn.Module):
+    """Trace target: ``forward(x, task_id)`` with both arguments required."""
+
+    def __init__(self, network: UniSegExportable) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
+        return self.network(x, task_id)
+
+
+def _as_exportable(network: nn.Module, default_task: int | None = None) -> UniSegExportable:
+    network = network.module if hasattr(network, "module") else network
+    if isinstance(network, UniSegExportable):
+        if default_task is not None and int(default_task) != network.default_task:
+            network = UniSegExportable.from_uniseg(network, int(default_task))
+        return network.eval()
+    if not isinstance(network, UniSeg):
+        raise ValueError(f"expected a UniSeg network to export, got {type(network).__name__}.")
+    return UniSegExportable.from_uniseg(network, 0 if default_task is None else int(default_task)).eval()
+
+
+def export_torchscript(
+    network: nn.Module,
+    filepath: str | os.PathLike | None = None,
+    default_task: int | None = None,
+    extra_files: Mapping[str, Any] | None = None,
+) -> torch.jit.ScriptModule:
+    """TorchScript of a UniSeg (``UniSeg`` or ``UniSegExportable``) taking ``(x, task_id)``; saved if ``filepath``.
+
+    Args:
+        network: the trained network (a ``DistributedDataParallel`` wrapper is unwrapped).
+        filepath: ``.ts`` file to write, default ``None`` (not saved).
+        default_task: task used when ``task_id`` is not given, default the network's (or ``0``).
+        extra_files: name -> str/bytes/JSON-able object embedded as TorchScript extra files (e.g.
+            ``{"metadata.json": meta}``), default none.
+    """
+    net = _as_exportable(network, default_task)
+    with torch.no_grad():
+        ts = torch.jit.script(net)
+    if filepath is not None:
+        files = {}
+        for name, value in (extra_files or {}).items():
+            files[name] = value if isinstance(value, (bytes, str)) else json.dumps(value)
+        Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(ts, str(filepath), _extra_files=files)
+    return ts
+
+
+def export_onnx(
+    network: nn.Module,
+    filepath: str | os.PathLike,
+    channels: int | None = None,
+    default_task: int | None = None,
+    opset_version: int = 18,
+) -> Path:
+    """ONNX model with inputs ``image`` ``(B, C, *patch)`` and ``task_id`` ``(1,)`` int64 and output ``pred``
+    ``(B, max(num_classes), *patch)`` (dynamic batch), for one input channel count ``channels`` (default the first
+    stem's; export once per channel count for multi-modal catalogs).
+
+    Args:
+        network: the trained network.
+        filepath: ``.onnx`` file to write.
+        channels: input channels of the exported graph, default the first stem's.
+        default_task: task of the example input (any task with ``channels`` inputs), default the network's.
+        opset_version: ONNX opset, default 18.
+    """
+    net = _as_exportable(network, default_task)
+    x, tid = net.example_inputs(channels=channels)
+    filepath = Path(filepath)
+    filepath.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            _TwoInputs(net),
+            (x, tid),
+            str(filepath),
+            input_names=["image", "task_id"],
+            output_names=["pred"],
+            opset_version=opset_version,
+            dynamo=False,
+            dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+        )
+    return filepath
+
+
+def export_checkpoint(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("torchscript", "onnx"),
+    catalog: TaskCatalog | str | None = None,
+) -> dict[str, Path]:
+    """Export a training checkpoint (``{"model", "meta"}``) to ``model.ts`` and/or ``model_c<C>.onnx`` files.
+
+    Args:
+        ckpt: checkpoint written by training (``engines.save_checkpoint`` or the bundle's ``models/model.pt``).
+        out_dir: output folder.
+        formats: any of ``"torchscript"``, ``"onnx"``, default both.
+        catalog: overrides the catalog stored in the checkpoint, default ``None``.
+
+    Returns:
+        format (``"torchscript"`` or ``"onnx_c<C>"``) -> written path.
+    """
+    from .engines import load_checkpoint
+
+    unknown = set(formats) - {"torchscript", "onnx"}
+    if unknown:
+        raise ValueError(f"unknown export format(s) {sorted(unknown)}; expected 'torchscript' and/or 'onnx'.")
+    net, cat = load_checkpoint(ckpt, catalog=catalog)
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    if "torchscript" in formats:
+        path = out_dir / "model.ts"
+        export_torchscript(net, path, extra_files={"catalog.json": cat.to_dict(), "network.json": net.config})
+        written["torchscript"] = path
+    if "onnx" in formats:
+        for c in net.backbone.in_channels:
+            task = next(t for t in cat if t.num_channels == c)
+            written[f"onnx_c{c}"] = export_onnx(net, out_dir / f"model_c{c}.onnx", channels=c, default_task=task.id)
+    return written
