@@ -537,7 +537,7 @@ class DiceTableHandler:
         output_dir: where ``<prefix>.json`` and ``<prefix>.txt`` go, default ``None`` (only logged).
         metric_name: default ``"val_mean_dice"``.
         prefix: file name stem, default ``"dice_per_task"``.
-        print_table: also print the table to stdout, default ``False``.
+        print_table: print the table to stdout instead of logging it, default ``False``.
     """
 
     def __init__(
@@ -556,9 +556,10 @@ class DiceTableHandler:
     def __call__(self, engine: Any) -> None:
         details = (getattr(engine.state, "metric_details", None) or {}).get(self.metric_name, {})
         table = format_dice_table(details)
-        logger.info("validation\n%s", table)
-        if self.print_table:
+        if self.print_table:  # printed instead of logged: the bundle's logging also goes to stdout
             print(table, flush=True)
+        else:
+            logger.info("validation\n%s", table)
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             mean = engine.state.metrics.get(self.metric_name)
