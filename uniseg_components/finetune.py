@@ -8,7 +8,9 @@ frozen. :func:`load_upstream_weights` does exactly that and reports what it load
 
 The other functions are the glue of ``bundles/uniseg_finetune_segmentation`` (kept here so that the bundle's
 configs stay flat): :func:`task_catalog` (one task of a catalog), :func:`prepare_task_data` (datalist of that task,
-building the embedded demo collection when it is absent) and :class:`SamplerEpochHandler`.
+building the embedded demo collection when it is absent) and :func:`inference_items`; the sampler and its epoch
+seeding are the upstream bundle's (:func:`uniseg_components.bundle.task_sampler`,
+:class:`uniseg_components.bundle.EpochSeedHandler`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ __all__ = [
     "load_upstream_weights",
     "task_catalog",
     "prepare_task_data",
-    "build_sampler",
     "inference_items",
-    "SamplerEpochHandler",
 ]
 
 logger = logging.getLogger("uniseg_components.finetune")
@@ -290,54 +290,3 @@ def inference_items(
     if missing:
         raise FileNotFoundError(f"image file(s) {missing} do not exist.")
     return [{"image": p, "task": task} for p in paths]
-
-
-def build_sampler(
-    items: list[dict[str, Any]],
-    catalog: TaskCatalog,
-    batch_size: int = 2,
-    num_iterations: int = 250,
-    seed: int = 0,
-    distributed: bool = False,
-) -> Any:
-    """The batch sampler of the downstream training: ``num_iterations`` batches per epoch of the single task.
-
-    Args:
-        items: training items.
-        catalog: the single-task catalog.
-        batch_size: default 2.
-        num_iterations: batches per epoch (UniSeg's downstream schedule: 250), default 250.
-        seed: default 0.
-        distributed: shard the batches over the ``torch.distributed`` ranks, default ``False``.
-    """
-    from .data import TaskBalancedBatchSampler
-
-    items = [{**it, "task": it.get("task", catalog[0].name)} for it in items]
-    kwargs: dict[str, Any] = {}
-    if not distributed:
-        kwargs.update(num_replicas=1, rank=0)
-    return TaskBalancedBatchSampler.from_items(
-        items, catalog, batch_size=batch_size, batches_per_task=num_iterations, seed=seed, **kwargs
-    )
-
-
-class SamplerEpochHandler:
-    """Calls ``sampler.set_epoch(epoch)`` at the start of every epoch (for a batch sampler, which MONAI's
-    workflows do not reseed themselves).
-
-    Args:
-        sampler: anything with ``set_epoch(int)``.
-    """
-
-    def __init__(self, sampler: Any) -> None:
-        if not hasattr(sampler, "set_epoch"):
-            raise ValueError(f"{type(sampler).__name__} has no set_epoch().")
-        self.sampler = sampler
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Any) -> None:
-        self.sampler.set_epoch(engine.state.epoch)
