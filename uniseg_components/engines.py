@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.handlers import DiskSaver
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver
 from monai.utils import CommonKeys as Keys
 
 from .tasks import TaskCatalog
@@ -27,6 +29,7 @@ __all__ = [
     "PrepareTaskBatch",
     "TaskEvaluator",
     "GradientClipHandler",
+    "SafeCheckpointSaver",
     "CheckpointMeta",
     "save_checkpoint",
     "load_checkpoint",
@@ -125,6 +128,21 @@ class GradientClipHandler:
         if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class SafeCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing every file atomically.
+
+    MONAI's saver writes in place, so a run killed during a save leaves a truncated ``model.pt``; this one writes
+    to a temporary file in the same folder and renames it into place (Ignite's atomic ``DiskSaver``), so readers
+    always see the previous complete checkpoint or the new one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None and isinstance(ckpt.save_handler, DiskSaver):
+                ckpt.save_handler._atomic = True  # Ignite's own temporary-file-and-rename path
 
 
 class CheckpointMeta:

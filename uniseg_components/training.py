@@ -20,12 +20,19 @@ import torch
 from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader
 from monai.engines import SupervisedTrainer
-from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler, ValidationHandler
+from monai.handlers import LrScheduleHandler, StatsHandler, ValidationHandler
 from monai.transforms import AsDiscreted
 from monai.utils import set_determinism
 
 from .data import TaskBalancedBatchSampler, load_datalist
-from .engines import CheckpointMeta, GradientClipHandler, PrepareTaskBatch, TaskEvaluator, save_checkpoint
+from .engines import (
+    CheckpointMeta,
+    GradientClipHandler,
+    PrepareTaskBatch,
+    SafeCheckpointSaver,
+    TaskEvaluator,
+    save_checkpoint,
+)
 from .inferers import TaskSlidingWindowInferer
 from .losses import TaskDiceCELoss
 from .metrics import TaskDice, format_dice_table
@@ -157,7 +164,7 @@ def train(
             key_val_metric={"val_mean_dice": TaskDice(cat)},
             val_handlers=[
                 StatsHandler(iteration_log=False),
-                CheckpointSaver(
+                SafeCheckpointSaver(
                     save_dir=str(out),
                     save_dict={"model": net, "meta": meta},
                     save_key_metric=True,
