@@ -279,3 +279,41 @@ def test_task_data_from_datalist_and_dataset_dir(upstream, tmp_path):
     assert len(items) == 3 and all(it["task"] == "abdomen_ct" for it in items)
     with pytest.raises(FileNotFoundError):
         inference_items(str(tmp_path / "nothing.nii.gz"), cat)
+
+
+def test_bundle_resumes_from_the_latest_full_state(upstream):
+    """Every epoch writes models/checkpoint_latest.pt (weights, optimiser, scheduler, trainer); --resume continues."""
+    from monai.bundle import ConfigWorkflow
+
+    torch.set_num_threads(1)
+    ov = _overrides(upstream, "ft_resume")
+
+    def run(epochs: int, resume: bool) -> ConfigWorkflow:
+        wf = ConfigWorkflow(
+            config_file=str(BUNDLE / "configs" / "train.json"),
+            meta_file=str(BUNDLE / "configs" / "metadata.json"),
+            logging_file=str(BUNDLE / "configs" / "logging.conf"),
+            workflow_type="train",
+            run_id="training",
+            **{**ov, "epochs": epochs, "resume": resume},
+        )
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        return wf
+
+    run(1, False)
+    latest = Path(ov["ckpt_dir"]) / "checkpoint_latest.pt"
+    state = torch.load(latest, weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "meta"} <= set(state)
+    assert state["trainer"]["iteration"] == 2  # 1 epoch x 2 iterations
+    # mark the saved weights: a resumed run that has nothing left to do must come back with exactly them
+    key = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][key] = torch.full_like(state["model"][key], 0.123)
+    torch.save(state, latest)
+    wf = run(1, True)
+    net = wf.parser.get_parsed_content("network")
+    assert torch.all(net.state_dict()[key] == 0.123)
+    wf = run(2, True)  # one more epoch on top of the saved state
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 4
