@@ -136,20 +136,28 @@ def test_bundle_finetunes_from_upstream_checkpoint(upstream):
     assert obj["model"]["backbone.upsamples.0.weight"].shape[0] == net.plan.features[-1]
 
 
-def test_bundle_trains_from_scratch_and_evaluates(upstream):
+def _train_workflow(overrides: dict[str, object]):
+    """The fine-tune bundle's train.json as a ``ConfigWorkflow`` with overrides, initialised."""
     from monai.bundle import ConfigWorkflow
 
-    ov = _overrides(upstream, "ft_scratch")
-    torch.set_num_threads(1)
     wf = ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "train.json"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(BUNDLE / "configs" / "logging.conf"),
         workflow_type="train",
         run_id="training",
-        **ov,
+        **overrides,
     )
     wf.initialize()
+    return wf
+
+
+def test_bundle_trains_from_scratch_and_evaluates(upstream):
+    from monai.bundle import ConfigWorkflow
+
+    ov = _overrides(upstream, "ft_scratch")
+    torch.set_num_threads(1)
+    wf = _train_workflow(ov)
     assert wf.check_properties() in (None, [])
     wf.run()
     wf.finalize()
@@ -283,21 +291,11 @@ def test_task_data_from_datalist_and_dataset_dir(upstream, tmp_path):
 
 def test_bundle_resumes_from_the_latest_full_state(upstream):
     """Every epoch writes models/checkpoint_latest.pt (weights, optimiser, scheduler, trainer); --resume continues."""
-    from monai.bundle import ConfigWorkflow
-
     torch.set_num_threads(1)
     ov = _overrides(upstream, "ft_resume")
 
-    def run(epochs: int, resume: bool) -> ConfigWorkflow:
-        wf = ConfigWorkflow(
-            config_file=str(BUNDLE / "configs" / "train.json"),
-            meta_file=str(BUNDLE / "configs" / "metadata.json"),
-            logging_file=str(BUNDLE / "configs" / "logging.conf"),
-            workflow_type="train",
-            run_id="training",
-            **{**ov, "epochs": epochs, "resume": resume},
-        )
-        wf.initialize()
+    def run(epochs: int, resume: bool):
+        wf = _train_workflow({**ov, "epochs": epochs, "resume": resume})
         wf.run()
         wf.finalize()
         return wf
