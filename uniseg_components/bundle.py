@@ -38,7 +38,7 @@ from monai.handlers import CheckpointLoader
 from monai.transforms import Compose
 
 from . import transforms as _transforms
-from .data import CATALOG_NAME, DATALIST_NAME, TaskBalancedBatchSampler, load_datalist, prepare
+from .data import CATALOG_NAME, DATALIST_NAME, TaskBalancedBatchSampler, load_datalist, msd_folders, prepare
 from .metrics import format_dice_table
 from .tasks import TaskCatalog
 
@@ -179,10 +179,6 @@ def find_bundle_root(name: str, default: str = ".") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _msd_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "dataset.json").is_file())
-
-
 def ensure_datalist(
     dataset_dir: str | os.PathLike,
     datalist: str | os.PathLike | None = None,
@@ -246,7 +242,7 @@ def _build_datalist(
 ) -> Path:
     if root.exists() and not root.is_dir():
         raise ValueError(f"dataset_dir {str(root)!r} is not a folder.")
-    folders = _msd_folders(root) if root.is_dir() else []
+    folders = msd_folders(root) if root.is_dir() else []
     if not folders:
         if root.is_dir() and any(root.iterdir()):
             raise ValueError(
@@ -257,7 +253,7 @@ def _build_datalist(
 
         logger.info("building the demo collection (%s) in %s", ", ".join(DEMO_3D_TASKS), root)
         write_demo_collection(root, seed=seed, num_cases=num_cases, tasks=list(DEMO_3D_TASKS))
-        folders = _msd_folders(root)
+        folders = msd_folders(root)
     if catalog is None:
         if not (root / CATALOG_NAME).is_file():
             raise ValueError(

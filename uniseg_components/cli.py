@@ -37,12 +37,14 @@ def _as_list(value: Any) -> list[str]:
 
 def _dataset_dirs(paths: Sequence[str]) -> list[str]:
     """MSD folders: each path itself when it holds ``dataset.json``, else its sub-folders that do."""
+    from .data import msd_folders
+
     out: list[str] = []
     for p in map(Path, paths):
         if (p / "dataset.json").is_file():
             out.append(str(p))
         elif p.is_dir():
-            subs = sorted(str(d) for d in p.iterdir() if (d / "dataset.json").is_file())
+            subs = [str(d) for d in msd_folders(p)]
             if not subs:
                 raise FileNotFoundError(f"{str(p)!r} holds no dataset.json, nor do its sub-folders.")
             out += subs

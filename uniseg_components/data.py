@@ -31,6 +31,7 @@ from torch.utils.data import Sampler
 from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
+    "msd_folders",
     "read_msd_dataset",
     "prepare",
     "load_datalist",
@@ -69,6 +70,11 @@ def _read_dataset_json(folder: str | os.PathLike) -> dict[str, Any]:
         if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)):
             raise ValueError(f"{str(path)!r}: training[{i}] must be {{'image': path, 'label': path}}, got {item!r}.")
     return meta
+
+
+def msd_folders(root: str | os.PathLike) -> list[Path]:
+    """The MSD-format task folders (sub-folders holding a ``dataset.json``) of ``root``, sorted by name."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / "dataset.json").is_file())
 
 
 def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, str]]:
