@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers import Conv
 from torch import nn
 
@@ -27,12 +28,22 @@ class UNetBackbone(nn.Module):
 
     ``encode()`` and ``decode()`` can be called separately, and ``decode()`` takes an optional ``extra`` tensor
     concatenated to the bottleneck features before the first upsampling (``decoder_extra_channels`` channels):
-    this is where UniSeg's task prompt enters.
+    this is where UniSeg's task prompt enters. Both take an optional ``hook(stage, features) -> features`` called
+    after every stage, which is how MedUniSeg (modal prior after stage 0) and Hermes (prior fusion at the deep
+    stages) change the features in flight.
+
+    **Flat axes (2D through a 3D network).** ``flat_axes`` names spatial axes of size 1 that must stay size 1,
+    e.g. ``(2,)`` for a 2D image given as a depth-1 volume ``(B, C, H, W, 1)``. Encoder convolutions keep such an
+    axis at 1 on their own (same padding; a stride of 2 on a size-1 axis gives size 1), so only the input check
+    and the transposed convolutions change: along a flat axis the transposed conv uses stride 1 and its kernel
+    averaged over that axis (the mean of its taps, i.e. "upsample in 3D, then average the two new slices").
+    With ``out_channels=0`` no heads are built and :meth:`decode` returns the last decoder features.
 
     Args:
         plan: the architecture plan.
         in_channels: the input channel counts to build stems for, e.g. ``(1, 2, 4)``; default ``(1,)``.
-        out_channels: channels of every segmentation head, default 2.
+        out_channels: channels of every segmentation head, default 2; 0 builds no heads (``decode`` then returns
+            the features of the last decoder stage, ``(B, features[0], *spatial)``).
         decoder_extra_channels: channels of the ``extra`` tensor given to :meth:`decode`, default 0.
 
     Shapes:
@@ -59,8 +70,8 @@ class UNetBackbone(nn.Module):
         super().__init__()
         if not in_channels or any(int(c) < 1 for c in in_channels):
             raise ValueError(f"in_channels must list positive channel counts, got {list(in_channels)}.")
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}.")
+        if out_channels < 0:
+            raise ValueError(f"out_channels must be >= 0, got {out_channels}.")
         self.plan = plan
         self.in_channels = tuple(sorted({int(c) for c in in_channels}))
         self.out_channels = int(out_channels)
@@ -99,13 +110,14 @@ class UNetBackbone(nn.Module):
                     dims, 2 * f[lvl], f[lvl], plan.decoder_kernel_sizes[s], 1, plan.n_conv_per_stage_decoder, slope
                 )
             )
-            self.heads.append(conv_type(f[lvl], self.out_channels, 1, bias=False))
+            if self.out_channels:
+                self.heads.append(conv_type(f[lvl], self.out_channels, 1, bias=False))
         self.apply(init_he)
 
     # ------------------------------------------------------------------ checks
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, flat_axes: Sequence[int] = ()) -> None:
         """Raise ``ValueError`` for a wrong number of spatial dims, an unsupported channel count or a spatial size
-        not divisible by the total stride."""
+        not divisible by the total stride (axes in ``flat_axes`` must have size 1 instead)."""
         dims = self.plan.spatial_dims
         if x.ndim != dims + 2:
             raise ValueError(
@@ -117,29 +129,61 @@ class UNetBackbone(nn.Module):
                 f"input has {x.shape[1]} channel(s); this network has input stems for {list(self.in_channels)} "
                 f"channel(s) (one per channel count in the task catalog)."
             )
-        self.plan.check_divisible(tuple(x.shape[2:]))
+        spatial = tuple(x.shape[2:])
+        flat = set(flat_axes)
+        if any(spatial[a] != 1 for a in flat):
+            raise ValueError(f"flat axes {sorted(flat)} must have size 1, got input of shape {tuple(x.shape)}.")
+        ts = self.plan.total_stride
+        self.plan.check_divisible(tuple(ts[a] if a in flat else s for a, s in enumerate(spatial)))
 
     # ------------------------------------------------------------------ forward parts
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(
+        self,
+        x: torch.Tensor,
+        hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        flat_axes: Sequence[int] = (),
+    ) -> list[torch.Tensor]:
         """Run the encoder.
 
         Args:
             x: ``(B, C, *spatial)``.
+            hook: optional ``hook(stage, features) -> features`` applied to the output of every encoder stage
+                (its result is the skip and the next stage's input); default ``None``.
+            flat_axes: spatial axes of size 1 that stay size 1 (a 2D image as a depth-1 volume), default ``()``.
 
         Returns:
             the output of every encoder stage, highest resolution first; the last is the bottleneck
             ``(B, features[-1], *spatial / total_stride)``.
         """
-        self.check_input(x)
+        self.check_input(x, flat_axes)
         h = self.stem_norm_act(self.stems[str(x.shape[1])](x))
         skips = []
-        for stage in self.encoder:
+        for i, stage in enumerate(self.encoder):
             h = stage(h)
+            if hook is not None:
+                h = hook(i, h)
             skips.append(h)
         return skips
 
+    @staticmethod
+    def upsample(up: nn.Module, h: torch.Tensor, flat_axes: Sequence[int] = ()) -> torch.Tensor:
+        """Apply the transposed conv ``up``; along ``flat_axes`` use stride 1 and the kernel's mean over that
+        axis so that a size-1 axis stays size 1 (see the class docstring)."""
+        if not flat_axes:
+            return up(h)
+        weight, stride = up.weight, list(up.stride)
+        for a in flat_axes:
+            weight = weight.mean(dim=2 + a, keepdim=True)
+            stride[a] = 1
+        conv = F.conv_transpose3d if h.ndim == 5 else F.conv_transpose2d
+        return conv(h, weight, up.bias, tuple(stride))
+
     def decode(
-        self, skips: Sequence[torch.Tensor], extra: torch.Tensor | None = None
+        self,
+        skips: Sequence[torch.Tensor],
+        extra: torch.Tensor | None = None,
+        hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        flat_axes: Sequence[int] = (),
     ) -> torch.Tensor | list[torch.Tensor]:
         """Run the decoder on the encoder outputs.
 
@@ -147,10 +191,14 @@ class UNetBackbone(nn.Module):
             skips: the list returned by :meth:`encode`.
             extra: ``(B, decoder_extra_channels, *bottleneck)`` concatenated to the bottleneck before the first
                 upsampling; required when ``decoder_extra_channels > 0``.
+            hook: optional ``hook(stage, features) -> features`` applied to the output of every decoder stage
+                (``stage`` 0 is the deepest), before its head; default ``None``.
+            flat_axes: spatial axes of size 1 that stay size 1 (a 2D image as a depth-1 volume), default ``()``.
 
         Returns:
             ``(B, out_channels, *spatial)`` in eval mode or without deep supervision, else a list of the outputs of
-            every decoder stage, highest resolution first.
+            every decoder stage, highest resolution first. Without heads (``out_channels=0``): the last decoder
+            stage's features ``(B, features[0], *spatial)``.
         """
         h = skips[-1]
         if self.decoder_extra_channels:
@@ -162,13 +210,17 @@ class UNetBackbone(nn.Module):
             h = torch.cat([h, extra], dim=1)
         elif extra is not None:
             raise ValueError("this backbone was built with decoder_extra_channels=0 and takes no extra tensor.")
-        deep = self.plan.deep_supervision and self.training
+        deep = self.plan.deep_supervision and self.training and self.out_channels > 0
         outputs = []
-        for s, (up, dec, head) in enumerate(zip(self.upsamples, self.decoder, self.heads)):
-            h = up(h)
+        for s, (up, dec) in enumerate(zip(self.upsamples, self.decoder)):
+            h = self.upsample(up, h, flat_axes)
             h = dec(torch.cat([h, skips[-(s + 2)]], dim=1))
-            if deep or s == len(self.decoder) - 1:
-                outputs.append(head(h))
+            if hook is not None:
+                h = hook(s, h)
+            if self.out_channels and (deep or s == len(self.decoder) - 1):
+                outputs.append(self.heads[s](h))
+        if not self.out_channels:
+            return h
         return outputs[::-1] if deep else outputs[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
