@@ -70,7 +70,7 @@ def _train_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: boo
 
 
 def run_benchmark(
-    catalog: str = "uniseg_11tasks",
+    catalog: str | None = "uniseg_11tasks",
     patch_size: Sequence[int] | None = None,
     batch_size: int = 2,
     repeats: int = 3,
@@ -89,7 +89,7 @@ def run_benchmark(
         device: default CUDA when available else CPU.
         volume_factor: the sliding-window volume is ``volume_factor`` times the patch per axis, default 2.
     """
-    cat = TaskCatalog.resolve(catalog)
+    cat = TaskCatalog.resolve(catalog or "uniseg_11tasks")
     if len(cat.dims) > 1:  # UniSeg is 3D: measure the catalog's 3D tasks
         cat = cat.select(dims=3)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,3 +209,12 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"| {'measure':<{w}} | value |", f"|{'-' * (w + 2)}|-------|"]
     lines += [f"| {a:<{w}} | {b} |" for a, b in rows]
     return "\n".join(lines)
+
+
+#: The benchmark of every model: ``name -> (run function, report formatter)``. Each run function takes the
+#: keyword arguments ``catalog`` (its own default when ``None``), ``patch_size``, ``repeats`` and ``device`` and
+#: returns a dict that its formatter turns into a markdown table. ``python -m uniseg_components benchmark``
+#: runs the models named by ``--model`` (default all) in one process.
+BENCHMARKS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "uniseg": (run_benchmark, format_report),
+}

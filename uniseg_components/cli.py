@@ -284,30 +284,45 @@ def infer(
 
 
 def benchmark(
-    catalog: str = "uniseg_11tasks", patch: Any = None, repeats: int = 3, device: str = "", write: str = ""
+    catalog: str = "",
+    patch: Any = None,
+    repeats: int = 3,
+    device: str = "",
+    write: str = "",
+    model: str = "all",
 ) -> str:
-    """Measure parameters, time ratios and sliding-window throughput in one run on this machine.
+    """Measure parameters, time ratios and throughput of each model in one run on this machine.
 
-    Prints (a) parameters of UniSeg and of the plain backbone for the catalog's plan, (b) the time ratio
-    UniSeg / plain backbone for one training step at the same patch, (c) the time ratio of the all-tasks path /
-    separate per-task passes, with the ratio the multiply-accumulate counts allow, and (d) sliding-window
-    throughput in voxels per second.
+    For UniSeg it prints (a) parameters of UniSeg and of the plain backbone for the catalog's plan, (b) the time
+    ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio of the all-tasks
+    path / separate per-task passes, with the ratio the multiply-accumulate counts allow, and (d) sliding-window
+    throughput in voxels per second. MedUniSeg and Hermes get their own tables (see ``docs/benchmarks.md``).
 
     Args:
-        catalog: catalog JSON or built-in name, default "uniseg_11tasks" (the paper's plan).
+        catalog: catalog JSON or built-in name, default "" (each model's own: the paper's plan).
         patch: timed patch, comma-separated (e.g. 96,96,32); default the catalog's on CUDA and half of it per
             axis on CPU.
         repeats: timed repetitions (median), default 3.
         device: default CUDA when available.
-        write: also write the markdown table to this file.
+        write: also write the markdown tables to this file.
+        model: one model name, a comma-separated list, or "all" (default): uniseg, meduniseg, hermes.
     Returns:
-        the markdown table.
+        the markdown tables.
     """
-    from .benchmark import format_report, run_benchmark
+    from .benchmark import BENCHMARKS
 
     _setup_logging()
+    names = list(BENCHMARKS) if str(model) == "all" else [m.strip().lower() for m in _as_list(model)]
+    unknown = [m for m in names if m not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown} for --model; known: {sorted(BENCHMARKS)} or 'all'.")
     patch_size = [int(v) for v in _as_list(patch)] if patch else None
-    report = format_report(run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device or None))
+    reports = []
+    for name in names:
+        run_fn, format_fn = BENCHMARKS[name]
+        result = run_fn(catalog=catalog or None, patch_size=patch_size, repeats=repeats, device=device or None)
+        reports.append(f"### {name}\n\n{format_fn(result)}")
+    report = "\n\n".join(reports)
     if write:
         Path(write).parent.mkdir(parents=True, exist_ok=True)
         Path(write).write_text(report + "\n")
