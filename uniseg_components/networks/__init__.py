@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .backbone import UNetBackbone
 from .downstream import UniSegDownstream
+from .meduniseg import DecoderAdapter, MedUniSeg, MedUniSegStar, MMap
 from .plans import UNetPlan, auto_plan, plan_from_catalog
 from .uniseg import FusePromptModule, UniSeg, task_index
 
@@ -17,4 +18,8 @@ __all__ = [
     "UniSeg",
     "task_index",
     "UniSegDownstream",
+    "MedUniSeg",
+    "MedUniSegStar",
+    "MMap",
+    "DecoderAdapter",
 ]

@@ -1,0 +1,512 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""MedUniSeg: one prompt-driven universal model for 2D and 3D tasks (Ye et al., arXiv 2410.05905), and
+MedUniSeg*, which relearns chosen tasks with new modules on the frozen model.
+
+The authors' code is not public; the paper's abstract fixes the ingredients (modal-specific prompts, one
+universal task prompt, the MMap and FUSE modules, priors at the start and the end of the encoder, 2D and 3D
+tasks in one model, MedUniSeg* freezing the model and adding modules for chosen tasks). Everything else here is
+this project's design, documented in :class:`MedUniSeg` and :class:`MedUniSegStar` and in
+``bundles/meduniseg_universal_segmentation/docs/README.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import Conv
+from torch import nn
+
+from ..tasks import MODALITIES
+from .backbone import UNetBackbone
+from .blocks import conv_norm_act, init_he
+from .plans import UNetPlan, plan_from_catalog
+from .uniseg import FusePromptModule, task_index
+
+__all__ = ["MMap", "MedUniSeg", "DecoderAdapter", "MedUniSegStar"]
+
+
+def _resize(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize a ``(N, C, *grid)`` prompt to ``size`` (trilinear or bilinear); unchanged when already that size."""
+    if tuple(t.shape[2:]) == tuple(size):
+        return t
+    mode = "trilinear" if t.ndim == 5 else "bilinear"
+    return F.interpolate(t, size=tuple(size), mode=mode, align_corners=False)
+
+
+class MMap(nn.Module):
+    """The modal map: turns the modal prompt of the input and the first-stage features into a modal prior.
+
+    ``A = conv1x1(conv-IN-LeakyReLU([F0, P]))`` with ``F0`` the stage-0 features and ``P`` the modal prompt
+    resized to them; the features leave as ``F0 * (1 + tanh(A))`` (a residual gate: the last conv starts at
+    zero, so a fresh MMap is the identity) and the pooled map ``mean(A)`` over space is the modal prior vector
+    handed to FUSE.
+
+    Args:
+        spatial_dims: 2 or 3.
+        feature_channels: channels of the stage-0 features ``F0``.
+        prompt_channels: channels of the modal prompt ``P``.
+        kernel_size: kernel of the conv block, default 3 (the plan's stage-0 kernel is used by MedUniSeg).
+
+    Shapes: ``forward(features (B, C0, *s), prompt (B, P, *s))`` returns ``(features (B, C0, *s), prior (B, C0))``.
+    """
+
+    def __init__(
+        self, spatial_dims: int, feature_channels: int, prompt_channels: int, kernel_size: Sequence[int] | int = 3
+    ) -> None:
+        super().__init__()
+        self.block = conv_norm_act(spatial_dims, feature_channels + prompt_channels, feature_channels, kernel_size)
+        self.out = Conv[Conv.CONV, spatial_dims](feature_channels, feature_channels, 1)
+        self.block.apply(init_he)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.out(self.block(torch.cat([features, prompt], dim=1)))
+        return features * (1 + torch.tanh(a)), a.mean(dim=tuple(range(2, a.ndim)))
+
+
+class MedUniSeg(nn.Module):
+    """MedUniSeg: a plan-driven U-Net driven by modal-specific prompts (encoder start) and a universal task prompt
+    (encoder end), for 2D and 3D tasks with the same parameters.
+
+    Design (this project's; the paper publishes only the ingredients):
+
+    * **2D and 3D in one model.** The network is built from a 3D plan. A 2D image ``(B, C, H, W)`` runs as a
+      depth-1 volume ``(B, C, H, W, 1)``: with same padding a 3x3x3 kernel only uses its central slice on it, a
+      stride of 2 keeps depth 1, and the transposed convolutions use stride 1 and their kernel averaged over
+      depth (``UNetBackbone`` "flat axes"). So 2D samples use the in-plane part of every kernel, and 2D and 3D
+      batches update the same weights. The output of a 2D input is 2D. Batches hold one task (so one
+      dimensionality); the task-balanced sampler alternates 2D and 3D batches.
+    * **Modal-specific prompts and MMap.** One learnable prompt per modality of the catalog, shape
+      ``(modal_prompt_channels, *modal_grid)`` (default 8 channels on a 4x4x4 grid), resized to the stage-0
+      feature size, so it does not depend on the patch. A multi-channel input (PET/CT, the four BraTS sequences,
+      RGB) takes the mean of its channels' prompts. :class:`MMap` turns the prompt and the stage-0 features into
+      a modal prior: it gates the stage-0 features (the prior injected at the start of the encoder: stage 1 and
+      the skip connection see the gated features) and yields a pooled prior vector.
+    * **Universal task prompt and FUSE.** As UniSeg: a ``(1, T, *bottleneck)`` prompt (resized when the
+      bottleneck differs, e.g. for 2D inputs) concatenated with the bottleneck features and, to couple the two
+      priors, with the modal prior vector projected to ``modal_prior_channels`` (default 8) channels and
+      broadcast over space. :class:`~uniseg_components.networks.uniseg.FusePromptModule` maps them to one prior
+      per task; the current task's channel joins the decoder input (the prior at the end of the encoder).
+    * **Heads.** Shared heads with ``max(num_classes)`` channels sliced to the task's classes (softmax over the
+      task's own classes), with deep supervision, as UniSeg.
+
+    Args:
+        plan: a 3D backbone plan (a 2D plan makes a 2D-only model).
+        num_classes: classes per task (background included), in task-id order.
+        task_modalities: per task, the modality name of each input channel (e.g. ``[["CT"], ["CT", "PET"]]``).
+        task_dims: per task, 2 or 3; default ``None`` = ``plan.spatial_dims`` for all.
+        in_channels: input channel counts to build stems for, default: those of ``task_modalities``.
+        modal_prompt_channels: channels of each modal prompt, default 8.
+        modal_grid: grid the modal prompts are stored on, default 4 per axis.
+        modal_prior_channels: channels of the modal prior given to FUSE, default 8.
+
+    Shapes:
+        ``forward(x, task_id)``: ``x`` is ``(B, C, X, Y, Z)`` for a 3D task or ``(B, C, X, Y)`` for a 2D task (in-plane
+        sizes divisible by the plan's in-plane total stride); returns logits ``(B, num_classes[task], *spatial)``
+        (a list per decoder stage in training with deep supervision).
+
+    Example::
+
+        catalog = TaskCatalog.builtin("demo")
+        net = MedUniSeg.from_catalog(catalog).eval()
+        net(torch.zeros(1, 1, 96, 96), task_id=catalog["fetal_us"].id).shape  # (1, 2, 96, 96)
+    """
+
+    def __init__(
+        self,
+        plan: UNetPlan,
+        num_classes: Sequence[int],
+        task_modalities: Sequence[Sequence[str]],
+        task_dims: Sequence[int] | None = None,
+        in_channels: Sequence[int] | None = None,
+        modal_prompt_channels: int = 8,
+        modal_grid: Sequence[int] | int = 4,
+        modal_prior_channels: int = 8,
+    ) -> None:
+        super().__init__()
+        if not num_classes or any(int(k) < 2 for k in num_classes):
+            raise ValueError(f"num_classes needs one entry >= 2 per task (background + foreground), got {num_classes}.")
+        if len(task_modalities) != len(num_classes):
+            raise ValueError(
+                f"task_modalities needs one entry per task ({len(num_classes)}), got {len(task_modalities)}."
+            )
+        unknown = sorted({m for mods in task_modalities for m in mods} - set(MODALITIES))
+        if unknown or any(len(m) == 0 for m in task_modalities):
+            raise ValueError(
+                f"task_modalities must list known modalities per input channel; unknown {unknown}, "
+                f"known {sorted(MODALITIES)}."
+            )
+        dims = plan.spatial_dims
+        task_dims = [dims] * len(num_classes) if task_dims is None else [int(d) for d in task_dims]
+        if len(task_dims) != len(num_classes) or any(d not in (2, dims) for d in task_dims):
+            raise ValueError(f"task_dims must hold 2 or {dims} per task for a {dims}D plan, got {task_dims}.")
+        self.plan = plan
+        self.num_classes = [int(k) for k in num_classes]
+        self.num_tasks = len(self.num_classes)
+        self.task_modalities = [list(m) for m in task_modalities]
+        self.task_dims = task_dims
+        self.modalities = list(dict.fromkeys(m for mods in self.task_modalities for m in mods))
+        channels = sorted({len(m) for m in self.task_modalities}) if in_channels is None else in_channels
+        self.modal_prompt_channels = int(modal_prompt_channels)
+        grid = [int(modal_grid)] * dims if isinstance(modal_grid, int) else [int(g) for g in modal_grid]
+        self.modal_grid = grid
+        self.modal_prior_channels = int(modal_prior_channels)
+        f = plan.features
+
+        self.backbone = UNetBackbone(plan, channels, max(self.num_classes), decoder_extra_channels=1)
+        self.modal_prompts = nn.Parameter(torch.randn(len(self.modalities), self.modal_prompt_channels, *grid))
+        self.mmap = MMap(dims, f[0], self.modal_prompt_channels, plan.kernel_sizes[0])
+        self.modal_to_fuse = nn.Linear(f[0], self.modal_prior_channels)
+        self.prompt = nn.Parameter(torch.randn(1, self.num_tasks, *plan.bottleneck_size()))
+        self.fuse = FusePromptModule(dims, f[-1] + self.modal_prior_channels, self.num_tasks)
+        self.fuse.apply(init_he)
+        # (T, M): the weights of each modal prompt in a task's input (mean over its channels)
+        mix = torch.zeros(self.num_tasks, len(self.modalities))
+        for t, mods in enumerate(self.task_modalities):
+            for m in mods:
+                mix[t, self.modalities.index(m)] += 1.0 / len(mods)
+        self.register_buffer("modal_mix", mix, persistent=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_catalog(cls, catalog: Any, patch_size: Sequence[int] | None = None, **kwargs: Any) -> MedUniSeg:
+        """Build MedUniSeg for every task (2D and 3D) of a :class:`~uniseg_components.tasks.TaskCatalog`.
+
+        Args:
+            catalog: the task catalog (object, JSON path or built-in name); its plan must be 3D when it has 3D tasks.
+            patch_size: replaces the plan's 3D training patch; the task prompt follows it.
+            kwargs: :class:`MedUniSeg` arguments (``modal_prompt_channels``...) or plan fields to override
+                (``features``, ``deep_supervision``...).
+        """
+        from ..tasks import TaskCatalog
+
+        catalog = TaskCatalog.resolve(catalog)
+        own = {"modal_prompt_channels", "modal_grid", "modal_prior_channels"}
+        net_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
+        plan = plan_from_catalog(catalog, patch_size=patch_size, **kwargs)
+        if 3 in catalog.dims and plan.spatial_dims != 3:
+            raise ValueError(f"catalog {catalog.name!r} has 3D tasks but its plan is {plan.spatial_dims}D.")
+        for t in catalog:
+            if t.dims == 2:  # the in-plane part of the plan must divide the 2D patch
+                ts = plan.total_stride[:2]
+                if any(p % s for p, s in zip(t.patch_size, ts)):
+                    raise ValueError(
+                        f"task {t.name!r}: 2D patch {list(t.patch_size)} is not divisible by the plan's in-plane "
+                        f"total stride {list(ts)}."
+                    )
+        return cls(
+            plan,
+            catalog.num_classes,
+            [list(t.modalities) for t in catalog],
+            task_dims=[t.dims for t in catalog],
+            in_channels=catalog.channel_counts,
+            **net_kw,
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the network (stored in checkpoints, see :meth:`from_config`)."""
+        return {
+            "name": "MedUniSeg",
+            "plan": self.plan.to_dict(),
+            "num_classes": list(self.num_classes),
+            "task_modalities": [list(m) for m in self.task_modalities],
+            "task_dims": list(self.task_dims),
+            "in_channels": list(self.backbone.in_channels),
+            "modal_prompt_channels": self.modal_prompt_channels,
+            "modal_grid": list(self.modal_grid),
+            "modal_prior_channels": self.modal_prior_channels,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MedUniSeg:
+        """Rebuild a network from :attr:`config`."""
+        kw = {k: v for k, v in config.items() if k not in ("name", "plan")}
+        return cls(UNetPlan.from_dict(config["plan"]), **kw)
+
+    # ------------------------------------------------------------------ pieces
+    def _lift(self, x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Check ``x`` against the plan and the task, and lift a 2D image to a depth-1 volume."""
+        dims = self.plan.spatial_dims
+        if x.ndim == dims + 2:
+            got = dims
+        elif x.ndim == 4 and dims == 3:
+            got = 2
+        else:
+            raise ValueError(
+                f"MedUniSeg expects (B, C, X, Y) 2D or (B, C, X, Y, Z) 3D input for its {dims}D plan, got shape "
+                f"{tuple(x.shape)}."
+            )
+        if task is not None and self.task_dims[task] != got:
+            raise ValueError(
+                f"task {task} is {self.task_dims[task]}D but the input is {got}D (shape {tuple(x.shape)})."
+            )
+        if got == dims:
+            return x, ()
+        return x.unsqueeze(-1), (2,)
+
+    @staticmethod
+    def _drop(out: torch.Tensor | list[torch.Tensor], flat: tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:
+        if not flat:
+            return out
+        return [o.squeeze(-1) for o in out] if isinstance(out, list) else out.squeeze(-1)
+
+    def modal_prompt(self, task: int, size: Sequence[int], batch_size: int) -> torch.Tensor:
+        """The modal prompt of a task's input, resized to ``size``: ``(batch_size, P, *size)``."""
+        mix = self.modal_mix[task].to(self.modal_prompts.dtype)
+        prompt = torch.einsum("m,m...->...", mix, self.modal_prompts).unsqueeze(0)
+        if len(size) == 3 and size[2] == 1 and prompt.shape[-1] != 1:  # a 2D input: average over depth
+            prompt = prompt.mean(dim=-1, keepdim=True)
+        return _resize(prompt, size).expand(batch_size, -1, *size)
+
+    def encode(self, x: torch.Tensor, task: int, flat: tuple[int, ...] = ()) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Encoder with the modal prior after stage 0; returns the skips and the modal prior vector ``(B, C0)``."""
+        prior: list[torch.Tensor] = []
+
+        def hook(stage: int, h: torch.Tensor) -> torch.Tensor:
+            if stage == 0:
+                h, vec = self.mmap(h, self.modal_prompt(task, h.shape[2:], h.shape[0]))
+                prior.append(vec)
+            return h
+
+        skips = self.backbone.encode(x, hook=hook, flat_axes=flat)
+        return skips, prior[0]
+
+    def task_prompts(self, bottleneck: torch.Tensor, modal_prior: torch.Tensor) -> torch.Tensor:
+        """All task-specific priors for bottleneck features ``(B, C, *b)`` and the modal prior ``(B, C0)``:
+        returns ``(B, T, *b)``."""
+        b = bottleneck.shape[2:]
+        prompt = self.prompt
+        if len(b) == 3 and b[2] == 1 and prompt.shape[-1] != 1:
+            prompt = prompt.mean(dim=-1, keepdim=True)
+        prompt = _resize(prompt, b).expand(bottleneck.shape[0], -1, *b)
+        modal = self.modal_to_fuse(modal_prior).reshape(*modal_prior.shape[:1], -1, *([1] * len(b)))
+        return self.fuse(torch.cat([bottleneck, modal.expand(-1, -1, *b), prompt], dim=1))
+
+    def _slice(self, out: torch.Tensor | list[torch.Tensor], task: int) -> torch.Tensor | list[torch.Tensor]:
+        k = self.num_classes[task]
+        return [o[:, :k] for o in out] if isinstance(out, list) else out[:, :k]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Segment ``x`` for one task.
+
+        Args:
+            x: ``(B, C, X, Y, Z)`` (3D task) or ``(B, C, X, Y)`` (2D task).
+            task_id: an int, or a tensor of per-sample ids that must all be equal.
+
+        Returns:
+            logits ``(B, num_classes[task_id], *spatial)``, 2D for a 2D input (a list per decoder stage in training
+            with deep supervision).
+
+        Raises:
+            ValueError: unknown task, mixed tasks, input rank not the task's, unsupported channel count, or a
+                spatial size not divisible by the total stride.
+        """
+        task = task_index(task_id, self.num_tasks, x.shape[0])
+        x, flat = self._lift(x, task)
+        skips, modal = self.encode(x, task, flat)
+        prompts = self.task_prompts(skips[-1], modal)
+        out = self.backbone.decode(skips, prompts[:, task : task + 1], flat_axes=flat)
+        return self._drop(self._slice(out, task), flat)
+
+    def forward_all_tasks(
+        self, x: torch.Tensor, task_ids: Sequence[int] | None = None
+    ) -> list[torch.Tensor | list[torch.Tensor]]:
+        """Segment ``x`` for several tasks: the encoder runs once per distinct modal prompt among the tasks (once
+        when they share the input's modalities, as ``catalog.tasks_for_channels`` selects), the decoder once per
+        task. Outputs equal separate :meth:`forward` calls.
+
+        Args:
+            x: ``(B, C, *spatial)``.
+            task_ids: tasks to segment, default every task of the input's rank and channel count.
+
+        Returns:
+            one output per task in ``task_ids`` order, each as :meth:`forward` would return it.
+        """
+        if task_ids is None:
+            rank = x.ndim - 2
+            ids = [
+                t
+                for t in range(self.num_tasks)
+                if self.task_dims[t] == rank and len(self.task_modalities[t]) == x.shape[1]
+            ]
+        else:
+            ids = [task_index(t, self.num_tasks) for t in task_ids]
+        outputs: dict[int, Any] = {}
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for t in ids:
+            groups.setdefault(tuple(self.modal_mix[t].tolist()), []).append(t)
+        for members in groups.values():
+            xt, flat = self._lift(x, members[0])
+            for t in members[1:]:
+                self._lift(x, t)  # rank check of every task
+            skips, modal = self.encode(xt, members[0], flat)
+            prompts = self.task_prompts(skips[-1], modal)
+            for t in members:
+                out = self.backbone.decode(skips, prompts[:, t : t + 1], flat_axes=flat)
+                outputs[t] = self._drop(self._slice(out, t), flat)
+        return [outputs[t] for t in ids]
+
+
+class DecoderAdapter(nn.Module):
+    """A residual bottleneck adapter for one decoder stage: ``h + up(act(conv(act(down(h)))))``.
+
+    ``down`` is a 1x1 conv to ``channels // reduction`` channels, ``conv`` a 3x3 conv at that width, ``up`` a 1x1
+    conv back, initialised to zero so that a new adapter leaves the features (and the model output) unchanged.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: channels of the decoder stage.
+        reduction: bottleneck reduction, default 4 (at least 4 channels are kept).
+        negative_slope: LeakyReLU slope, default 0.01.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 4, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        hidden = max(4, channels // int(reduction))
+        self.down = conv(channels, hidden, 1)
+        self.conv = conv(hidden, hidden, 3, padding=1)
+        self.up = conv(hidden, channels, 1)
+        self.act = nn.LeakyReLU(negative_slope)
+        init_he(self.down)
+        init_he(self.conv)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.conv(self.act(self.down(h)))))
+
+
+class MedUniSegStar(nn.Module):
+    """MedUniSeg*: a trained :class:`MedUniSeg`, frozen, plus new lightweight modules for chosen tasks.
+
+    Each relearned task gets one :class:`DecoderAdapter` per decoder stage (after the stage's convolutions,
+    before its head). A relearned task is segmented by the frozen network with its adapters; every other task
+    runs exactly :meth:`MedUniSeg.forward` of the frozen network, so its outputs are bitwise those of the
+    original model. The adapters start at zero (the relearning starts from the original output). Train only
+    :meth:`trainable_parameters` (the adapters) on the relearned tasks' data.
+
+    Args:
+        base: the trained MedUniSeg (its parameters are frozen: ``requires_grad=False``).
+        tasks: ids of the tasks to relearn (at least one).
+        reduction: adapter bottleneck reduction, default 4.
+
+    Shapes: as :meth:`MedUniSeg.forward`.
+
+    Example::
+
+        star = MedUniSegStar(trained, tasks=[2])   # relearn task 2 only
+        opt = torch.optim.SGD(star.trainable_parameters(), lr=1e-2)
+    """
+
+    def __init__(self, base: MedUniSeg, tasks: Sequence[int], reduction: int = 4) -> None:
+        super().__init__()
+        if not isinstance(base, MedUniSeg):
+            raise ValueError(f"MedUniSegStar relearns tasks of a MedUniSeg, got {type(base).__name__}.")
+        ids = sorted({task_index(t, base.num_tasks) for t in tasks})
+        if not ids:
+            raise ValueError("MedUniSegStar needs at least one task to relearn.")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.relearn_tasks = ids
+        self.reduction = int(reduction)
+        plan = base.plan
+        n = plan.num_stages
+        widths = [plan.features[n - 2 - s] for s in range(n - 1)]  # decoder stage s works at level n-2-s
+        self.adapters = nn.ModuleDict(
+            {
+                str(t): nn.ModuleList(DecoderAdapter(plan.spatial_dims, w, self.reduction, plan.negative_slope) for w in widths)
+                for t in ids
+            }
+        )
+
+    # mirror the attributes the pipeline reads from a network
+    @property
+    def plan(self) -> UNetPlan:
+        return self.base.plan
+
+    @property
+    def num_tasks(self) -> int:
+        return self.base.num_tasks
+
+    @property
+    def num_classes(self) -> list[int]:
+        return self.base.num_classes
+
+    @property
+    def task_dims(self) -> list[int]:
+        return self.base.task_dims
+
+    @property
+    def task_modalities(self) -> list[list[str]]:
+        return self.base.task_modalities
+
+    @property
+    def backbone(self) -> UNetBackbone:
+        return self.base.backbone
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The new modules' parameters (what relearning trains)."""
+        return list(self.adapters.parameters())
+
+    @classmethod
+    def from_base(cls, base: MedUniSeg | MedUniSegStar, tasks: Sequence[int], reduction: int = 4) -> MedUniSegStar:
+        """Relearn ``tasks`` of ``base``; a ``MedUniSegStar`` keeps its adapters (tasks already relearned continue
+        from them) and gains new ones for the other tasks."""
+        if isinstance(base, MedUniSegStar):
+            star = cls(base.base, sorted(set(base.relearn_tasks) | set(int(t) for t in tasks)), base.reduction)
+            for t, mods in base.adapters.items():
+                star.adapters[t].load_state_dict(mods.state_dict())
+            return star
+        return cls(base, tasks, reduction)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the network (stored in checkpoints, see :meth:`from_config`)."""
+        return {
+            "name": "MedUniSegStar",
+            "base": self.base.config,
+            "relearn_tasks": list(self.relearn_tasks),
+            "reduction": self.reduction,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MedUniSegStar:
+        """Rebuild a network from :attr:`config`."""
+        return cls(MedUniSeg.from_config(config["base"]), config["relearn_tasks"], config.get("reduction", 4))
+
+    def _decode(self, skips: list[torch.Tensor], prompt: torch.Tensor, task: int, flat: tuple[int, ...]) -> Any:
+        adapters = self.adapters[str(task)]
+        return self.base.backbone.decode(skips, prompt, hook=lambda s, h: adapters[s](h), flat_axes=flat)
+
+    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """As :meth:`MedUniSeg.forward`; relearned tasks go through their adapters."""
+        task = task_index(task_id, self.num_tasks, x.shape[0])
+        if task not in self.relearn_tasks:
+            return self.base(x, task)
+        base = self.base
+        x, flat = base._lift(x, task)
+        skips, modal = base.encode(x, task, flat)
+        prompts = base.task_prompts(skips[-1], modal)
+        return base._drop(base._slice(self._decode(skips, prompts[:, task : task + 1], task, flat), task), flat)
+
+    def forward_all_tasks(
+        self, x: torch.Tensor, task_ids: Sequence[int] | None = None
+    ) -> list[torch.Tensor | list[torch.Tensor]]:
+        """As :meth:`MedUniSeg.forward_all_tasks`; relearned tasks go through their adapters."""
+        ids = list(range(self.num_tasks)) if task_ids is None else [task_index(t, self.num_tasks) for t in task_ids]
+        if task_ids is None:
+            rank = x.ndim - 2
+            ids = [t for t in ids if self.task_dims[t] == rank and len(self.task_modalities[t]) == x.shape[1]]
+        plain = [t for t in ids if t not in self.relearn_tasks]
+        outputs = dict(zip(plain, self.base.forward_all_tasks(x, plain))) if plain else {}
+        for t in ids:
+            if t in self.relearn_tasks:
+                outputs[t] = self.forward(x, t)
+        return [outputs[t] for t in ids]
