@@ -45,6 +45,9 @@ from .tasks import TaskCatalog
 __all__ = [
     "DEMO_3D_TASKS",
     "BundleData",
+    "items_of_tasks",
+    "checkpoint_catalog",
+    "extended_catalog",
     "ensure_datalist",
     "train_transforms",
     "val_transforms",
@@ -284,6 +287,8 @@ class BundleData:
         datalist: a datalist JSON, default ``None`` (``<dataset_dir>/datalist.json``, built when absent).
         catalog: catalog override (file or built-in name), default ``None`` (the datalist's).
         dims: keep only tasks of this spatial rank, default 3 (UniSeg); ``None`` keeps all.
+        tasks: keep only these task names (a list, or a comma-separated string), default ``None`` (all); e.g. an
+            upstream model trained on some tasks of a catalog, to which an incremental run adds the others.
         task: default task for items without a ``task`` key (MONAI Label), default ``None``.
         num_cases: demo cases per task when the demo is built, default ``None``.
         val_fraction: validation fraction when preparing, default 0.2.
@@ -308,12 +313,14 @@ class BundleData:
         num_cases: int | Mapping[str, int] | None = None,
         val_fraction: float = 0.2,
         seed: int = 0,
+        tasks: Sequence[str] | str | None = None,
     ) -> None:
         path, full = ensure_datalist(dataset_dir, datalist, catalog, num_cases, val_fraction, seed)
+        names = _task_names(tasks)
         train, val, _ = load_datalist(path)
         for section, items in (("training", train), ("validation", val)):
             _check_items(items, full, f"datalist {str(path)!r} ({section})", task)
-        cat = full.select(dims=dims) if dims is not None else full
+        cat = full.select(names=names, dims=dims) if (dims is not None or names is not None) else full
         if len(cat) == 0:
             raise ValueError(f"catalog {full.name!r} has no {dims}D task (tasks {full.names}).")
         self.task = None if task is None else cat[task].name
@@ -333,6 +340,109 @@ class BundleData:
         logger.info(
             "data: %s, %d training and %d validation item(s), tasks %s", path, len(self.train), len(self.val), cat.names
         )
+
+
+def _task_names(tasks: Sequence[str] | str | None) -> list[str] | None:
+    if tasks is None or (isinstance(tasks, str) and not tasks.strip()):
+        return None
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    return [n for n in names if n] or None
+
+
+def items_of_tasks(
+    items: Sequence[Mapping[str, Any]],
+    tasks: Sequence[str] | str,
+    default_task: str | None = None,
+    required: bool = True,
+) -> list[dict[str, Any]]:
+    """The items whose ``task`` is one of ``tasks`` (e.g. the new tasks' data of an incremental run).
+
+    Args:
+        items: datalist items ``{"image", "label"?, "task"?}``.
+        tasks: task names to keep (a list, or a comma-separated string).
+        default_task: task of items without a ``task`` key, default ``None`` (such items are dropped).
+        required: raise when ``items`` is not empty but none is kept, default ``True`` (training data); ``False``
+            returns an empty list (an optional validation split).
+
+    Raises:
+        ValueError: ``tasks`` is empty, or (``required``) no item belongs to them; the message lists the tasks found.
+    """
+    names = _task_names(tasks)
+    if not names:
+        raise ValueError("items_of_tasks: no task name given.")
+    kept = [dict(it) for it in items if it.get("task", default_task) in names]
+    if required and items and not kept:
+        found = sorted({str(it.get("task", default_task)) for it in items})
+        raise ValueError(f"no item of the task(s) {names} among {len(items)} item(s) (tasks found: {found}).")
+    return kept
+
+
+def checkpoint_catalog(checkpoint: str | os.PathLike) -> TaskCatalog:
+    """The task catalog stored in a training checkpoint (``{"model", "meta"}``), without building the network.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it stores no catalog.
+    """
+    from .engines import CheckpointMeta
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (train the upstream model first).")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    meta = CheckpointMeta()
+    meta.load_state_dict(obj.get("meta", {}) if isinstance(obj, dict) else {})
+    if meta.catalog is None:
+        raise ValueError(f"checkpoint {str(path)!r} stores no task catalog (expected a 'meta' entry with one).")
+    return meta.catalog
+
+
+def extended_catalog(
+    upstream: TaskCatalog | str | os.PathLike,
+    catalog: TaskCatalog | str | os.PathLike,
+    new_tasks: Sequence[str] | str | None = None,
+) -> TaskCatalog:
+    """The catalog of an incremental run: the upstream model's tasks first, unchanged, then the new tasks.
+
+    The upstream tasks keep their ids, label offsets (hence their target ids) and the upstream plan; the new tasks
+    (3D tasks of ``catalog`` that the upstream model lacks, or the ones named) follow, numbered after them.
+
+    Args:
+        upstream: the upstream catalog, or the upstream checkpoint (``model.pt``) whose stored catalog is used.
+        catalog: a catalog holding the new tasks (object, JSON file or built-in name); it may also list the old ones.
+        new_tasks: names of the tasks to add (a list or a comma-separated string), default ``None`` (every 3D task
+            of ``catalog`` that the upstream model lacks).
+
+    Raises:
+        ValueError: a named task is unknown, already upstream or not 3D, or there is no task to add.
+    """
+    from .tasks import TaskSpec
+
+    if isinstance(upstream, TaskCatalog):
+        old = upstream
+    elif str(upstream).endswith((".pt", ".pth")):
+        old = checkpoint_catalog(upstream)
+    else:
+        old = TaskCatalog.resolve(upstream)
+    source = TaskCatalog.resolve(catalog)
+    names = _task_names(new_tasks)
+    if names is None:
+        names = [t.name for t in source if t.dims == 3 and t.name not in old]
+    for n in names:
+        if n in old:
+            raise ValueError(f"task {n!r} is already a task of the upstream model (tasks {old.names}).")
+        if source[n].dims != 3:
+            raise ValueError(f"task {n!r} of catalog {source.name!r} is {source[n].dims}D; only 3D tasks can be added.")
+    if not names:
+        raise ValueError(
+            f"catalog {source.name!r} (tasks {source.names}) has no 3D task that the upstream model lacks (it has "
+            f"{old.names}); give a catalog with the new tasks."
+        )
+    # old tasks keep their ids and label offsets (hence their target ids); new ones are numbered after them
+    added = [TaskSpec(**{**source[n].to_dict(), "id": len(old) + i, "label_offset": None}) for i, n in enumerate(names)]
+    return TaskCatalog(
+        list(old) + added, name=f"{old.name}+{'+'.join(names)}", plan=old.plan, description=old.description
+    )
 
 
 def _with_default_task(pipeline: Compose, task: str | int | None) -> Compose:
@@ -370,6 +480,7 @@ def task_sampler(
     task: str | int | None = None,
     num_replicas: int | None = None,
     rank: int | None = None,
+    mix_tasks: bool = False,
 ) -> TaskBalancedBatchSampler:
     """A :class:`~uniseg_components.data.TaskBalancedBatchSampler` for the dataset's items.
 
@@ -381,6 +492,7 @@ def task_sampler(
         seed: default 0.
         task: task of items without ``task``, default ``None``.
         num_replicas, rank: default the process group's (1 and 0 without one).
+        mix_tasks: batches may mix tasks of the same channel count and patch size (Hermes), default ``False``.
     """
     catalog = TaskCatalog.resolve(catalog)
     if task is None and any("task" not in it for it in items):
@@ -394,6 +506,7 @@ def task_sampler(
         seed=seed,
         num_replicas=num_replicas,
         rank=rank,
+        mix_tasks=mix_tasks,
     )
 
 
