@@ -1,0 +1,330 @@
+"""MedUniSeg (2D and 3D in one model, modal prompts + MMap, task prompt + FUSE) and MedUniSeg* (relearning)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from uniseg_components import relearn
+from uniseg_components.engines import build_network, load_checkpoint, save_checkpoint
+from uniseg_components.losses import TaskDiceCELoss
+from uniseg_components.networks import MedUniSeg, MedUniSegStar, UNetBackbone, plan_from_catalog
+from uniseg_components.networks.backbone import UNetBackbone as _Backbone
+from uniseg_components.tasks import TaskCatalog
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _task(name, i, dims, modalities, labels, patch):
+    return {
+        "name": name,
+        "id": i,
+        "dims": dims,
+        "modalities": modalities,
+        "labels": labels,
+        "spacing": [1.0] * dims,
+        "patch_size": patch,
+    }
+
+
+@pytest.fixture(scope="module")
+def catalog() -> TaskCatalog:
+    return TaskCatalog.from_dict(
+        {
+            "name": "tiny_2d3d",
+            "plan": {
+                "patch_size": [16, 16, 16],
+                "features": [4, 8, 16],
+                "kernel_sizes": [[3, 3, 3]] * 3,
+                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                "n_conv_per_stage": 1,
+                "n_conv_per_stage_decoder": 1,
+            },
+            "tasks": [
+                _task("organ_ct", 0, 3, ["CT"], ["background", "organ", "tumour"], [16, 16, 16]),
+                _task("lesion_petct", 1, 3, ["CT", "PET"], ["background", "lesion"], [16, 16, 16]),
+                _task("head_us", 2, 2, ["US"], ["background", "head"], [24, 24]),
+                _task("skin_rgb", 3, 2, ["Dermoscopy"] * 3, ["background", "lesion"], [24, 24]),
+            ],
+        }
+    )
+
+
+def tiny(catalog: TaskCatalog, **kw) -> MedUniSeg:
+    torch.manual_seed(0)
+    return MedUniSeg.from_catalog(catalog, **kw)
+
+
+# ----------------------------------------------------------------------------- shapes and the 2D path
+def test_2d_and_3d_shapes_eval_and_deep_supervision(catalog):
+    net = tiny(catalog).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 16, 16, 16), 0).shape == (2, 3, 16, 16, 16)
+        assert net(torch.randn(1, 2, 16, 16, 32), 1).shape == (1, 2, 16, 16, 32)
+        assert net(torch.randn(2, 1, 24, 24), 2).shape == (2, 2, 24, 24)
+        assert net(torch.randn(1, 3, 40, 32), 3).shape == (1, 2, 40, 32)
+    net.train()
+    out = net(torch.randn(2, 1, 24, 24), 2)
+    assert [tuple(o.shape) for o in out] == [(2, 2, 24, 24), (2, 2, 12, 12)]
+    out3 = net(torch.randn(2, 1, 16, 16, 16), 0)
+    assert [tuple(o.shape) for o in out3] == [(2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
+
+
+def test_flat_upsampling_is_3d_upsampling_averaged_over_depth():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose3d(6, 4, (2, 2, 2), (2, 2, 2), bias=False)
+    h = torch.randn(2, 6, 5, 7, 1)
+    flat = _Backbone.upsample(up, h, flat_axes=(2,))
+    assert flat.shape == (2, 4, 10, 14, 1)
+    torch.testing.assert_close(flat, up(h).mean(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert torch.equal(_Backbone.upsample(up, h), up(h))
+
+
+def test_2d_and_3d_batches_update_the_same_weights(catalog):
+    net = tiny(catalog).train()
+    loss_fn = TaskDiceCELoss()
+    shared = {
+        "stage-1 conv": net.backbone.encoder[1][0].conv.weight,
+        "bottleneck conv": net.backbone.encoder[2][0].conv.weight,
+        "first transposed conv": net.backbone.upsamples[0].weight,
+        "last decoder conv": net.backbone.decoder[-1][0].conv.weight,
+        "FUSE": net.fuse[0][0].conv.weight,
+        "task prompt": net.prompt,
+    }
+    grads = {}
+    for task, x in ((2, torch.randn(2, 1, 24, 24)), (0, torch.randn(2, 1, 16, 16, 16))):
+        net.zero_grad()
+        y = torch.randint(0, catalog[task].num_classes, (x.shape[0], 1, *x.shape[2:])).float()
+        loss_fn(net(x, task), y).backward()
+        grads[task] = {k: p.grad.clone() for k, p in shared.items()}
+    for k in shared:
+        assert grads[2][k].abs().sum() > 0, f"2D batch gives no gradient to {k}"
+        assert grads[0][k].abs().sum() > 0, f"3D batch gives no gradient to {k}"
+    # the depth taps of the transposed conv get the same gradient from a 2D batch (it uses their mean)
+    g = grads[2]["first transposed conv"]
+    torch.testing.assert_close(g[..., 0], g[..., 1])
+
+
+def test_alternating_2d_and_3d_training_lowers_both_losses(catalog):
+    """Alternate 2D and 3D batches (one task each) on a learnable toy problem: both losses go down."""
+    net = tiny(catalog).train()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    loss_fn = TaskDiceCELoss()
+    g = torch.Generator().manual_seed(1)
+
+    def batch(task):
+        shape = (2, *catalog[task].patch_size)
+        label = (torch.rand(2, 1, *catalog[task].patch_size, generator=g) > 0.6).float()
+        x = label.repeat(1, catalog[task].num_channels, *([1] * len(shape[1:]))) * 2 - 1
+        x = x + 0.3 * torch.randn(x.shape, generator=g)
+        return x, label
+
+    first, last = {}, {}
+    for step in range(24):
+        task = 2 if step % 2 == 0 else 1  # 2D US, then 3D PET/CT
+        x, y = batch(task)
+        loss = loss_fn(net(x, task), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first.setdefault(task, loss.item())
+        last[task] = loss.item()
+    assert last[2] < 0.8 * first[2] and last[1] < 0.8 * first[1], (first, last)
+
+
+# ----------------------------------------------------------------------------- prompts and priors
+def test_modal_prompts_mix_per_channel_and_condition_the_output(catalog):
+    net = tiny(catalog).eval()
+    assert net.modalities == ["CT", "PET", "US", "Dermoscopy"]
+    assert net.modal_prompts.shape == (4, 8, 4, 4, 4)
+    assert net.modal_mix[1].tolist() == [0.5, 0.5, 0.0, 0.0]  # PET/CT: mean of the CT and PET prompts
+    assert net.modal_mix[3].tolist() == [0.0, 0.0, 0.0, 1.0]  # RGB: three Dermoscopy channels
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        before = net(x, 0)
+        net.modal_prompts[0].add_(1.0)  # the CT prompt: no effect while MMap is the identity (fresh model)
+        assert torch.equal(net(x, 0), before)
+        nn.init.normal_(net.mmap.out.weight, std=0.5)
+        gated = net(x, 0)
+        net.modal_prompts[0].add_(1.0)
+        assert not torch.allclose(net(x, 0), gated)  # now the modal prior conditions the features
+
+
+def test_task_prompt_conditions_the_decoder(catalog):
+    net = tiny(catalog).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        a = net(x, 0)[:, :2]
+        net.prompt[0, 0].add_(3.0)
+        b = net(x, 0)[:, :2]
+    assert not torch.allclose(a, b)
+
+
+def test_forward_all_tasks_equals_separate_passes(catalog):
+    net = tiny(catalog).eval()
+    nn.init.normal_(net.mmap.out.weight, std=0.3)
+    x3 = torch.randn(1, 1, 16, 16, 16)
+    x2 = torch.randn(1, 1, 24, 24)
+    with torch.no_grad():
+        (only,) = net.forward_all_tasks(x3)  # default: the 1-channel 3D tasks
+        torch.testing.assert_close(only, net(x3, 0))
+        (us,) = net.forward_all_tasks(x2)
+        torch.testing.assert_close(us, net(x2, 2))
+        # tasks of different modalities: one encoder pass per modal prompt
+        outs = net.forward_all_tasks(torch.randn(1, 2, 16, 16, 16), [1, 1])
+        assert [o.shape[1] for o in outs] == [2, 2]
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors(catalog):
+    net = tiny(catalog).eval()
+    with pytest.raises(ValueError, match="task 0 is 3D but the input is 2D"):
+        net(torch.randn(1, 1, 16, 16), 0)
+    with pytest.raises(ValueError, match="task 2 is 2D but the input is 3D"):
+        net(torch.randn(1, 1, 16, 16, 16), 2)
+    with pytest.raises(ValueError, match="out of range"):
+        net(torch.randn(1, 1, 16, 16, 16), 7)
+    with pytest.raises(ValueError, match="channel"):
+        net(torch.randn(1, 4, 16, 16, 16), 0)
+    with pytest.raises(ValueError, match="not divisible"):
+        net(torch.randn(1, 1, 18, 24), 2)
+    with pytest.raises(ValueError, match=r"expects \(B, C, X, Y\) 2D"):
+        net(torch.randn(16, 16), 2)
+    with pytest.raises(ValueError, match="same task"):
+        net(torch.randn(2, 1, 16, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="unknown"):
+        MedUniSeg(net.plan, [2], [["Sonar"]])
+    bad = catalog.to_dict()
+    bad["tasks"][2]["patch_size"] = [22, 24]
+    with pytest.raises(ValueError, match="in-plane total stride"):
+        MedUniSeg.from_catalog(TaskCatalog.from_dict(bad))
+
+
+# ----------------------------------------------------------------------------- checkpoints and the paper's claim
+def test_config_round_trip_and_checkpoint(catalog, tmp_path):
+    net = tiny(catalog, modal_prompt_channels=4, modal_grid=[2, 2, 2]).eval()
+    copy = build_network(json.loads(json.dumps(net.config)))
+    assert isinstance(copy, MedUniSeg) and copy.config == net.config
+    copy.load_state_dict(net.state_dict())
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(copy.eval()(x, 3), net(x, 3))
+    path = save_checkpoint(tmp_path / "model.pt", net, catalog)
+    loaded, cat = load_checkpoint(path)
+    assert isinstance(loaded, MedUniSeg) and cat.names == catalog.names
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 3), net(x, 3))
+
+
+def test_meduniseg_17tasks_is_under_a_tenth_of_17_nnunets():
+    cat = TaskCatalog.builtin("meduniseg_17tasks")
+    assert len(cat) == 17 and cat.dims == [2, 3]
+    net = MedUniSeg.from_catalog(cat)
+    plan = plan_from_catalog(cat)
+    # one nnU-Net of the same plan per task, with that task's input channels and classes
+    singles = sum(n_params(UNetBackbone(plan, (t.num_channels,), t.num_classes)) for t in cat)
+    total = n_params(net)
+    assert total < singles / 10, (total, singles)
+    assert 30e6 < total < 34e6  # the UniSeg backbone plus prompts, MMap and FUSE
+    assert net.prompt.shape == (1, 17, 6, 6, 4)
+    with torch.no_grad():  # a 2D task of the catalog runs at its own patch
+        t2 = next(t for t in cat if t.dims == 2)
+        assert t2.patch_size[0] % plan.total_stride[0] == 0
+
+
+# ----------------------------------------------------------------------------- MedUniSeg*
+def _toy(task, catalog, g, n=2):
+    size = catalog[task].patch_size
+    label = (torch.rand(n, 1, *size, generator=g) > 0.6).float()
+    x = label.repeat(1, catalog[task].num_channels, *([1] * len(size))) * 2 - 1
+    return x + 0.3 * torch.randn(x.shape, generator=g), label
+
+
+def test_relearning_trains_only_adapters_and_leaves_other_tasks_bitwise_unchanged(catalog):
+    base = tiny(catalog).eval()
+    g = torch.Generator().manual_seed(3)
+    probes = {t: _toy(t, catalog, g, 1)[0] for t in range(len(catalog))}
+    with torch.no_grad():
+        before = {t: base(x, t) for t, x in probes.items()}
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    star = MedUniSegStar(base, tasks=[2])
+    assert all(not p.requires_grad for p in star.base.parameters())
+    assert set(map(id, star.trainable_parameters())) == set(map(id, star.adapters.parameters()))
+    with torch.no_grad():  # fresh adapters start at zero: nothing changes yet
+        assert torch.equal(star.eval()(probes[2], 2), before[2])
+    opt = torch.optim.Adam(star.trainable_parameters(), lr=1e-2)
+    loss_fn = TaskDiceCELoss()
+    star.train()
+    losses = []
+    for _ in range(15):
+        x, y = _toy(2, catalog, g)
+        loss = loss_fn(star(x, 2), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    star.eval()
+    for k, v in star.base.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
+    with torch.no_grad():
+        for t, x in probes.items():
+            if t == 2:
+                assert not torch.equal(star(x, t), before[t])
+            else:
+                assert torch.equal(star(x, t), before[t]), f"task {t} changed"
+        all_out = star.forward_all_tasks(torch.randn(1, 1, 24, 24))
+        assert len(all_out) == 1 and all_out[0].shape == (1, 2, 24, 24)
+
+
+def test_relearn_checkpoint_round_trip_and_task_selection(catalog, tmp_path):
+    base = tiny(catalog).eval()
+    up = save_checkpoint(tmp_path / "model.pt", base, catalog)
+    dice = {"mean": 0.5, "per_task": {"organ_ct": {"organ": 0.8, "tumour": 0.6}, "head_us": {"head": 0.2}}}
+    (tmp_path / "dice.json").write_text(json.dumps(dice))
+    assert relearn.read_dice(tmp_path / "dice.json") == {"organ_ct": pytest.approx(0.7), "head_us": 0.2}
+    assert relearn.select_tasks(catalog, dice=tmp_path / "dice.json", threshold=0.5) == ["head_us"]
+    assert relearn.select_tasks(catalog, tasks="skin_rgb,0") == ["organ_ct", "skin_rgb"]
+    with pytest.raises(ValueError, match="nothing to relearn"):
+        relearn.select_tasks(catalog, dice=dice, threshold=0.1)
+    with pytest.raises(ValueError, match="needs task names"):
+        relearn.select_tasks(catalog)
+    with pytest.raises(KeyError, match="nope"):
+        relearn.select_tasks(catalog, tasks=["nope"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        relearn.read_dice(tmp_path / "missing.json")
+
+    star = relearn.relearn_network(up, ["head_us"])
+    assert isinstance(star, MedUniSegStar) and star.relearn_tasks == [2] and star.training
+    with torch.no_grad():
+        nn.init.normal_(star.adapters["2"][-1].up.weight, std=0.1)
+    path = save_checkpoint(tmp_path / "relearn.pt", star, catalog)
+    loaded, _ = load_checkpoint(path)
+    assert isinstance(loaded, MedUniSegStar) and loaded.relearn_tasks == [2]
+    x = torch.randn(1, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 2), star.eval()(x, 2))
+    # relearning again keeps the adapters of the first round and adds new ones
+    again = relearn.relearn_network(path, ["organ_ct"])
+    assert again.relearn_tasks == [0, 2]
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x, 2), star(x, 2))
+    from uniseg_components.networks import UniSeg
+
+    uni = UniSeg.from_catalog(catalog.select(dims=3))
+    p = save_checkpoint(tmp_path / "uniseg.pt", uni, catalog.select(dims=3))
+    with pytest.raises(ValueError, match="relearns MedUniSeg checkpoints"):
+        relearn.relearn_network(p, [0])
