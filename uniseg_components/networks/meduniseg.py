@@ -255,15 +255,19 @@ class MedUniSeg(nn.Module):
             return out
         return [o.squeeze(-1) for o in out] if isinstance(out, list) else out.squeeze(-1)
 
-    def modal_prompt(self, task: int, size: Sequence[int], batch_size: int) -> torch.Tensor:
-        """The modal prompt of a task's input, resized to ``size``: ``(batch_size, P, *size)``."""
-        mix = self.modal_mix[task].to(self.modal_prompts.dtype)
-        prompt = torch.einsum("m,m...->...", mix, self.modal_prompts).unsqueeze(0)
+    def modal_prompt(self, task: int | torch.Tensor, size: Sequence[int], batch_size: int) -> torch.Tensor:
+        """The modal prompt of a task's input (task id as an int or a ``(1,)`` long tensor, as export traces it),
+        resized to ``size``: ``(batch_size, P, *size)``."""
+        tid = task if isinstance(task, torch.Tensor) else torch.tensor([task], device=self.modal_mix.device)
+        mix = torch.index_select(self.modal_mix, 0, tid.reshape(-1)[:1]).to(self.modal_prompts.dtype)
+        prompt = torch.einsum("tm,m...->t...", mix, self.modal_prompts)
         if len(size) == 3 and size[2] == 1 and prompt.shape[-1] != 1:  # a 2D input: average over depth
             prompt = prompt.mean(dim=-1, keepdim=True)
         return _resize(prompt, size).expand(batch_size, -1, *size)
 
-    def encode(self, x: torch.Tensor, task: int, flat: tuple[int, ...] = ()) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, task: int | torch.Tensor, flat: tuple[int, ...] = ()
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Encoder with the modal prior after stage 0; returns the skips and the modal prior vector ``(B, C0)``."""
         prior: list[torch.Tensor] = []
 
@@ -379,8 +383,12 @@ class DecoderAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual branch alone: ``forward(h) == h + delta(h)``."""
+        return self.up(self.act(self.conv(self.act(self.down(h)))))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.conv(self.act(self.down(h)))))
+        return h + self.delta(h)
 
 
 class MedUniSegStar(nn.Module):
