@@ -18,14 +18,27 @@ from uniseg_components.tasks import TaskCatalog
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
 needs_nilearn = pytest.mark.skipif(not HAS_NILEARN, reason="nilearn (the demo extra) is not installed")
 #: tasks written by the module's collection: all of them, less brain_mr when nilearn is missing
-TASKS = None if HAS_NILEARN else ["abdomen_ct", "lesion_petct", "fetal_us"]
+TASKS = None if HAS_NILEARN else ["abdomen_ct", "lesion_petct", "fetal_us", "chest_xr", "skin_lesion"]
 
 LOAD = LoadImage(image_only=True)
 CHANNEL_FIRST = EnsureChannelFirst()
 
 
 def _load(path: Path) -> np.ndarray:
-    return np.asarray(CHANNEL_FIRST(LOAD(str(path))))
+    """Channel-first array of a file; a trailing singleton axis of a 2D multi-channel file is squeezed."""
+    arr = CHANNEL_FIRST(LOAD(str(path)))
+    if arr.ndim == 4 and arr.shape[-1] == 1:  # 2D RGB stored as (X, Y, 1, C)
+        arr = arr[..., 0]
+    return np.asarray(arr)
+
+
+def _best_threshold_dice(image: np.ndarray, mask: np.ndarray) -> float:
+    """The best Dice of ``image < t`` or ``image > t`` with ``mask`` over 99 quantile thresholds."""
+    best = 0.0
+    for t in np.quantile(image, np.linspace(0.01, 0.99, 99)):
+        for pred in (image < t, image > t):
+            best = max(best, 2.0 * float((pred & mask).sum()) / float(pred.sum() + mask.sum()))
+    return best
 
 
 def _cases(root: Path, dataset: str) -> list[tuple[Path, Path]]:
@@ -76,6 +89,9 @@ def test_images_load_with_monai(collection: Path, catalog: TaskCatalog) -> None:
         for img_path, lab_path in _cases(collection, t.dataset):
             img = CHANNEL_FIRST(LOAD(str(img_path)))
             lab = CHANNEL_FIRST(LOAD(str(lab_path)))
+            if t.dims == 2 and img.ndim == 4:  # 2D multi-channel: (X, Y, 1, C) on disk
+                assert img.shape[-1] == 1, (t.name, img.shape)
+                img = img[..., 0]
             assert img.shape[0] == t.num_channels and img.ndim == t.dims + 1, (t.name, img.shape)
             assert lab.shape[0] == 1 and lab.shape[1:] == img.shape[1:]
             # spacing near the target (per-case variation of at most 20%), diagonal RAS affine
@@ -95,7 +111,9 @@ def test_files_dtypes(collection: Path, catalog: TaskCatalog) -> None:
         img_path, lab_path = _cases(collection, t.dataset)[0]
         img, lab = nib.load(str(img_path)), nib.load(str(lab_path))
         assert img.get_data_dtype() == np.float32 and lab.get_data_dtype() == np.uint8
-        expected = img.shape[: t.dims] + ((t.num_channels,) if t.num_channels > 1 else ())
+        # channel last for multi-channel images; 2D ones keep nnU-Net's singleton third axis: (X, Y, 1, C)
+        channels = ((1,) if t.dims == 2 else ()) + (t.num_channels,) if t.num_channels > 1 else ()
+        expected = img.shape[: t.dims] + channels
         assert img.shape == expected and lab.shape == img.shape[: t.dims]
         assert np.allclose(img.affine[:3, :3], np.diag(np.diag(img.affine[:3, :3])))
         assert np.all(np.diag(img.affine)[: t.dims] > 0)
@@ -148,6 +166,79 @@ def test_fetal_us_2d(collection: Path) -> None:
         assert 0.03 < head.mean() < 0.5
         assert (img[0][head] > 0).all()  # the head lies inside the ultrasound sector
         assert not head[0].any() and not head[-1].any() and not head[:, 0].any() and not head[:, -1].any()
+
+
+def test_chest_xr_2d(collection: Path) -> None:
+    dice = []
+    for img_path, lab_path in _cases(collection, "Demo05_ChestXR2D"):
+        img, lab = _load(img_path), _load(lab_path)
+        assert img.shape[0] == 1 and img.ndim == 3 and lab.shape == img.shape
+        image, label = img[0], lab[0]
+        assert 0 <= image.min() and image.max() <= 4095
+        lungs, heart = label == 1, label == 2
+        assert 0.1 < lungs.mean() < 0.45 and 0.02 < heart.mean() < 0.2
+        # radiograph contrast: air-filled lungs darker than the heart; the air outside the body darker still
+        assert image[lungs].mean() < image[heart].mean() - 300
+        assert image[:5].mean() < image[lungs].mean()  # the image border beside the chest wall is air
+        # both lungs present: lung pixels on each side of the midline
+        assert lungs[: lungs.shape[0] // 2].any() and lungs[lungs.shape[0] // 2 :].any()
+        dice.append([_best_threshold_dice(image, label == c) for c in (1, 2)])
+    # not solvable by one intensity threshold (ribs, vessels, mediastinum and air overlap the classes)
+    assert np.mean(dice, axis=0).max() < 0.8, dice
+
+
+def test_skin_lesion_rgb(collection: Path) -> None:
+    dice = []
+    for img_path, lab_path in _cases(collection, "Demo06_SkinLesion2D"):
+        img, lab = _load(img_path), _load(lab_path)
+        assert img.shape[0] == 3 and img.ndim == 3 and lab.shape == (1, *img.shape[1:])
+        assert 0 <= img.min() and img.max() <= 255
+        lesion = lab[0] == 1
+        assert 0.02 < lesion.mean() < 0.5
+        assert not lesion[0].any() and not lesion[-1].any() and not lesion[:, 0].any() and not lesion[:, -1].any()
+        skin = ~lesion & (img.mean(0) > 60)  # leave out hairs and the dark aperture corners
+        # pigmented: darker than the skin around it in every channel, and skin is reddish (R > G > B)
+        assert all(img[c][lesion].mean() < img[c][skin].mean() for c in range(3))
+        assert img[0][skin].mean() > img[1][skin].mean() > img[2][skin].mean()
+        dice.append(_best_threshold_dice(img.mean(0), lesion))
+    assert np.mean(dice) < 0.8, dice
+
+
+def test_new_2d_tasks_through_val_and_train_transforms(collection: Path, catalog: TaskCatalog) -> None:
+    import torch
+
+    from uniseg_components.transforms import train_transforms, val_transforms
+
+    val, train = val_transforms(catalog), train_transforms(catalog, augment=False)
+    for name, channels in (("chest_xr", 1), ("skin_lesion", 3)):
+        t = catalog[name]
+        img_path, lab_path = _cases(collection, t.dataset)[0]
+        item = {"image": str(img_path), "label": str(lab_path), "task": name}
+        out = val(item)
+        image, label = out["image"], out["label"]
+        assert image.dtype == torch.float32 and image.ndim == 3 and image.shape[0] == channels
+        assert label.shape == (1, *image.shape[1:])
+        assert np.allclose(image.pixdim[:2].tolist(), t.spacing)  # resampled to the task's spacing
+        assert bool(torch.isfinite(image).all())
+        flat = image.reshape(channels, -1)
+        assert torch.allclose(flat.mean(1), torch.zeros(channels), atol=1e-4)  # z-scored per channel
+        assert torch.allclose(flat.std(1, unbiased=False), torch.ones(channels), atol=1e-3)
+        assert set(torch.unique(label).int().tolist()) == set(range(t.num_classes))
+        patch = train(item)
+        assert patch["image"].shape == (channels, *t.patch_size) and patch["label"].shape == (1, *t.patch_size)
+
+
+@pytest.mark.parametrize("name", ["chest_xr", "skin_lesion"])
+def test_new_2d_generators_reproducible(name: str) -> None:
+    spec = TaskCatalog.builtin(demo.DEMO_CATALOG)[name]
+    salt, gen = demo._GENERATORS[name]
+    a = gen(np.random.default_rng([0, salt, 3]), spec, 3, {})
+    b = gen(np.random.default_rng([0, salt, 3]), spec, 3, {})
+    c = gen(np.random.default_rng([1, salt, 3]), spec, 3, {})
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert a[0].shape != c[0].shape or not np.array_equal(a[0], c[0])
+    assert a[1].dtype == np.uint8 and set(np.unique(a[1]).tolist()) == set(range(spec.num_classes))
+    assert a[0].shape[:2] == a[1].shape and a[0].shape[2:] == ((3,) if spec.num_channels == 3 else ())
 
 
 def test_deterministic(collection: Path, tmp_path: Path) -> None:

@@ -70,7 +70,14 @@ DEMO_CATALOG = "demo"
 #: File name of the catalog written at the root of a demo collection.
 DEMO_TASKS_FILE = "tasks.json"
 #: Cases written per task when ``num_cases`` is not given.
-DEFAULT_NUM_CASES: dict[str, int] = {"abdomen_ct": 10, "brain_mr": 10, "lesion_petct": 10, "fetal_us": 16}
+DEFAULT_NUM_CASES: dict[str, int] = {
+    "abdomen_ct": 10,
+    "brain_mr": 10,
+    "lesion_petct": 10,
+    "fetal_us": 16,
+    "chest_xr": 16,
+    "skin_lesion": 16,
+}
 
 _MNI_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -431,6 +438,190 @@ def _fetal_us_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: di
     return image, head.astype(np.uint8), tuple(float(s) for s in spacing)
 
 
+def _chest_xr_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One 2D posteroanterior chest radiograph with lungs (1) and heart (2); returns ``(image, label, spacing)``.
+
+    Axis 0 runs towards the patient's right, axis 1 from the feet to the head. The image is a projection: a map
+    of attenuation line integrals (soft tissue, mediastinum, spine, heart, ribs, clavicles, air in the lungs,
+    lung vessels, upper abdomen) turned into detector values by ``1 - exp(-A)``, with an exposure gradient,
+    quantum noise and a little unsharpness.
+    """
+    spacing = np.asarray(spec.spacing, dtype=float) * rng.uniform(0.87, 1.15)
+    fov = np.array([384.0, 384.0]) * rng.uniform(0.95, 1.05, size=2)
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    x0, y0 = _world_grid(shape, spacing)
+    s = rng.uniform(0.82, 1.05)  # patient size
+    cx, cy = rng.uniform(-20, 20), rng.uniform(-25, 10)
+    x, y = _rot_xy(x0 - cx, y0 - cy, rng.uniform(-0.08, 0.08))  # patient frame, centred on the mid-thorax
+
+    half = 150.0 * s * rng.uniform(0.92, 1.05)  # half width of the chest wall
+    body_w = (half + 22 * s) * (1 + 0.02 * _smooth_noise(rng, shape, 4))
+    neck = (y > 150 * s) & (np.abs(x) < rng.uniform(42, 52) * s)
+    trunk = (np.abs(x) < body_w) & (y < 175 * s - 0.25 * np.abs(x) ** 1.2 / s**0.2)
+    t_body = np.sqrt(np.clip(1 - (x / body_w) ** 2, 0, 1)) * (trunk | neck)
+    att = 0.55 * t_body
+
+    # diaphragm domes (the right one a little higher) and the mediastinum between the lungs
+    dome_y = -rng.uniform(100, 115) * s
+    dome = np.where(x > 0, dome_y + rng.uniform(8, 18) * s, dome_y) + 38 * s * np.clip(
+        1 - ((np.abs(x) - 0.48 * half) / (0.55 * half)) ** 2, 0, 1
+    )
+    med = (rng.uniform(22, 30) + 0.12 * np.clip(60 * s - y, 0, None)) * s
+    lungs = np.zeros(shape, dtype=bool)
+    lung_t = np.zeros(shape, dtype=np.float32)
+    for side in (-1, 1):
+        lc = [side * 0.5 * half * rng.uniform(0.95, 1.05), rng.uniform(-5, 10) * s]
+        ls = [0.47 * half * rng.uniform(0.95, 1.08), rng.uniform(135, 150) * s]
+        q = _ellipsoid([x, y], lc, ls, side * rng.uniform(-0.08, 0.02), wobble=0.04 * _smooth_noise(rng, shape, 5))
+        lung = (q < 1) & (y > dome) & (np.abs(x) > med) & (side * x > 0)
+        lungs |= lung
+        lung_t = np.maximum(lung_t, np.sqrt(np.clip(1 - q, 0, 1)) * lung)
+
+    # heart: projected ellipsoid, mostly on the patient's left (-x), sitting on the diaphragm in front of the
+    # lower medial lungs (which it hides)
+    hs = [rng.uniform(66, 80) * s, rng.uniform(54, 64) * s]
+    hc = [-rng.uniform(18, 32) * s, dome_y + rng.uniform(1.0, 1.2) * hs[1]]
+    q_heart = _ellipsoid([x, y], hc, hs, rng.uniform(0.25, 0.5), wobble=0.03 * _smooth_noise(rng, shape, 5))
+    heart = (q_heart < 1) & (y > dome - 6 * s)
+    heart_t = _gaussian_blur(np.sqrt(np.clip(1 - q_heart, 0, 1)) * heart, [1.0, 1.0])
+    att -= 0.45 * _gaussian_blur(lung_t, [1.0, 1.0]) * (1 - 0.8 * np.clip(2 * heart_t, 0, 1))
+    att += 0.35 * heart_t
+    mediastinum = _gaussian_blur((np.abs(x) < med) & (y > dome_y), [2.0, 2.0])
+    att += 0.35 * mediastinum * (trunk | neck)
+    spine_w = rng.uniform(16, 20) * s
+    discs = 0.85 + 0.15 * (np.mod(y - rng.uniform(0, 24), 24.0 * s) > 5 * s)
+    att += 0.3 * np.sqrt(np.clip(1 - (x / spine_w) ** 2, 0, 1)) * discs * (trunk | neck)
+    # upper abdomen below the domes (the liver on the patient's right is denser)
+    abdomen = _gaussian_blur(((y < dome) & trunk).astype(np.float32), [1.5, 1.5])
+    att += abdomen * (0.28 + 0.08 * (x > 0)) * t_body
+    # lung vessels: fine structure fanning out from the hila
+    hilum = np.exp(-np.sqrt((np.abs(x) - med - 20 * s) ** 2 + (y - 10 * s) ** 2) / (70 * s))
+    vessels = np.clip(_smooth_noise(rng, shape, [s0 // 5 for s0 in shape]), 0, None)
+    att += lungs * (0.05 + 0.1 * hilum) * vessels
+
+    # ribs: curved bands with a brighter cortex, and the clavicles
+    ribs = np.zeros(shape, dtype=np.float32)
+    ax = np.abs(x)
+    u = np.clip((ax - 15 * s) / half, 0, 1.1)
+    for k in range(11):
+        yk = 150 * s - k * rng.uniform(24, 27) * s + rng.uniform(-3, 3)
+        centre = yk + 20 * s * np.sin(np.pi * 0.9 * u) - 45 * s * u**2
+        w = rng.uniform(4.0, 5.5) * s
+        d = np.abs(y - centre)
+        band = (d < w) & (ax > 15 * s) & (ax < half * 1.02)
+        ribs = np.maximum(ribs, band * (0.06 + 0.07 * (d > w - 2.0 * s)))
+    for side in (-1, 1):
+        yc = 160 * s + rng.uniform(-8, 8) * s - 0.18 * ax
+        clav = (np.abs(y - yc) < rng.uniform(5, 7) * s) & (ax > 20 * s) & (ax < 0.85 * half) & (side * x > 0)
+        ribs = np.maximum(ribs, clav * 0.22)
+    att += _gaussian_blur(ribs, [0.6, 0.6]) * (trunk | neck)
+
+    # detector: exposure gradient (heel effect), contrast, unsharpness, quantum noise, 12-bit values
+    att = np.clip(att, 0, None) * rng.uniform(1.6, 2.4) * (1 + 0.06 * _smooth_noise(rng, shape, 3))
+    signal = (1 - np.exp(-att)) ** rng.uniform(0.8, 1.25)
+    signal = _gaussian_blur(signal, [0.7, 0.7])
+    signal = signal + _correlated_noise(rng, shape, 0.6) * (0.01 + 0.02 * np.sqrt(np.clip(signal, 0, 1)))
+    image = np.clip(4095.0 * (rng.uniform(0.03, 0.08) + 0.9 * signal), 0, 4095).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[lungs & ~heart] = 1
+    label[heart] = 2
+    return image, label, tuple(float(v) for v in spacing)
+
+
+def _draw_strokes(rng: np.random.Generator, shape: Sequence[int], n: int, length: tuple[float, float]) -> np.ndarray:
+    """``n`` thin curved strokes (quadratic Bezier curves of ``length`` pixels, about one pixel wide), as an
+    alpha map in [0, 1] of ``shape``."""
+    canvas = np.zeros(tuple(shape), dtype=np.float32)
+    for _ in range(n):
+        p0 = rng.uniform(0, 1, size=2) * np.asarray(shape)
+        theta = rng.uniform(0, 2 * math.pi)
+        ln = rng.uniform(*length)
+        p2 = p0 + ln * np.array([math.cos(theta), math.sin(theta)])
+        p1 = (p0 + p2) / 2 + rng.uniform(-0.25, 0.25) * ln * np.array([-math.sin(theta), math.cos(theta)])
+        t = np.linspace(0, 1, max(2, int(ln * 3)))[:, None]
+        pts = np.rint((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2).astype(int)
+        keep = (pts >= 0).all(1) & (pts < np.asarray(shape)).all(1)
+        canvas[pts[keep, 0], pts[keep, 1]] = rng.uniform(0.7, 1.0)
+    return np.clip(_gaussian_blur(canvas, [0.5, 0.5]) * 2.5, 0, 1)
+
+
+def _skin_lesion_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One 2D RGB dermoscopy image (channel last, values 0-255) with a pigmented lesion (1); returns
+    ``(image, label, spacing)``.
+
+    Skin of a random tone with texture and redness, a lesion with an irregular, partly fuzzy border, colour
+    variegation, a pigment network and dark globules, dark hairs across the field, vignetting and, in some
+    cases, the black corners of the dermoscope's round aperture.
+    """
+    spacing = np.asarray(spec.spacing, dtype=float) * rng.uniform(0.87, 1.15)
+    fov = np.array([19.2, 19.2]) * rng.uniform(0.95, 1.05, size=2)
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    x, y = _world_grid(shape, spacing)
+    half = float(min(fov)) / 2
+
+    # skin: tone, low-frequency colour variation, redness, fine texture
+    tone = rng.uniform(0.75, 1.05)
+    skin = np.stack(
+        [
+            np.full(shape, c * tone, dtype=np.float32) + 0.03 * _smooth_noise(rng, shape, 4)
+            for c in (rng.uniform(0.82, 0.92), rng.uniform(0.6, 0.7), rng.uniform(0.45, 0.56))
+        ]
+    )
+    red = np.clip(_smooth_noise(rng, shape, 5), 0, None) * rng.uniform(0.0, 0.08)
+    skin[0] += red
+    skin[1] -= 0.5 * red
+    skin = skin * (1 + 0.03 * _correlated_noise(rng, shape, 1.0))
+
+    # lesion: polar radius with random harmonics and a smooth wobble, fuzzy border of random width
+    centre = rng.uniform(-0.15, 0.15, size=2) * half
+    radius = rng.uniform(0.3, 0.55) * half
+    dx, dy = x - centre[0], y - centre[1]
+    rho, phi = np.sqrt(dx**2 + dy**2), np.arctan2(dy, dx)
+    shape_r = 1.0 + sum(
+        rng.uniform(0, 0.14) / math.sqrt(k) * np.cos(k * phi + rng.uniform(0, 2 * math.pi)) for k in range(2, 7)
+    )
+    shape_r = shape_r * rng.uniform(0.75, 1.0, size=2)[(np.cos(phi) > 0).astype(int)] ** 0.5
+    d = rho / (radius * shape_r) + 0.06 * _smooth_noise(rng, shape, 8)
+    soft = rng.uniform(0.03, 0.12)
+    alpha = 1.0 / (1.0 + np.exp(-(1.0 - d) / soft))
+    lesion = d < 1
+
+    # pigment: light brown to dark brown / black with a bluish area, darker towards the centre
+    palette = np.array(
+        [[0.62, 0.42, 0.30], [0.38, 0.22, 0.14], [0.16, 0.10, 0.08], [0.40, 0.44, 0.55]], dtype=np.float32
+    ) * rng.uniform(0.85, 1.1)
+    w = np.stack(
+        [
+            1.0 + 0.8 * _smooth_noise(rng, shape, 4),
+            0.6 + 1.2 * np.clip(1 - d, 0, 1) + 0.6 * _smooth_noise(rng, shape, 4),
+            rng.uniform(-0.6, 0.8) + np.clip(0.8 - d, 0, 1) + 0.8 * _smooth_noise(rng, shape, 5),
+            rng.uniform(-1.5, 0.3) + 0.8 * _smooth_noise(rng, shape, 3),
+        ]
+    )
+    w = np.exp(2.0 * w)
+    colour = np.einsum("kxy,kc->cxy", w / w.sum(0, keepdims=True), palette)
+    period = rng.uniform(0.35, 0.6)  # pigment network mesh (mm)
+    jitter = 0.25 * period * _smooth_noise(rng, shape, 10)
+    mesh = np.abs(np.sin(math.pi * (x + jitter) / period)) * np.abs(np.sin(math.pi * (y - jitter) / period))
+    colour = colour * (1 - rng.uniform(0.1, 0.3) * (1 - mesh) * np.clip(1.2 - d, 0, 1))
+    globules = _gaussian_blur((rng.uniform(size=shape) < rng.uniform(0.002, 0.01)).astype(np.float32), [0.8, 0.8])
+    colour = colour * (1 - np.clip(globules * 6, 0, 0.7) * lesion)
+    contrast = rng.uniform(0.45, 0.95)
+    a = contrast * alpha
+    image = skin * (1 - a) + colour * a
+
+    # hairs, vignetting, dermoscope aperture, sensor noise
+    hair = _draw_strokes(rng, shape, int(rng.integers(0, 14)), (0.3 * shape[0], 1.2 * shape[0]))
+    image = image * (1 - 0.85 * hair) + np.array([0.08, 0.06, 0.05], dtype=np.float32)[:, None, None] * 0.85 * hair
+    r = np.sqrt(x**2 + y**2) / half
+    image = image * (1 - rng.uniform(0.1, 0.35) * r**2)
+    if rng.uniform() < 0.4:
+        image = np.where(r < rng.uniform(1.05, 1.3), image, np.float32(0.03))
+    image = image + 0.012 * rng.standard_normal(image.shape, dtype=np.float32)
+    image = np.clip(255.0 * image, 0, 255).astype(np.float32)
+    return np.moveaxis(image, 0, -1), lesion.astype(np.uint8), tuple(float(v) for v in spacing)
+
+
 def _find_nilearn() -> Path | None:
     """Folder of the installed nilearn package, without importing it (``None`` when not installed)."""
     spec = importlib.util.find_spec("nilearn")
@@ -540,6 +731,8 @@ _GENERATORS: dict[str, tuple[int, Callable[..., tuple]]] = {
     "brain_mr": (2, _brain_mr_case),
     "lesion_petct": (3, _lesion_petct_case),
     "fetal_us": (4, _fetal_us_case),
+    "chest_xr": (5, _chest_xr_case),
+    "skin_lesion": (6, _skin_lesion_case),
 }
 
 
@@ -552,6 +745,8 @@ def _write_task(folder: Path, spec: TaskSpec, n: int, seed: int, ctx: dict) -> N
     for i in range(n):
         rng = np.random.default_rng([int(seed), salt, i])
         image, label, spacing = gen(rng, spec, i, ctx)
+        if spec.dims == 2 and spec.num_channels > 1:  # (X, Y, C) -> (X, Y, 1, C), nnU-Net's 2D layout
+            image = image[:, :, None, :]
         case = f"{spec.name}_{i:03d}.nii.gz"
         _write_nifti(folder / "imagesTr" / case, np.ascontiguousarray(image, dtype=np.float32), spacing)
         _write_nifti(folder / "labelsTr" / case, np.ascontiguousarray(label, dtype=np.uint8), spacing)
