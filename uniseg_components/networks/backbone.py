@@ -156,7 +156,7 @@ class UNetBackbone(nn.Module):
             ``(B, features[-1], *spatial / total_stride)``.
         """
         self.check_input(x, flat_axes)
-        h = self.stem_norm_act(self.stems[str(x.shape[1])](x))
+        h = self.stem_norm_act(self.stems[str(int(x.shape[1]))](x))  # int(): a traced shape is a tensor
         skips = []
         for i, stage in enumerate(self.encoder):
             h = stage(h)
