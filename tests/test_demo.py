@@ -181,7 +181,8 @@ def test_chest_xr_2d(collection: Path) -> None:
         assert image[lungs].mean() < image[heart].mean() - 300
         assert image[:5].mean() < image[lungs].mean()  # the image border beside the chest wall is air
         # both lungs present: lung pixels on each side of the midline
-        assert lungs[: lungs.shape[0] // 2].any() and lungs[lungs.shape[0] // 2 :].any()
+        mid = lungs.shape[0] // 2
+        assert lungs[:mid].any() and lungs[mid:].any()
         dice.append([_best_threshold_dice(image, label == c) for c in (1, 2)])
     # not solvable by one intensity threshold (ribs, vessels, mediastinum and air overlap the classes)
     assert np.mean(dice, axis=0).max() < 0.8, dice

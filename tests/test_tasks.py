@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from uniseg_components.networks.plans import plan_from_catalog
 from uniseg_components.tasks import TaskCatalog, TaskSpec, UnknownTaskError, normalization_of
 
 
@@ -278,7 +279,45 @@ def test_select_dims_renumbers_densely():
     assert three.dims == [3]
     assert three.plan == demo.plan
     two = demo.select(dims=2)
-    assert two.names == ["fetal_us"] and two["fetal_us"].id == 0 and two["fetal_us"].label_offset == 0
+    assert two.names == ["fetal_us", "chest_xr", "skin_lesion"] and [t.id for t in two] == [0, 1, 2]
+    assert [t.label_offset for t in two] == [0, 1, 3]
+    assert two.channel_counts == [1, 3]
+
+
+def test_demo_catalog_2d_tasks():
+    demo = TaskCatalog.builtin("demo")
+    assert demo.names[:4] == ["abdomen_ct", "brain_mr", "lesion_petct", "fetal_us"]  # existing ids unchanged
+    assert demo["chest_xr"].id == 4 and demo["skin_lesion"].id == 5
+    assert demo["chest_xr"].modalities == ("XR",) and demo["chest_xr"].labels == ("background", "lungs", "heart")
+    assert demo["skin_lesion"].modalities == ("Dermoscopy",) * 3 and demo["skin_lesion"].num_channels == 3
+    in_plane = plan_from_catalog(demo).total_stride[:2]
+    assert in_plane == (8, 8)
+    for t in demo.select(dims=2):
+        assert all(p % s == 0 for p, s in zip(t.patch_size, in_plane)), t.name
+
+
+def test_meduniseg17_structure(uniseg11):
+    cat = TaskCatalog.builtin("meduniseg_17tasks")
+    assert "meduniseg_17tasks" in TaskCatalog.available_builtins()
+    assert len(cat) == 17 and [t.id for t in cat] == list(range(17))
+    assert [t.dims for t in cat] == [3] * 11 + [2] * 6
+    # the first 11 tasks and the plan are UniSeg's, unchanged (label offsets included)
+    assert cat.tasks[:11] == uniseg11.tasks
+    assert cat.plan == uniseg11.plan
+    assert "not public" in cat.description or "not all public" in cat.description
+    two = cat.select(dims=2)
+    assert two.names == ["skin_lesion", "polyp", "chest_xr_lung", "optic_disc_cup", "breast_us", "gland"]
+    assert 3 in cat.channel_counts and cat.channel_counts == [1, 2, 3, 4]
+    assert {"Dermoscopy", "Endoscopy", "XR", "Fundus", "US", "Histology"} <= set(cat.modalities)
+    assert cat["optic_disc_cup"].foreground == ("optic disc", "optic cup")
+    assert cat.num_merged_labels == uniseg11.num_merged_labels + 7
+    # MedUniSeg runs 2D tasks as depth-1 volumes through the 3D plan: in-plane patch divisible by its stride
+    plan = plan_from_catalog(cat)
+    in_plane = plan.total_stride[:2]
+    assert in_plane == (32, 32)
+    for t in two:
+        assert t.dataset and t.description and len(t.spacing) == 2
+        assert all(p % s == 0 for p, s in zip(t.patch_size, in_plane)), t.name
 
 
 def test_select_names_keeps_old_order_and_recomputes_offsets(uniseg11):

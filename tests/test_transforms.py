@@ -252,6 +252,77 @@ def test_squeeze_2d_singleton_axis(tmp_path):
     assert out["image"].ndim == 3 and out["image"].pixdim.tolist() == [1.0, 1.0]
 
 
+RGB_CATALOG = TaskCatalog.from_dict(
+    {
+        "name": "rgb",
+        "tasks": [
+            {
+                "name": "skin",
+                "id": 0,
+                "dims": 2,
+                "modalities": ["Dermoscopy", "Dermoscopy", "Dermoscopy"],
+                "labels": ["background", "lesion"],
+                "spacing": [0.5, 0.5],
+                "patch_size": [16, 16],
+            }
+        ],
+    }
+)
+
+
+def _rgb_case(tmp_path, layout):
+    """A 2D RGB image (values 0-255, distinct channel levels) with a round lesion, written in ``layout``."""
+    rng = np.random.default_rng(4)
+    shape = (30, 24)
+    lab = blob_label(shape, (15, 12), 5)
+    img = np.stack([rng.uniform(0, 1, shape) * s + o for s, o in ((40, 180), (20, 120), (60, 90))], -1)
+    img = np.where(lab[..., None] > 0, 0.5 * img, img).astype(np.float32)  # (X, Y, 3), darker lesion
+    if layout == "x_y_1_c":
+        img = img[:, :, None, :]
+    aff = np.diag([0.4, 0.4, 1.0, 1.0])
+    item = {
+        "image": save(tmp_path / f"rgb_{layout}.nii.gz", img, aff),
+        "label": save(tmp_path / f"rgb_{layout}_seg.nii.gz", lab, aff),
+        "task": "skin",
+    }
+    return item, lab
+
+
+def test_2d_rgb_pipelines(tmp_path):
+    """A 2D three-channel image stored as (X, Y, 1, 3) comes out as (3, X, Y), z-scored per channel."""
+    item, lab = _rgb_case(tmp_path, "x_y_1_c")
+    out = T.val_transforms(RGB_CATALOG)(item)
+    image, label = out["image"], out["label"]
+    assert image.dtype == torch.float32 and image.shape == (3, 24, 19) and label.shape == (1, 24, 19)
+    assert out["image"].pixdim.tolist() == [0.5, 0.5]
+    assert bool(torch.isfinite(image).all())
+    flat = image.reshape(3, -1)
+    assert torch.allclose(flat.mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(flat.std(1, unbiased=False), torch.ones(3), atol=1e-4)
+    assert set(torch.unique(label).tolist()) == {0.0, 1.0}
+    assert float(image[:, label[0] > 0].mean()) < float(image[:, label[0] == 0].mean())  # channels kept apart
+    for augment in (False, True):
+        patch = T.train_transforms(RGB_CATALOG, augment=augment).set_random_state(0)(item)
+        assert patch["image"].shape == (3, 16, 16) and patch["label"].shape == (1, 16, 16)
+        assert set(torch.unique(patch["label"]).tolist()) <= {0.0, 1.0}
+
+
+def test_2d_rgb_channel_last_3d_file_is_rejected(tmp_path):
+    """A 3-D (X, Y, 3) file reads as one channel of a 3D volume: the check names the expected layout."""
+    item, _ = _rgb_case(tmp_path, "x_y_c")
+    expect = r"rgb_x_y_c\.nii\.gz.*skin.*2D image with 3 channel.*got a 3D image.*stored as \(X, Y, 1, C\)"
+    with pytest.raises(ValueError, match=expect):
+        d = item
+        for t in (
+            T.AttachTaskd(RGB_CATALOG),
+            LoadImaged(["image", "label"], image_only=True),
+            EnsureChannelFirstd(["image", "label"]),
+            T.Squeeze2Dd(["image", "label"], RGB_CATALOG),
+            T.CheckTaskInputd(RGB_CATALOG),
+        ):
+            d = t(d)
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 def test_task_spacing_resamples_and_inverts():
     affine = torch.diag(torch.tensor([1.5, 1.0, 2.0, 1.0], dtype=torch.float64))

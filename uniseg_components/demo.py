@@ -1,5 +1,5 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
-"""A small, self-contained demo collection: four MSD-format datasets written in seconds, with no download.
+"""A small, self-contained demo collection: six MSD-format datasets written in seconds, with no download.
 
 :func:`write_demo_collection` writes one folder per task of the built-in ``"demo"`` catalog (see
 ``catalogs/demo.json``), each in the Medical Segmentation Decathlon layout (``dataset.json``, ``imagesTr/``,
@@ -11,6 +11,8 @@
         Demo02_BrainMR/      ...
         Demo03_LesionPETCT/  ...
         Demo04_FetalUS2D/    ...
+        Demo05_ChestXR2D/    ...
+        Demo06_SkinLesion2D/ ...
 
 The tasks:
 
@@ -25,10 +27,18 @@ The tasks:
   FDG-avid lesions per case (label 1), PET blurred by the scanner resolution and with count noise.
 * ``fetal_us``: 2D ultrasound sector image with speckle, a bright skull ring around the fetal head in
   amniotic fluid; the label is the filled head ellipse.
+* ``chest_xr``: 2D posteroanterior chest radiograph (a projection: soft tissue, mediastinum, spine, ribs,
+  clavicles, air-filled lungs with vessels, upper abdomen) with exposure gradient and quantum noise, patient size
+  and position varying per case. Labels: lungs (the lung fields not hidden by the heart), heart.
+* ``skin_lesion``: 2D RGB dermoscopy image (3 channels, values 0-255): skin of a random tone with texture,
+  redness, dark hairs, vignetting and sometimes the black corners of a round dermoscope; a pigmented lesion with
+  an irregular, partly fuzzy border, colour variegation, pigment network and globules (label 1).
 
 Array axis order is MONAI's ``(x, y, z)`` with ``x`` towards the patient's right, ``y`` anterior and ``z``
 superior (RAS); the NIfTI affines are diagonal (voxel spacing) so ``Orientationd("RAS")`` is a no-op.
-Multi-channel images are 4-D NIfTI with the channel last (MSD convention); 2D images are 2-D NIfTI.
+Multi-channel images are 4-D NIfTI with the channel last (MSD convention); 2D images are 2-D NIfTI, except
+multi-channel 2D images, stored as ``(X, Y, 1, C)`` (nnU-Net's 2D layout, which ``transforms.Squeeze2Dd``
+reads back as ``(C, X, Y)``; a 3-D ``(X, Y, C)`` file would be read as a one-channel volume).
 Files are byte-for-byte deterministic given the seed and the numpy / torch versions (the gzip header carries
 no time stamp), and case ``i`` of a task does not depend on how many cases are written.
 """
@@ -852,8 +862,8 @@ def write_demo_collection(
         seed: random seed, default 0. The same seed gives byte-identical files; case ``i`` of a task does not
             depend on ``num_cases``.
         num_cases: cases per task: an int for every task, a dict ``{task name: count}`` overriding some tasks,
-            or ``None`` (default) for :data:`DEFAULT_NUM_CASES` (10 per 3D task, 16 for ``fetal_us``).
-        tasks: names of the demo tasks to write, default ``None`` (all four). ``tasks.json`` then holds the
+            or ``None`` (default) for :data:`DEFAULT_NUM_CASES` (10 per 3D task, 16 per 2D task).
+        tasks: names of the demo tasks to write, default ``None`` (all six). ``tasks.json`` then holds the
             catalog restricted to these tasks, ids renumbered from 0.
         overwrite: regenerate even when ``out_dir`` already holds a collection with the requested tasks,
             default False. Without it such a collection is returned unchanged (seed and case counts are not

@@ -252,9 +252,12 @@ class CheckTaskInputd(MapTransform):
         where = f"{fname} (task {task.name!r})"
         c, spatial = int(image.shape[0]), tuple(int(s) for s in image.shape[1:])
         if len(spatial) != task.dims:
+            hint = ""
+            if task.dims == 2 and c == 1 and len(spatial) == 3 and spatial[-1] == task.num_channels > 1:
+                hint = f" A 2D {task.num_channels}-channel image must be stored as (X, Y, 1, C), not (X, Y, C)."
             raise ValueError(
                 f"{where}: expected a {task.dims}D image with {task.num_channels} channel(s), got a "
-                f"{len(spatial)}D image of channel-first shape {(c, *spatial)}."
+                f"{len(spatial)}D image of channel-first shape {(c, *spatial)}.{hint}"
             )
         if c != task.num_channels:
             raise ValueError(
