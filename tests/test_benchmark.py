@@ -36,3 +36,23 @@ def test_run_benchmark_on_demo_plan(tmp_path):
     out = tmp_path / "bench.md"
     text = cli.benchmark(catalog="demo", patch="16,16,16", repeats=1, device="cpu", write=str(out))
     assert out.read_text().strip() == text.strip()
+
+
+def test_meduniseg_benchmark_on_demo_plan():
+    from uniseg_components.benchmark import BENCHMARKS, format_meduniseg_report, run_meduniseg_benchmark
+    from uniseg_components.networks import MedUniSeg
+
+    torch.set_num_threads(1)
+    cat = TaskCatalog.builtin("demo")
+    res = run_meduniseg_benchmark("demo", patch_size=(16, 16, 16), repeats=1, device="cpu", volume_factor=1.5)
+    assert res["params_meduniseg"] == count_parameters(MedUniSeg.from_catalog(cat))
+    assert res["num_tasks"] == len(cat)
+    assert res["params_single_models"] > 3 * res["params_meduniseg"]  # one backbone per task
+    assert res["patch_2d"] == [16, 16] and res["sliding_2d"]["size"] == [24, 24]
+    for dims in ("3d", "2d"):
+        step = res[f"train_step_{dims}"]
+        assert step["meduniseg_s"] > 0 and step["backbone_s"] > 0
+        assert res[f"sliding_{dims}"]["per_s"] > 0
+    report = format_meduniseg_report(res)
+    assert "2D sliding-window throughput" in report and "single-task nnU-Nets" in report
+    assert BENCHMARKS["meduniseg"] == (run_meduniseg_benchmark, format_meduniseg_report)

@@ -7,6 +7,7 @@ process, interleaved (A, B, A, B...), after a warm-up, and the median of the rep
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -17,10 +18,19 @@ import torch
 
 from .inferers import TaskSlidingWindowInferer
 from .losses import TaskDiceCELoss
-from .networks import UNetBackbone, UniSeg, plan_from_catalog
+from .networks import MedUniSeg, UNetBackbone, UNetPlan, UniSeg, plan_from_catalog
 from .tasks import TaskCatalog
 
-__all__ = ["count_parameters", "time_interleaved", "run_benchmark", "format_report"]
+__all__ = [
+    "BENCHMARKS",
+    "count_parameters",
+    "time_interleaved",
+    "markdown_table",
+    "run_benchmark",
+    "format_report",
+    "run_meduniseg_benchmark",
+    "format_meduniseg_report",
+]
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -205,10 +215,161 @@ def format_report(r: dict[str, Any]) -> str:
             f"{r['sw_voxels_per_s']:,.0f} voxels/s (volume {r['sw_volume']}, {r['sw_seconds']:.2f} s)",
         ),
     ]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: Sequence[tuple[str, str]]) -> str:
+    """A two-column markdown table ``| measure | value |`` of ``rows``."""
     w = max(len(a) for a, _ in rows)
     lines = [f"| {'measure':<{w}} | value |", f"|{'-' * (w + 2)}|-------|"]
     lines += [f"| {a:<{w}} | {b} |" for a, b in rows]
     return "\n".join(lines)
+
+
+def _default_device(device: str | None) -> torch.device:
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cpu_patch(patch: Sequence[int], total_stride: Sequence[int], dev: torch.device) -> tuple[int, ...]:
+    """The patch on CUDA; on CPU halved per axis, rounded to the total stride (minutes, not hours)."""
+    if dev.type != "cpu":
+        return tuple(patch)
+    return tuple(max(t, (p // 2 // t) * t) for p, t in zip(patch, total_stride))
+
+
+def _environment(dev: torch.device) -> dict[str, Any]:
+    return {
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "amp": dev.type == "cuda",
+    }
+
+
+def run_meduniseg_benchmark(
+    catalog: str | None = None,
+    patch_size: Sequence[int] | None = None,
+    repeats: int = 3,
+    device: str | None = None,
+    batch_size: int = 2,
+    volume_factor: float = 2.0,
+) -> dict[str, Any]:
+    """Measure MedUniSeg: parameters against one nnU-Net per task, training-step ratios against the plain
+    backbone for a 3D and a 2D task, and 2D and 3D sliding-window throughput.
+
+    Args:
+        catalog: default ``"meduniseg_17tasks"`` (the 11 UniSeg tasks and six 2D tasks).
+        patch_size: 3D patch for the timed parts (its in-plane part is the 2D patch); default the catalog's 3D
+            patch and its first 2D task's patch, halved per axis on CPU.
+        repeats: timed repetitions (median), default 3.
+        device: default CUDA when available else CPU.
+        batch_size: training batch, default 2.
+        volume_factor: the sliding-window image is ``volume_factor`` times the patch per axis, default 2.
+    """
+    cat = TaskCatalog.resolve(catalog or "meduniseg_17tasks")
+    dev = _default_device(device)
+    amp = dev.type == "cuda"
+    full = MedUniSeg.from_catalog(cat)
+    plan = full.plan
+    res: dict[str, Any] = {"catalog": cat.name, **_environment(dev), "batch_size": batch_size, "repeats": repeats}
+    # (a) one model against one nnU-Net of the same plan per task (its own input channels and classes)
+    res["params_meduniseg"] = count_parameters(full)
+    res["params_single_models"] = sum(
+        count_parameters(UNetBackbone(plan, (t.num_channels,), t.num_classes)) for t in cat
+    )
+    res["params_priors"] = (
+        count_parameters(full.mmap)
+        + count_parameters(full.fuse)
+        + count_parameters(full.modal_to_fuse)
+        + full.prompt.numel()
+        + full.modal_prompts.numel()
+    )
+    res["num_tasks"] = len(cat)
+    del full
+
+    t3 = next((t for t in cat if t.dims == 3), None)
+    t2 = next((t for t in cat if t.dims == 2), None)
+    if patch_size is not None:
+        p3, p2 = tuple(patch_size), tuple(patch_size)[:2]
+    else:
+        p3 = _cpu_patch(plan.patch_size, plan.total_stride, dev)
+        p2 = _cpu_patch(t2.patch_size, plan.total_stride[:2], dev) if t2 is not None else None
+    res.update(patch_3d=list(p3), patch_2d=None if p2 is None else list(p2))
+    torch.manual_seed(0)
+    net = MedUniSeg.from_catalog(cat, patch_size=p3).to(dev)
+    plain3 = UNetBackbone(net.plan, (1,), 2).to(dev)
+    plan2 = UNetPlan.from_dict(
+        {
+            "patch_size": list(p2 or plan.patch_size[:2]),
+            "features": list(plan.features),
+            "kernel_sizes": [list(k[:2]) for k in plan.kernel_sizes],
+            "strides": [list(st[:2]) for st in plan.strides],
+            "decoder_kernel_sizes": [list(k[:2]) for k in plan.decoder_kernel_sizes],
+            "n_conv_per_stage": plan.n_conv_per_stage,
+            "n_conv_per_stage_decoder": plan.n_conv_per_stage_decoder,
+        }
+    )
+    plain2 = UNetBackbone(plan2, (1,), 2).to(dev)
+    res["params_backbone_2d"] = count_parameters(plain2)
+    for name, task, patch, plain in (("3d", t3, p3, plain3), ("2d", t2, p2, plain2)):
+        if task is None or patch is None:
+            continue
+        c = task.num_channels
+        x = torch.randn(batch_size, c, *patch, device=dev)
+        y = torch.randint(0, 2, (batch_size, 1, *patch), device=dev).float()
+        xp = x[:, :1]
+        net.train()
+        plain.train()
+        t_med, t_plain = time_interleaved(
+            [_train_step(net, x, y, amp, task_id=task.id), _train_step(plain, xp, y, amp)], repeats, 1, dev
+        )
+        res[f"train_step_{name}"] = {"task": task.name, "meduniseg_s": t_med, "backbone_s": t_plain}
+        net.eval()
+        vol = tuple(int(v * volume_factor) for v in patch)
+        inferer = TaskSlidingWindowInferer(patch, sw_batch_size=2, overlap=0.5)
+        img = torch.randn(1, c, *vol, device=dev)
+
+        def sliding(img: torch.Tensor = img, inferer: Any = inferer, tid: int = task.id) -> None:
+            with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
+                inferer(img, net, task_id=tid)
+
+        (t_sw,) = time_interleaved([sliding], max(1, repeats - 1), 1, dev)
+        res[f"sliding_{name}"] = {"size": list(vol), "seconds": t_sw, "per_s": math.prod(vol) / t_sw}
+    return res
+
+
+def format_meduniseg_report(r: dict[str, Any]) -> str:
+    """Markdown table of a :func:`run_meduniseg_benchmark` result."""
+    rows = [
+        ("catalog / device", f"{r['catalog']} / {r['device']} ({r['threads']} threads, torch {r['torch']})"),
+        ("timed patches 3D / 2D", f"{r['patch_3d']} / {r['patch_2d']}, batch {r['batch_size']}"),
+        ("(a) MedUniSeg parameters", f"{r['params_meduniseg']:,}"),
+        (
+            f"(a) {r['num_tasks']} single-task nnU-Nets of the same plan",
+            f"{r['params_single_models']:,} (MedUniSeg is 1/{r['params_single_models'] / r['params_meduniseg']:.1f})",
+        ),
+        ("(a) prompts, MMap and FUSE", f"{r['params_priors']:,}"),
+    ]
+    for name, unit in (("3d", "voxels"), ("2d", "pixels")):
+        step = r.get(f"train_step_{name}")
+        if step:
+            rows.append(
+                (
+                    f"(b) training step MedUniSeg / {name.upper()} backbone ({step['task']})",
+                    f"{step['meduniseg_s'] / step['backbone_s']:.3f} "
+                    f"({step['meduniseg_s']:.3f} s / {step['backbone_s']:.3f} s)",
+                )
+            )
+        sw = r.get(f"sliding_{name}")
+        if sw:
+            rows.append(
+                (
+                    f"(c) {name.upper()} sliding-window throughput",
+                    f"{sw['per_s']:,.0f} {unit}/s (image {sw['size']}, {sw['seconds']:.2f} s)",
+                )
+            )
+    return markdown_table(rows)
 
 
 #: The benchmark of every model: ``name -> (run function, report formatter)``. Each run function takes the
@@ -217,4 +378,5 @@ def format_report(r: dict[str, Any]) -> str:
 #: runs the models named by ``--model`` (default all) in one process.
 BENCHMARKS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
     "uniseg": (run_benchmark, format_report),
+    "meduniseg": (run_meduniseg_benchmark, format_meduniseg_report),
 }
