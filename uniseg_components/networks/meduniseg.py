@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import Conv
 from torch import nn
+from torch.func import functional_call
 
 from ..tasks import MODALITIES
 from .backbone import UNetBackbone
@@ -25,7 +26,7 @@ from .blocks import conv_norm_act, init_he
 from .plans import UNetPlan, plan_from_catalog
 from .uniseg import FusePromptModule, task_index
 
-__all__ = ["MMap", "MedUniSeg", "DecoderAdapter", "MedUniSegStar"]
+__all__ = ["MMap", "MedUniSeg", "DecoderAdapter", "MedUniSegStar", "flat_plan", "twin_tensors", "call_twin"]
 
 
 def _resize(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -34,6 +35,75 @@ def _resize(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return t
     mode = "trilinear" if t.ndim == 5 else "bilinear"
     return F.interpolate(t, size=tuple(size), mode=mode, align_corners=False)
+
+
+def flat_plan(plan: UNetPlan) -> UNetPlan:
+    """The in-plane (2D) part of a 3D plan: first two axes of the patch, kernels and strides."""
+    return UNetPlan(
+        spatial_dims=2,
+        patch_size=plan.patch_size[:2],
+        features=plan.features,
+        kernel_sizes=tuple(k[:2] for k in plan.kernel_sizes),
+        strides=tuple(s[:2] for s in plan.strides),
+        decoder_kernel_sizes=tuple(k[:2] for k in plan.decoder_kernel_sizes),  # type: ignore[union-attr]
+        n_conv_per_stage=plan.n_conv_per_stage,
+        n_conv_per_stage_decoder=plan.n_conv_per_stage_decoder,
+        deep_supervision=plan.deep_supervision,
+        negative_slope=plan.negative_slope,
+    )
+
+
+def twin_tensors(source: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a 2D ``twin`` runs on, taken from the 3D ``source`` network with the same module names.
+
+    For a 2D image (a depth-1 volume) the 3D network's operations reduce to 2D ones on views of its own weights:
+
+    * a convolution with same padding only meets the image with its central depth tap: ``weight[..., k // 2]``;
+    * a transposed convolution (kernel = stride) whose depth output is averaged back to one slice: the mean of
+      its depth taps, ``weight.mean(-1)``;
+    * prompts stored on a 3D grid: their mean over depth;
+    * everything else (biases, norms, linear layers, buffers) as it is.
+
+    The returned tensors are views of (or computed from) ``source``'s parameters, so gradients reach them.
+    """
+    src = dict(source.named_parameters())
+    src.update(source.named_buffers())
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in twin.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for pname, t in own:
+            name = f"{prefix}.{pname}" if prefix else pname
+            if name not in src:
+                raise ValueError(f"the 2D twin has {name!r}, which the 3D network lacks.")
+            s = src[name]
+            if s.shape == t.shape:
+                out[name] = s
+            elif s.ndim == t.ndim + 1 and isinstance(module, (nn.Conv2d, nn.Conv1d)) and pname == "weight":
+                out[name] = s.select(-1, s.shape[-1] // 2)
+            elif s.ndim == t.ndim + 1:  # transposed convolutions and prompts on a 3D grid
+                out[name] = s.mean(dim=-1)
+            else:
+                raise ValueError(f"{name!r}: cannot map the 3D shape {tuple(s.shape)} to {tuple(t.shape)}.")
+    return out
+
+
+class _Call(nn.Module):
+    """``forward`` calls ``module.<method>`` (so that ``functional_call`` can run any method of a module)."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)
+
+
+def call_twin(source: nn.Module, twin: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``twin.<method>(*args, **kwargs)`` on the tensors of ``source`` (see :func:`twin_tensors`); the twin's
+    own parameters (kept on the ``meta`` device) are never used."""
+    tensors = {f"module.{k}": v for k, v in twin_tensors(source, twin).items()}
+    return functional_call(_Call(twin, method), tensors, args, kwargs)
 
 
 class MMap(nn.Module):
@@ -74,12 +144,15 @@ class MedUniSeg(nn.Module):
 
     Design (this project's; the paper publishes only the ingredients):
 
-    * **2D and 3D in one model.** The network is built from a 3D plan. A 2D image ``(B, C, H, W)`` runs as a
-      depth-1 volume ``(B, C, H, W, 1)``: with same padding a 3x3x3 kernel only uses its central slice on it, a
-      stride of 2 keeps depth 1, and the transposed convolutions use stride 1 and their kernel averaged over
-      depth (``UNetBackbone`` "flat axes"). So 2D samples use the in-plane part of every kernel, and 2D and 3D
-      batches update the same weights. The output of a 2D input is 2D. Batches hold one task (so one
-      dimensionality); the task-balanced sampler alternates 2D and 3D batches.
+    * **2D and 3D in one model.** The network is built from a 3D plan, and a 2D image ``(B, C, H, W)`` is
+      treated as a depth-1 volume: with same padding a 3x3x3 kernel only meets it with its central depth slice,
+      a stride of 2 keeps depth 1, and the transposed convolutions (kernel = stride) are averaged back to one
+      slice, i.e. use the mean of their depth taps. Rather than paying for 27-tap convolutions of which 18 see
+      padding, the 2D path runs exactly those reduced operations as real 2D ones: a 2D twin of the network
+      (same module names, built on the plan's in-plane part, no weights of its own) is called on views of
+      this network's weights (:func:`twin_tensors`). So 2D samples train the in-plane part of every kernel,
+      2D and 3D batches update the same parameters, and the output of a 2D input is 2D. Batches hold one task
+      (so one dimensionality); the task-balanced sampler alternates 2D and 3D batches.
     * **Modal-specific prompts and MMap.** One learnable prompt per modality of the catalog, shape
       ``(modal_prompt_channels, *modal_grid)`` (default 8 channels on a 4x4x4 grid), resized to the stage-0
       feature size, so it does not depend on the patch. A multi-channel input (PET/CT, the four BraTS sequences,
@@ -229,8 +302,8 @@ class MedUniSeg(nn.Module):
         return cls(UNetPlan.from_dict(config["plan"]), **kw)
 
     # ------------------------------------------------------------------ pieces
-    def _lift(self, x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Check ``x`` against the plan and the task, and lift a 2D image to a depth-1 volume."""
+    def input_rank(self, x: torch.Tensor, task: int | None = None) -> int:
+        """The spatial rank (2 or 3) of ``x``, checked against the plan and, when given, the task's rank."""
         dims = self.plan.spatial_dims
         if x.ndim == dims + 2:
             got = dims
@@ -245,15 +318,29 @@ class MedUniSeg(nn.Module):
             raise ValueError(
                 f"task {task} is {self.task_dims[task]}D but the input is {got}D (shape {tuple(x.shape)})."
             )
-        if got == dims:
-            return x, ()
-        return x.unsqueeze(-1), (2,)
+        return got
 
-    @staticmethod
-    def _drop(out: torch.Tensor | list[torch.Tensor], flat: tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:
-        if not flat:
-            return out
-        return [o.squeeze(-1) for o in out] if isinstance(out, list) else out.squeeze(-1)
+    def flat_twin(self) -> MedUniSeg:
+        """The 2D twin that runs 2D inputs (built once, on the ``meta`` device: it holds no weights)."""
+        twin = self.__dict__.get("_twin")
+        if twin is None:
+            cfg = self.config
+            twin = MedUniSeg(
+                flat_plan(self.plan),
+                self.num_classes,
+                self.task_modalities,
+                in_channels=cfg["in_channels"],
+                modal_prompt_channels=self.modal_prompt_channels,
+                modal_grid=self.modal_grid[:2],
+                modal_prior_channels=self.modal_prior_channels,
+            ).to("meta")
+            self.__dict__["_twin"] = twin
+        twin.train(self.training)
+        return twin
+
+    def runs_2d_on_twin(self, x: torch.Tensor, task: int | None = None) -> bool:
+        """Whether ``x`` is a 2D input to this 3D-plan model (then the twin runs it)."""
+        return self.input_rank(x, task) == 2 and self.plan.spatial_dims == 3
 
     def modal_prompt(self, task: int | torch.Tensor, size: Sequence[int], batch_size: int) -> torch.Tensor:
         """The modal prompt of a task's input (task id as an int or a ``(1,)`` long tensor, as export traces it),
@@ -261,13 +348,9 @@ class MedUniSeg(nn.Module):
         tid = task if isinstance(task, torch.Tensor) else torch.tensor([task], device=self.modal_mix.device)
         mix = torch.index_select(self.modal_mix, 0, tid.reshape(-1)[:1]).to(self.modal_prompts.dtype)
         prompt = torch.einsum("tm,m...->t...", mix, self.modal_prompts)
-        if len(size) == 3 and size[2] == 1 and prompt.shape[-1] != 1:  # a 2D input: average over depth
-            prompt = prompt.mean(dim=-1, keepdim=True)
         return _resize(prompt, size).expand(batch_size, -1, *size)
 
-    def encode(
-        self, x: torch.Tensor, task: int | torch.Tensor, flat: tuple[int, ...] = ()
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor, task: int | torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Encoder with the modal prior after stage 0; returns the skips and the modal prior vector ``(B, C0)``."""
         prior: list[torch.Tensor] = []
 
@@ -277,7 +360,7 @@ class MedUniSeg(nn.Module):
                 prior.append(vec)
             return h
 
-        skips = self.backbone.encode(x, hook=hook, flat_axes=flat)
+        skips = self.backbone.encode(x, hook=hook)
         return skips, prior[0]
 
     def task_prompts(self, bottleneck: torch.Tensor, modal_prior: torch.Tensor) -> torch.Tensor:
@@ -285,8 +368,6 @@ class MedUniSeg(nn.Module):
         returns ``(B, T, *b)``."""
         b = bottleneck.shape[2:]
         prompt = self.prompt
-        if len(b) == 3 and b[2] == 1 and prompt.shape[-1] != 1:
-            prompt = prompt.mean(dim=-1, keepdim=True)
         prompt = _resize(prompt, b).expand(bottleneck.shape[0], -1, *b)
         modal = self.modal_to_fuse(modal_prior).reshape(*modal_prior.shape[:1], -1, *([1] * len(b)))
         return self.fuse(torch.cat([bottleneck, modal.expand(-1, -1, *b), prompt], dim=1))
@@ -312,11 +393,11 @@ class MedUniSeg(nn.Module):
                 spatial size not divisible by the total stride.
         """
         task = task_index(task_id, self.num_tasks, x.shape[0])
-        x, flat = self._lift(x, task)
-        skips, modal = self.encode(x, task, flat)
+        if self.runs_2d_on_twin(x, task):
+            return call_twin(self, self.flat_twin(), "forward", x, task)
+        skips, modal = self.encode(x, task)
         prompts = self.task_prompts(skips[-1], modal)
-        out = self.backbone.decode(skips, prompts[:, task : task + 1], flat_axes=flat)
-        return self._drop(self._slice(out, task), flat)
+        return self._slice(self.backbone.decode(skips, prompts[:, task : task + 1]), task)
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None
@@ -341,19 +422,19 @@ class MedUniSeg(nn.Module):
             ]
         else:
             ids = [task_index(t, self.num_tasks) for t in task_ids]
+        for t in ids:
+            self.input_rank(x, t)
+        if ids and self.runs_2d_on_twin(x):
+            return call_twin(self, self.flat_twin(), "forward_all_tasks", x, ids)
         outputs: dict[int, Any] = {}
         groups: dict[tuple[float, ...], list[int]] = {}
         for t in ids:
             groups.setdefault(tuple(self.modal_mix[t].tolist()), []).append(t)
         for members in groups.values():
-            xt, flat = self._lift(x, members[0])
-            for t in members[1:]:
-                self._lift(x, t)  # rank check of every task
-            skips, modal = self.encode(xt, members[0], flat)
+            skips, modal = self.encode(x, members[0])
             prompts = self.task_prompts(skips[-1], modal)
             for t in members:
-                out = self.backbone.decode(skips, prompts[:, t : t + 1], flat_axes=flat)
-                outputs[t] = self._drop(self._slice(out, t), flat)
+                outputs[t] = self._slice(self.backbone.decode(skips, prompts[:, t : t + 1]), t)
         return [outputs[t] for t in ids]
 
 
@@ -429,7 +510,9 @@ class MedUniSegStar(nn.Module):
         widths = [plan.features[n - 2 - s] for s in range(n - 1)]  # decoder stage s works at level n-2-s
         self.adapters = nn.ModuleDict(
             {
-                str(t): nn.ModuleList(DecoderAdapter(plan.spatial_dims, w, self.reduction, plan.negative_slope) for w in widths)
+                str(t): nn.ModuleList(
+                    DecoderAdapter(plan.spatial_dims, w, self.reduction, plan.negative_slope) for w in widths
+                )
                 for t in ids
             }
         )
@@ -489,9 +572,18 @@ class MedUniSegStar(nn.Module):
         """Rebuild a network from :attr:`config`."""
         return cls(MedUniSeg.from_config(config["base"]), config["relearn_tasks"], config.get("reduction", 4))
 
-    def _decode(self, skips: list[torch.Tensor], prompt: torch.Tensor, task: int, flat: tuple[int, ...]) -> Any:
+    def flat_twin(self) -> MedUniSegStar:
+        """The 2D twin (see :meth:`MedUniSeg.flat_twin`), on the ``meta`` device."""
+        twin = self.__dict__.get("_twin")
+        if twin is None:
+            twin = MedUniSegStar(self.base.flat_twin(), self.relearn_tasks, self.reduction).to("meta")
+            self.__dict__["_twin"] = twin
+        twin.train(self.training)
+        return twin
+
+    def _decode(self, skips: list[torch.Tensor], prompt: torch.Tensor, task: int) -> Any:
         adapters = self.adapters[str(task)]
-        return self.base.backbone.decode(skips, prompt, hook=lambda s, h: adapters[s](h), flat_axes=flat)
+        return self.base.backbone.decode(skips, prompt, hook=lambda s, h: adapters[s](h))
 
     def forward(self, x: torch.Tensor, task_id: int | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """As :meth:`MedUniSeg.forward`; relearned tasks go through their adapters."""
@@ -499,10 +591,11 @@ class MedUniSegStar(nn.Module):
         if task not in self.relearn_tasks:
             return self.base(x, task)
         base = self.base
-        x, flat = base._lift(x, task)
-        skips, modal = base.encode(x, task, flat)
+        if base.runs_2d_on_twin(x, task):
+            return call_twin(self, self.flat_twin(), "forward", x, task)
+        skips, modal = base.encode(x, task)
         prompts = base.task_prompts(skips[-1], modal)
-        return base._drop(base._slice(self._decode(skips, prompts[:, task : task + 1], task, flat), task), flat)
+        return base._slice(self._decode(skips, prompts[:, task : task + 1], task), task)
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None
