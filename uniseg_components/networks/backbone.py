@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers import Conv
 from torch import nn
 
@@ -30,14 +29,8 @@ class UNetBackbone(nn.Module):
     concatenated to the bottleneck features before the first upsampling (``decoder_extra_channels`` channels):
     this is where UniSeg's task prompt enters. Both take an optional ``hook(stage, features) -> features`` called
     after every stage, which is how MedUniSeg (modal prior after stage 0) and Hermes (prior fusion at the deep
-    stages) change the features in flight.
-
-    **Flat axes (2D through a 3D network).** ``flat_axes`` names spatial axes of size 1 that must stay size 1,
-    e.g. ``(2,)`` for a 2D image given as a depth-1 volume ``(B, C, H, W, 1)``. Encoder convolutions keep such an
-    axis at 1 on their own (same padding; a stride of 2 on a size-1 axis gives size 1), so only the input check
-    and the transposed convolutions change: along a flat axis the transposed conv uses stride 1 and its kernel
-    averaged over that axis (the mean of its taps, i.e. "upsample in 3D, then average the two new slices").
-    With ``out_channels=0`` no heads are built and :meth:`decode` returns the last decoder features.
+    stages) change the features in flight. With ``out_channels=0`` no heads are built and :meth:`decode` returns
+    the last decoder features.
 
     Args:
         plan: the architecture plan.
@@ -115,9 +108,9 @@ class UNetBackbone(nn.Module):
         self.apply(init_he)
 
     # ------------------------------------------------------------------ checks
-    def check_input(self, x: torch.Tensor, flat_axes: Sequence[int] = ()) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` for a wrong number of spatial dims, an unsupported channel count or a spatial size
-        not divisible by the total stride (axes in ``flat_axes`` must have size 1 instead)."""
+        not divisible by the total stride."""
         dims = self.plan.spatial_dims
         if x.ndim != dims + 2:
             raise ValueError(
@@ -129,19 +122,13 @@ class UNetBackbone(nn.Module):
                 f"input has {x.shape[1]} channel(s); this network has input stems for {list(self.in_channels)} "
                 f"channel(s) (one per channel count in the task catalog)."
             )
-        spatial = tuple(x.shape[2:])
-        flat = set(flat_axes)
-        if any(spatial[a] != 1 for a in flat):
-            raise ValueError(f"flat axes {sorted(flat)} must have size 1, got input of shape {tuple(x.shape)}.")
-        ts = self.plan.total_stride
-        self.plan.check_divisible(tuple(ts[a] if a in flat else s for a, s in enumerate(spatial)))
+        self.plan.check_divisible(tuple(x.shape[2:]))
 
     # ------------------------------------------------------------------ forward parts
     def encode(
         self,
         x: torch.Tensor,
         hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-        flat_axes: Sequence[int] = (),
     ) -> list[torch.Tensor]:
         """Run the encoder.
 
@@ -149,13 +136,12 @@ class UNetBackbone(nn.Module):
             x: ``(B, C, *spatial)``.
             hook: optional ``hook(stage, features) -> features`` applied to the output of every encoder stage
                 (its result is the skip and the next stage's input); default ``None``.
-            flat_axes: spatial axes of size 1 that stay size 1 (a 2D image as a depth-1 volume), default ``()``.
 
         Returns:
             the output of every encoder stage, highest resolution first; the last is the bottleneck
             ``(B, features[-1], *spatial / total_stride)``.
         """
-        self.check_input(x, flat_axes)
+        self.check_input(x)
         h = self.stem_norm_act(self.stems[str(int(x.shape[1]))](x))  # int(): a traced shape is a tensor
         skips = []
         for i, stage in enumerate(self.encoder):
@@ -165,25 +151,11 @@ class UNetBackbone(nn.Module):
             skips.append(h)
         return skips
 
-    @staticmethod
-    def upsample(up: nn.Module, h: torch.Tensor, flat_axes: Sequence[int] = ()) -> torch.Tensor:
-        """Apply the transposed conv ``up``; along ``flat_axes`` use stride 1 and the kernel's mean over that
-        axis so that a size-1 axis stays size 1 (see the class docstring)."""
-        if not flat_axes:
-            return up(h)
-        weight, stride = up.weight, list(up.stride)
-        for a in flat_axes:
-            weight = weight.mean(dim=2 + a, keepdim=True)
-            stride[a] = 1
-        conv = F.conv_transpose3d if h.ndim == 5 else F.conv_transpose2d
-        return conv(h, weight, up.bias, tuple(stride))
-
     def decode(
         self,
         skips: Sequence[torch.Tensor],
         extra: torch.Tensor | None = None,
         hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-        flat_axes: Sequence[int] = (),
     ) -> torch.Tensor | list[torch.Tensor]:
         """Run the decoder on the encoder outputs.
 
@@ -193,7 +165,6 @@ class UNetBackbone(nn.Module):
                 upsampling; required when ``decoder_extra_channels > 0``.
             hook: optional ``hook(stage, features) -> features`` applied to the output of every decoder stage
                 (``stage`` 0 is the deepest), before its head; default ``None``.
-            flat_axes: spatial axes of size 1 that stay size 1 (a 2D image as a depth-1 volume), default ``()``.
 
         Returns:
             ``(B, out_channels, *spatial)`` in eval mode or without deep supervision, else a list of the outputs of
@@ -213,7 +184,7 @@ class UNetBackbone(nn.Module):
         deep = self.plan.deep_supervision and self.training and self.out_channels > 0
         outputs = []
         for s, (up, dec) in enumerate(zip(self.upsamples, self.decoder)):
-            h = self.upsample(up, h, flat_axes)
+            h = up(h)
             h = dec(torch.cat([h, skips[-(s + 2)]], dim=1))
             if hook is not None:
                 h = hook(s, h)
