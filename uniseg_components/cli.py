@@ -56,8 +56,9 @@ def _dataset_dirs(paths: Sequence[str]) -> list[str]:
 def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False) -> str:
     """Write the embedded demo collection (MSD format, no download) and its task catalog.
 
-    Four tasks: synthetic abdominal CT (organ, tumour), brain MR tissues from the MNI152 template shipped with
-    nilearn (CSF, grey and white matter), synthetic two-channel PET/CT lesions, and a 2D ultrasound task.
+    Six tasks: synthetic abdominal CT (organ, tumour), brain MR tissues from the MNI152 template shipped with
+    nilearn (CSF, grey and white matter), synthetic two-channel PET/CT lesions (3D), and three 2D tasks: fetal
+    head ultrasound, chest X-ray (lungs, heart) and RGB dermoscopy (lesion).
 
     Args:
         out: output folder, default "demo_data"; it receives one folder per task and tasks.json.
