@@ -464,10 +464,16 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         num_replicas: number of ranks, default ``None`` = ``torch.distributed`` world size when initialised,
             else 1.
         rank: this rank, default ``None`` = ``torch.distributed`` rank when initialised, else 0.
+        mix_tasks: default ``False``; ``True`` lets a batch hold items of different tasks of one *group* (Hermes'
+            mixed-task batches): the epoch keeps ``num_tasks * batches_per_task`` batches; each batch's group is
+            drawn with probability proportional to its number of tasks, each element's task uniformly within the
+            group, then an item of that task uniformly.
+        groups: with ``mix_tasks``, task id -> group key (tasks whose images can be stacked: same channel count
+            and patch size; :meth:`from_items` derives it from the catalog), default ``None`` = one group.
 
     Raises:
         ValueError: for an empty ``task_ids``, negative task ids, ``batch_size`` or ``batches_per_task`` < 1,
-            ``num_replicas`` < 1 or ``rank`` outside ``[0, num_replicas)``.
+            ``num_replicas`` < 1, ``rank`` outside ``[0, num_replicas)`` or a task without a group.
     """
 
     def __init__(
@@ -478,6 +484,8 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        mix_tasks: bool = False,
+        groups: Mapping[int, Any] | None = None,
     ) -> None:
         ids = [int(t) for t in (task_ids.tolist() if hasattr(task_ids, "tolist") else task_ids)]
         if not ids:
@@ -506,6 +514,19 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         arr = np.asarray(ids)
         #: task id -> indices of its items (only tasks that have items)
         self.indices: dict[int, np.ndarray] = {int(t): np.flatnonzero(arr == t) for t in np.unique(arr)}
+        self.mix_tasks = bool(mix_tasks)
+        missing = [t for t in self.indices if groups is not None and t not in groups]
+        if missing:
+            raise ValueError(f"groups has no entry for task id(s) {missing}.")
+        keys = {t: (0 if groups is None else groups[t]) for t in self.tasks}
+        #: the groups of tasks that may share a batch (with ``mix_tasks``), in order of their first task
+        self.groups: list[list[int]] = []
+        for t in self.tasks:
+            same = next((g for g in self.groups if keys[g[0]] == keys[t]), None)
+            if same is None:
+                self.groups.append([t])
+            else:
+                same.append(t)
 
     @classmethod
     def from_items(
@@ -514,6 +535,7 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         catalog: TaskCatalog | str | os.PathLike,
         batch_size: int,
         task_key: str = "task",
+        mix_tasks: bool = False,
         **kwargs: Any,
     ) -> TaskBalancedBatchSampler:
         """Build the sampler from datalist items ``{"task": name or id, ...}`` (the dataset's ``data``).
@@ -523,10 +545,12 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
             batch_size: items per batch.
             task_key: key of the task in the items, default ``"task"``.
+            mix_tasks: batches may mix tasks with the same channel count and patch size, default ``False``.
             kwargs: ``batches_per_task``, ``seed``, ``num_replicas``, ``rank``.
         """
         catalog = TaskCatalog.resolve(catalog)
-        return cls([catalog[it[task_key]].id for it in items], batch_size, **kwargs)
+        groups = {t.id: (t.num_channels, tuple(t.patch_size)) for t in catalog}
+        return cls([catalog[it[task_key]].id for it in items], batch_size, mix_tasks=mix_tasks, groups=groups, **kwargs)
 
     @property
     def tasks(self) -> list[int]:
@@ -545,9 +569,17 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
     def global_batches(self) -> list[list[int]]:
         """All batches of the current epoch, in order, for all ranks (padded to a multiple of the ranks)."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = np.repeat(np.asarray(self.tasks), self.batches_per_task)
-        order = order[rng.permutation(len(order))]
-        batches = [rng.choice(self.indices[int(t)], size=self.batch_size, replace=True).tolist() for t in order]
+        if self.mix_tasks:
+            sizes = np.asarray([len(g) for g in self.groups], dtype=float)
+            picks = rng.choice(len(self.groups), size=self.total_batches, p=sizes / sizes.sum())
+            batches = []
+            for g in picks:
+                tasks = rng.choice(np.asarray(self.groups[int(g)]), size=self.batch_size, replace=True)
+                batches.append([int(rng.choice(self.indices[int(t)])) for t in tasks])
+        else:
+            order = np.repeat(np.asarray(self.tasks), self.batches_per_task)
+            order = order[rng.permutation(len(order))]
+            batches = [rng.choice(self.indices[int(t)], size=self.batch_size, replace=True).tolist() for t in order]
         pad = -len(batches) % self.num_replicas
         return batches + [batches[i % len(batches)] for i in range(pad)]
 

@@ -58,19 +58,28 @@ class PrepareTaskBatch:
         image_key: default ``"image"``.
         label_key: default ``"label"``; a batch without it gives ``None`` as the target (inference).
         task_key: default ``"task_id"``.
+        mixed_tasks: default ``False``; ``True`` accepts batches mixing tasks (Hermes) and passes one task id per
+            sample, ``{"task_id": LongTensor (B,)}``.
 
     Returns ``(image, label, (), {"task_id": int})`` so that the engine calls ``network(image, task_id=...)``.
 
     Raises:
-        ValueError: when the batch has no ``task_key`` or mixes tasks.
+        ValueError: when the batch has no ``task_key`` or (without ``mixed_tasks``) mixes tasks.
     """
 
-    def __init__(self, image_key: str = Keys.IMAGE, label_key: str = Keys.LABEL, task_key: str = "task_id") -> None:
+    def __init__(
+        self,
+        image_key: str = Keys.IMAGE,
+        label_key: str = Keys.LABEL,
+        task_key: str = "task_id",
+        mixed_tasks: bool = False,
+    ) -> None:
         self.image_key, self.label_key, self.task_key = image_key, label_key, task_key
+        self.mixed_tasks = bool(mixed_tasks)
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kw
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, int]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, Any]]:
         if self.task_key not in batchdata:
             raise ValueError(
                 f"the batch has no {self.task_key!r}; add transforms.AttachTaskd to the preprocessing "
@@ -80,6 +89,9 @@ class PrepareTaskBatch:
         label = batchdata.get(self.label_key)
         if isinstance(label, torch.Tensor):
             label = label.to(device=device, non_blocking=non_blocking, **kw)
+        if self.mixed_tasks:
+            ids = torch.as_tensor(batchdata[self.task_key]).reshape(-1).to(device=image.device, dtype=torch.long)
+            return image, label, (), {"task_id": ids}
         return image, label, (), {"task_id": _single_task_id(batchdata[self.task_key])}
 
 
@@ -195,7 +207,7 @@ def build_network(config: Mapping[str, Any]) -> torch.nn.Module:
     name = config.get("name")
     cls = getattr(networks, str(name), None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"unknown network {name!r} in checkpoint config; known: UniSeg.")
+        raise ValueError(f"unknown network {name!r} in checkpoint config; known: UniSeg, MedUniSeg, Hermes.")
     return cls.from_config(dict(config))
 
 

@@ -38,11 +38,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .networks.hermes import Hermes
 from .networks.plans import UNetPlan
 from .networks.uniseg import UniSeg
 from .tasks import TaskCatalog
 
-__all__ = ["UniSegExportable", "ScriptableUniSeg", "export_torchscript", "export_onnx", "export_checkpoint"]
+__all__ = [
+    "UniSegExportable",
+    "ScriptableUniSeg",
+    "ScriptableHermes",
+    "hermes_example_inputs",
+    "export_torchscript",
+    "export_onnx",
+    "export_checkpoint",
+]
 
 
 class UniSegExportable(UniSeg):
@@ -203,6 +212,83 @@ class _TwoInputs(nn.Module):
         return self.network(x, task_id)
 
 
+def hermes_example_inputs(
+    network: Hermes, channels: int | None = None, task: int | None = None, batch_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, task_ids, modality_id)`` to trace a :class:`Hermes`: a random patch ``(batch_size, C, *patch)`` and
+    the request ``(1, n)`` / ``(1,)`` of ``task`` (default: the first task taking ``channels`` inputs; default
+    channels: the first stem's)."""
+    channels = int(network.backbone.in_channels[0] if channels is None else channels)
+    if task is None:
+        task = next(
+            (
+                i
+                for i, t in enumerate(network.tasks)
+                if len(network.modality_names[t["modality"]].split("+")) == channels
+            ),
+            0,
+        )
+    ids, mod = network.request([int(task)])
+    x = torch.rand(batch_size, channels, *network.plan.patch_size, device=ids.device)
+    return x, ids, mod
+
+
+class _HermesInputs(nn.Module):
+    """Trace target: ``forward(x, task_ids, modality_id)`` with every argument required (eval: logits)."""
+
+    def __init__(self, network: Hermes) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor) -> torch.Tensor:
+        return self.network(x, task_ids, modality_id)
+
+
+class _HermesByStem(nn.Module):
+    def __init__(self, traced: Sequence[torch.jit.ScriptModule], channels: Sequence[int]) -> None:
+        super().__init__()
+        self.traced = nn.ModuleList(traced)
+        self.channels: list[int] = [int(c) for c in channels]
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        i = 0
+        for m in self.traced:
+            if self.channels[i] == c:
+                return m(x, task_ids, modality_id)
+            i += 1
+        raise ValueError("input channel count does not match any stem of the network")
+
+
+class ScriptableHermes(nn.Module):
+    """TorchScript form of a :class:`Hermes`: one ``torch.jit.trace`` per input stem, dispatched by channel count.
+
+    ``forward(x, task_ids, modality_id)``: ``x`` ``(B, C, *patch)``, ``task_ids`` ``(1, n)`` or ``(B, n)`` long
+    global target ids (``-1`` padding), ``modality_id`` ``(1,)`` or ``(B,)``; returns the eval logits
+    ``(B, n, *patch)`` as the eager network. Traced at the plan's patch in eval mode; the request's length ``n``
+    may differ from the traced one. The input checks of the eager network are not part of the trace.
+
+    Args:
+        network: the Hermes to export (moved to eval mode).
+    """
+
+    def __init__(self, network: Hermes) -> None:
+        super().__init__()
+        network = network.eval()
+        traced = []
+        with torch.no_grad(), warnings.catch_warnings():
+            # shape and request checks run as Python bools in the trace: constant for a valid request, as intended
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            for c in network.backbone.in_channels:
+                traced.append(
+                    torch.jit.trace(_HermesInputs(network), hermes_example_inputs(network, c), check_trace=False)
+                )
+        self.stems = _HermesByStem(traced, network.backbone.in_channels)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor) -> torch.Tensor:
+        return self.stems(x, task_ids, modality_id)
+
+
 def _as_exportable(network: nn.Module, default_task: int | None = None) -> UniSegExportable:
     network = network.module if hasattr(network, "module") else network
     if isinstance(network, UniSegExportable):
@@ -222,6 +308,9 @@ def export_torchscript(
 ) -> torch.jit.ScriptModule:
     """TorchScript of a UniSeg (``UniSeg`` or ``UniSegExportable``) taking ``(x, task_id)``; saved if ``filepath``.
 
+    A :class:`Hermes` gives a :class:`ScriptableHermes` taking ``(x, task_ids, modality_id)`` (``default_task`` is
+    not used).
+
     Args:
         network: the trained network (a ``DistributedDataParallel`` wrapper is unwrapped).
         filepath: ``.ts`` file to write, default ``None`` (not saved).
@@ -229,9 +318,14 @@ def export_torchscript(
         extra_files: name -> str/bytes/JSON-able object embedded as TorchScript extra files (e.g.
             ``{"metadata.json": meta}``), default none.
     """
-    net = _as_exportable(network, default_task)
-    with torch.no_grad():
-        ts = torch.jit.script(net)
+    unwrapped = network.module if hasattr(network, "module") else network
+    if isinstance(unwrapped, Hermes):  # Hermes: (x, task_ids, modality_id), one trace per stem
+        with torch.no_grad():
+            ts = torch.jit.script(ScriptableHermes(unwrapped))
+    else:
+        net = _as_exportable(network, default_task)
+        with torch.no_grad():
+            ts = torch.jit.script(net)
     if filepath is not None:
         files = {}
         for name, value in (extra_files or {}).items():
@@ -250,7 +344,9 @@ def export_onnx(
 ) -> Path:
     """ONNX model with inputs ``image`` ``(B, C, *patch)`` and ``task_id`` ``(1,)`` int64 and output ``pred``
     ``(B, max(num_classes), *patch)`` (dynamic batch), for one input channel count ``channels`` (default the first
-    stem's; export once per channel count for multi-modal catalogs).
+    stem's; export once per channel count for multi-modal catalogs). A :class:`Hermes` gets the inputs ``image``,
+    ``task_ids`` ``(1, n)`` int64 (dynamic ``n``) and ``modality_id`` ``(1,)`` int64 and the output ``pred``
+    ``(B, n, *patch)``; its example request is ``default_task``'s targets.
 
     Args:
         network: the trained network.
@@ -259,10 +355,26 @@ def export_onnx(
         default_task: task of the example input (any task with ``channels`` inputs), default the network's.
         opset_version: ONNX opset, default 18.
     """
-    net = _as_exportable(network, default_task)
-    x, tid = net.example_inputs(channels=channels)
     filepath = Path(filepath)
     filepath.parent.mkdir(parents=True, exist_ok=True)
+    unwrapped = network.module if hasattr(network, "module") else network
+    if isinstance(unwrapped, Hermes):  # inputs image, task_ids (1, n), modality_id (1,)
+        hermes = unwrapped.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                _HermesInputs(hermes),
+                hermes_example_inputs(hermes, channels, default_task),
+                str(filepath),
+                input_names=["image", "task_ids", "modality_id"],
+                output_names=["pred"],
+                opset_version=opset_version,
+                dynamo=False,
+                dynamic_axes={"image": {0: "batch"}, "task_ids": {1: "targets"}, "pred": {0: "batch", 1: "targets"}},
+            )
+        return filepath
+    net = _as_exportable(network, default_task)
+    x, tid = net.example_inputs(channels=channels)
     with torch.no_grad():
         torch.onnx.export(
             _TwoInputs(net),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .backbone import UNetBackbone
 from .downstream import UniSegDownstream
+from .hermes import Hermes, TwoWayAttentionBlock, default_fusion_stages, hermes_tables
 from .meduniseg import DecoderAdapter, MedUniSeg, MedUniSegStar, MMap
 from .plans import UNetPlan, auto_plan, plan_from_catalog
 from .uniseg import FusePromptModule, UniSeg, task_index
@@ -22,4 +23,8 @@ __all__ = [
     "MedUniSegStar",
     "MMap",
     "DecoderAdapter",
+    "Hermes",
+    "TwoWayAttentionBlock",
+    "hermes_tables",
+    "default_fusion_stages",
 ]

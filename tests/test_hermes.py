@@ -1,0 +1,438 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Hermes: request and outputs, partial-label loss, mixed-task batches, incremental tasks, inference and export."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from uniseg_components.data import TaskBalancedBatchSampler
+from uniseg_components.engines import PrepareTaskBatch, build_network, save_checkpoint
+from uniseg_components.export import export_torchscript
+from uniseg_components.incremental import extend_checkpoint, extend_network, param_groups
+from uniseg_components.inferers import HermesMergedInferer, TargetsToLabeld, targets_to_label
+from uniseg_components.losses import HermesLoss
+from uniseg_components.networks import Hermes, TwoWayAttentionBlock, default_fusion_stages, hermes_tables
+from uniseg_components.tasks import TaskCatalog
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PLAN = {
+    "patch_size": [16, 16, 16],
+    "features": [8, 16, 16, 16],
+    "kernel_sizes": [[3, 3, 3]] * 4,
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+    "n_conv_per_stage": 1,
+    "n_conv_per_stage_decoder": 1,
+}
+
+
+def task(name, tid, modalities, labels, patch=(16, 16, 16), dims=3):
+    return {
+        "name": name,
+        "id": tid,
+        "dims": dims,
+        "modalities": modalities,
+        "labels": ["background", *labels],
+        "spacing": [1.0] * dims,
+        "patch_size": list(patch[:dims]),
+    }
+
+
+def make_catalog(tasks, name="hermes_test"):
+    return TaskCatalog.from_dict({"name": name, "plan": PLAN, "tasks": tasks})
+
+
+TASKS = [
+    task("organs_ct", 0, ["CT"], ["liver", "spleen"]),
+    task("lesion_ct", 1, ["CT"], ["lesion"]),
+    task("brain_t1", 2, ["T1"], ["csf", "grey", "white"]),
+    task("lesion_petct", 3, ["CT", "PET"], ["lesion"]),
+]
+
+
+@pytest.fixture(scope="module")
+def catalog() -> TaskCatalog:
+    return make_catalog(TASKS)
+
+
+def tiny(catalog, seed=0, **kw) -> Hermes:
+    torch.manual_seed(seed)
+    return Hermes.from_catalog(catalog, modality_tokens=2, **kw)
+
+
+# ----------------------------------------------------------------------------- tables, request, shapes
+def test_tables_request_and_defaults(catalog):
+    tasks, mods = hermes_tables(catalog)
+    assert mods == ["CT", "T1", "CT+PET"]
+    assert [(t["target_offset"], t["num_targets"], t["modality"]) for t in tasks] == [
+        (0, 2, 0),
+        (2, 1, 0),
+        (3, 3, 1),
+        (6, 1, 2),
+    ]
+    net = tiny(catalog)
+    assert net.num_tasks == 4 and net.num_targets == 7 and net.modality_names == mods
+    assert net.task_targets(2) == [3, 4, 5] and net.task_modality(3) == 2
+    # target id + 1 is the catalog's merged label of that class
+    names = catalog.merged_label_names()
+    assert names[net.task_targets(2)[1] + 1] == "brain_t1/grey"
+    ids, mod = net.request([0, 1, 2])
+    assert ids.tolist() == [[0, 1, -1, -1], [2, -1, -1, -1], [3, 4, 5, -1]] and mod.tolist() == [0, 0, 1]
+    assert default_fusion_stages(4) == (["enc1", "enc2", "enc3", "dec0", "dec1"], [2, 2, 4, 2, 2])
+    assert default_fusion_stages(6)[0] == ["enc3", "enc4", "enc5", "dec0", "dec1"]
+    assert net.fusion_stages == ["enc1", "enc2", "enc3", "dec0", "dec1"]
+    # one parameter per task and per modality at every stage
+    assert set(net.priors["enc3"].tasks.keys()) == {"k_organs_ct", "k_lesion_ct", "k_brain_t1", "k_lesion_petct"}
+    assert net.priors["dec0"].modalities["k_CT_PET"].shape == (2, 16)
+
+
+def test_shapes_eval_and_training(catalog):
+    net = tiny(catalog).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert net(x, task_id=0).shape == (2, 2, 16, 16, 16)
+        assert net(x, task_id=2).shape == (2, 3, 16, 16, 16)
+        ids, mod = net.request([2])
+        assert net(x, ids, mod).shape == (2, 4, 16, 16, 16)  # (1, n) request broadcast to the batch
+        assert net(torch.randn(1, 2, 16, 16, 16), task_id=3).shape == (1, 1, 16, 16, 16)
+        # a larger input divisible by the stride works too (sliding windows are the patch, volumes may differ)
+        assert net(torch.randn(1, 1, 32, 16, 24), task_id=1).shape == (1, 1, 32, 16, 24)
+    net.train()
+    out = net(x, task_id=torch.tensor([0, 2]))
+    assert set(out) == {"pred", "modality", "task_ids", "modality_id"}
+    assert out["pred"].shape == (2, 4, 16, 16, 16) and out["modality"].shape == (2, 3)
+    assert out["task_ids"].tolist() == [[0, 1, -1, -1], [3, 4, 5, -1]] and out["modality_id"].tolist() == [0, 1]
+
+
+def test_mixed_batch_equals_separate_passes(catalog):
+    """Padding tokens are masked: a sample's output does not depend on the other samples or the padding."""
+    net = tiny(catalog).eval()
+    # make the feature-side fusion active (it starts at zero)
+    with torch.no_grad():
+        for p in net.fusion.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        mixed = net(x, task_id=torch.tensor([2, 0]))
+        a = net(x[:1], task_id=2)
+        b = net(x[1:], task_id=0)
+    assert mixed.shape == (2, 3, 16, 16, 16)
+    torch.testing.assert_close(mixed[:1], a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[1:, :2], b, atol=1e-5, rtol=1e-4)
+    assert bool((mixed[1, 2] == -1e4).all())  # sample 1 has 2 targets: its third channel is padding
+
+
+def test_targets_overlap_and_fresh_fusion_is_identity(catalog):
+    net = tiny(catalog).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        net.logit_bias.fill_(20.0)
+        prob = torch.sigmoid(net(x, task_id=0))
+    # one sigmoid per target, no softmax across targets: both masks may cover the same voxel
+    assert bool(((prob[0, 0] > 0.5) & (prob[0, 1] > 0.5)).any())
+    block = TwoWayAttentionBlock(16, 2)
+    tokens, feats = torch.randn(2, 5, 16), torch.randn(2, 30, 16)
+    t2, f2 = block(tokens, feats)
+    assert torch.equal(f2, feats) and not torch.equal(t2, tokens)
+
+
+def test_modality_head_and_loss_term(catalog):
+    net = tiny(catalog).train()
+    x = torch.randn(2, 1, 16, 16, 16)
+    ids, mod = net.request([0, 2])
+    out = net(x, ids, mod)
+    y = torch.zeros(2, 1, 16, 16, 16)
+    with_mod = HermesLoss(modality_weight=1.0)(out, y)
+    without = HermesLoss(modality_weight=0.0)(out, y)
+    ce = torch.nn.functional.cross_entropy(out["modality"], mod)
+    torch.testing.assert_close(with_mod - without, ce)
+    assert net.eval().modality_logits(x, ids, mod).shape == (2, 3) and not net.training
+
+
+def test_errors(catalog):
+    net = tiny(catalog).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    ids, mod = net.request([0])
+    with pytest.raises(ValueError, match="unknown target id"):
+        net(x, torch.tensor([[0, 7]]), mod)
+    with pytest.raises(ValueError, match="unknown target id"):
+        net(x, torch.tensor([[-2]]), mod)
+    with pytest.raises(ValueError, match="modality_id"):
+        net(x, ids, torch.tensor([3]))
+    with pytest.raises(ValueError, match="out of range"):
+        net(x, task_id=4)
+    with pytest.raises(ValueError, match="channel"):
+        net(torch.randn(1, 3, 16, 16, 16), task_id=0)
+    with pytest.raises(ValueError, match="3D model"):
+        net(torch.randn(1, 1, 16, 16), task_id=0)
+    with pytest.raises(ValueError, match="task_ids"):
+        net(x)
+    with pytest.raises(ValueError, match="not both"):
+        net(x, ids, mod, task_id=0)
+    two_d = make_catalog([*TASKS, task("us", 4, ["US"], ["head"], dims=2)])
+    with pytest.raises(ValueError, match=r"select\(dims=3\)"):
+        Hermes.from_catalog(two_d)
+    with pytest.raises(ValueError, match="fusion_stages"):
+        Hermes.from_catalog(catalog, fusion_stages=["enc9"])
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        Hermes.from_catalog(catalog, fusion_stages=["enc3"], blocks_per_stage=[1, 2])
+    out = tiny(catalog).train()(x, ids, mod)
+    with pytest.raises(ValueError, match="label values"):
+        HermesLoss()(out, torch.full((1, 1, 16, 16, 16), 3.0))
+    with pytest.raises(ValueError, match="training output"):
+        HermesLoss()(out["pred"], torch.zeros(1, 1, 16, 16, 16))
+
+
+def test_config_round_trip_and_build_network(catalog):
+    net = tiny(catalog, fusion_stages=["dec0", "enc3"], blocks_per_stage=[1, 3]).eval()
+    assert net.fusion_stages == ["enc3", "dec0"] and net.blocks_per_stage == [3, 1]  # execution order
+    cfg = net.config
+    assert cfg["name"] == "Hermes" and cfg["modalities"] == ["CT", "T1", "CT+PET"]
+    assert [t["name"] for t in cfg["tasks"]] == catalog.names
+    again = build_network(cfg)
+    assert isinstance(again, Hermes) and again.config == cfg
+    again.load_state_dict(net.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x, task_id=2), net(x, task_id=2))
+
+
+# ----------------------------------------------------------------------------- partial labels
+def test_partial_label_gradients(catalog):
+    """Sample 0 (organs_ct, 2 targets) and sample 1 (lesion_ct, 1 target) in one batch."""
+    net = tiny(catalog).train()
+    x = torch.randn(2, 1, 16, 16, 16)
+    y = torch.zeros(2, 1, 16, 16, 16)
+    y[0, 0, 2:8, 2:8, 2:8] = 1
+    y[0, 0, 9:14, 9:14, 9:14] = 2
+    y[1, 0, 4:10, 4:10, 4:10] = 1
+    out = net(x, task_id=torch.tensor([0, 1]))
+    assert out["task_ids"].tolist() == [[0, 1, -1], [2, -1, -1]]
+    out["pred"].retain_grad()
+    HermesLoss()(out, y).backward()
+    grad = out["pred"].grad
+    assert bool((grad[1, 1:] == 0).all()) and bool((grad[0, 2] == 0).all())  # padded channels
+    assert bool((grad[1, 0] != 0).any()) and bool((grad[0, :2] != 0).all(dim=0).any())
+    # the loss of sample 0 alone gives no gradient to lesion_ct's tokens (a target its data does not label)
+    net.zero_grad()
+    out = net(x[:1], task_id=0)
+    HermesLoss()(out, y[:1]).backward()
+    for stage in net.fusion_stages:
+        tokens = net.priors[stage].tasks
+        assert tokens["k_lesion_ct"].grad is None or not bool(tokens["k_lesion_ct"].grad.any())
+        assert bool(tokens["k_organs_ct"].grad.abs().sum() > 0)
+
+
+def synthetic_batch(gen: torch.Generator, b: int = 2):
+    """A bright cube (target 1) and a dark sphere (target 2) on noise."""
+    x = 0.3 * torch.randn(b, 1, 16, 16, 16, generator=gen)
+    y = torch.zeros(b, 1, 16, 16, 16)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))
+    for i in range(b):
+        c = torch.randint(3, 8, (3,), generator=gen)
+        y[i, 0, c[0] : c[0] + 5, c[1] : c[1] + 5, c[2] : c[2] + 5] = 1
+        s = torch.randint(10, 13, (3,), generator=gen).float()
+        ball = ((grid - s.reshape(3, 1, 1, 1)) ** 2).sum(0) <= 6
+        y[i, 0][ball] = 2
+    x = x + (y == 1).float() * 2.0 - (y == 2).float() * 2.0
+    return x, y
+
+
+def test_loss_decreases_and_beats_background(catalog):
+    net = tiny(catalog, seed=1).train()
+    loss_fn = HermesLoss()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(30):
+        x, y = synthetic_batch(gen)
+        loss = loss_fn(net(x, task_id=0), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    x, y = synthetic_batch(torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        pred = torch.sigmoid(net.eval()(x, task_id=0)) > 0.5
+    for j in (0, 1):
+        g = y[:, 0] == j + 1
+        dice = 2 * (pred[:, j] & g).sum() / (pred[:, j].sum() + g.sum())
+        assert float(dice) > 0.3  # all-background has Dice 0 on every target
+
+
+# ----------------------------------------------------------------------------- mixed-task batches
+def test_sampler_mixes_tasks_within_groups(catalog):
+    items = [{"task": n} for n in ["organs_ct"] * 4 + ["lesion_ct"] * 3 + ["brain_t1"] * 2 + ["lesion_petct"] * 2]
+    sampler = TaskBalancedBatchSampler.from_items(items, catalog, batch_size=4, batches_per_task=50, mix_tasks=True)
+    # groups: 1-channel tasks (the same patch) together, the 2-channel task on its own
+    assert sampler.groups == [[0, 1, 2], [3]]
+    task_of = [catalog[it["task"]].id for it in items]
+    batches = list(sampler)
+    assert len(batches) == 4 * 50 == len(sampler)
+    mixed, counts = 0, Counter()
+    for batch in batches:
+        tasks = {task_of[i] for i in batch}
+        assert tasks <= {0, 1, 2} or tasks == {3}
+        mixed += len(tasks) > 1
+        counts.update(task_of[i] for i in batch)
+    assert mixed > 100
+    # groups drawn by their number of tasks, tasks uniformly within: every task about a quarter of the elements
+    assert all(abs(counts[t] / (4 * 200) - 0.25) < 0.1 for t in range(4)), counts
+    single = TaskBalancedBatchSampler.from_items(items, catalog, batch_size=4, batches_per_task=5)
+    assert all(len({task_of[i] for i in b}) == 1 for b in single)
+    # a different patch size is a different group
+    other = make_catalog([TASKS[0], task("lesion_ct", 1, ["CT"], ["lesion"], patch=(32, 32, 32))])
+    s2 = TaskBalancedBatchSampler.from_items(items[:7], other, batch_size=2, mix_tasks=True)
+    assert s2.groups == [[0], [1]]
+    # ranks split the same epoch
+    ranks = [
+        TaskBalancedBatchSampler.from_items(
+            items, catalog, 4, batches_per_task=5, mix_tasks=True, num_replicas=2, rank=r
+        )
+        for r in (0, 1)
+    ]
+    full = TaskBalancedBatchSampler.from_items(items, catalog, 4, batches_per_task=5, mix_tasks=True).global_batches()
+    assert list(ranks[0]) == full[0::2] and list(ranks[1]) == full[1::2]
+
+
+def test_prepare_batch_mixed_tasks():
+    batch = {"image": torch.zeros(2, 1, 4, 4, 4), "label": torch.zeros(2, 1, 4, 4, 4), "task_id": torch.tensor([0, 2])}
+    _, _, args, kwargs = PrepareTaskBatch(mixed_tasks=True)(batch)
+    assert args == () and kwargs["task_id"].tolist() == [0, 2] and kwargs["task_id"].dtype == torch.long
+    with pytest.raises(ValueError, match="mixes tasks"):
+        PrepareTaskBatch()(batch)
+
+
+# ----------------------------------------------------------------------------- inference helpers
+def test_targets_to_label_and_transform():
+    logits = torch.full((3, 2, 2, 1), -5.0)
+    logits[0, 0, 0, 0] = 3.0
+    logits[1, 0, 0, 0] = 4.0  # overlap: the more probable target wins in the label map
+    logits[2, 1, 1, 0] = 1.0
+    lab = targets_to_label(logits)
+    assert lab.shape == (1, 2, 2, 1) and lab[0, :, :, 0].tolist() == [[2, 0], [0, 3]]
+    assert targets_to_label(logits, target_ids=[4, 5, 9])[0, :, :, 0].tolist() == [[6, 0], [0, 10]]
+    out = TargetsToLabeld("pred")({"pred": logits})["pred"]
+    assert torch.equal(out, lab)
+
+
+def test_hermes_merged_inferer_one_pass(catalog):
+    net = tiny(catalog).eval()
+    tasks = catalog.tasks_for_channels(["CT"])
+    inferer = HermesMergedInferer((16, 16, 16), tasks, overlap=0.25)
+    assert inferer.target_ids == [0, 1, 2]
+    calls = []
+    hook = net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["task_ids"].tolist()), with_kwargs=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        merged = inferer(x, net, task_id=5)  # the engine's task id is ignored
+        hook.remove()
+        ref = net(x, torch.tensor([[0, 1, 2, -1]]), torch.tensor([0]))
+    assert calls == [[[0, 1, 2, -1]]]  # one pass for all three targets of the two CT datasets
+    assert merged.shape == (1, 1, 16, 16, 16)
+    expected = targets_to_label(ref[:, :3], target_ids=[0, 1, 2])
+    assert torch.equal(merged.long(), expected)
+    assert set(merged.unique().tolist()) <= {0, 1, 2, 3}  # catalog merged labels of organs_ct and lesion_ct
+    with pytest.raises(ValueError, match="one modality"):
+        HermesMergedInferer((16, 16, 16), [catalog[0], catalog[2]])
+
+
+# ----------------------------------------------------------------------------- incremental tasks
+def upstream_catalog():
+    return make_catalog([TASKS[0], {**TASKS[2], "id": 1}], name="upstream")
+
+
+def extended_catalog():
+    return make_catalog([TASKS[0], {**TASKS[2], "id": 1}, {**TASKS[1], "id": 2}, {**TASKS[3], "id": 3}], name="ext")
+
+
+def test_add_tasks_copies_weights_and_checks_catalog():
+    old = tiny(upstream_catalog()).eval()
+    new = old.add_tasks(extended_catalog()).eval()
+    assert new.task_names == ["organs_ct", "brain_t1", "lesion_ct", "lesion_petct"]
+    assert new.modality_names == ["CT", "T1", "CT+PET"] and new.backbone.in_channels == (1, 2)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        for t in (0, 1):
+            assert torch.equal(new(x, task_id=t), old(x, task_id=t))
+        assert new(x, task_id=2).shape == (1, 1, 16, 16, 16)
+        assert new(torch.randn(1, 2, 16, 16, 16), task_id=3).shape == (1, 1, 16, 16, 16)
+    names = new.new_parameter_names(["organs_ct", "brain_t1"])
+    assert any("k_lesion_ct" in n for n in names) and any("stems.2" in n for n in names)
+    assert any("k_CT_PET" in n for n in names) and not any("k_organs_ct" in n or "encoder" in n for n in names)
+    with pytest.raises(ValueError, match="must start with"):
+        old.add_tasks(make_catalog([{**TASKS[1], "id": 0}, {**TASKS[0], "id": 1}, {**TASKS[2], "id": 2}]))
+    with pytest.raises(ValueError, match="at least one new task"):
+        old.add_tasks(upstream_catalog())
+
+
+def _train_new_task(net, steps, groups):
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x, y = synthetic_batch(gen)
+        loss = HermesLoss()(net.train()(x, task_id=2), (y == 1).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_incremental_frozen_keeps_old_outputs_bitwise(tmp_path):
+    old = tiny(upstream_catalog()).eval()
+    ckpt = save_checkpoint(tmp_path / "up.pt", old, upstream_catalog())
+    net = extend_checkpoint(ckpt, extended_catalog())
+    assert net.old_tasks == ["organs_ct", "brain_t1"]
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        before = [net.eval()(x, task_id=t) for t in (0, 1, 2)]
+        upstream = [old(x, task_id=t) for t in (0, 1)]
+    assert torch.equal(before[0], upstream[0]) and torch.equal(before[1], upstream[1])
+    groups = param_groups(net, old_lr_scale=0.0, lr=1e-2)
+    assert len(groups) == 1 and not any(p.requires_grad for p in net.backbone.encoder.parameters())
+    new_names = set(net.new_parameter_names(net.old_tasks))
+    assert all(p.requires_grad == (n in new_names) for n, p in net.named_parameters())
+    _train_new_task(net, 3, groups)
+    with torch.no_grad():
+        after = [net.eval()(x, task_id=t) for t in (0, 1, 2)]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert not torch.equal(after[2], before[2])
+
+
+def test_incremental_lower_lr_changes_old_weights():
+    net = extend_network(tiny(upstream_catalog()), extended_catalog())
+    stem = net.backbone.stems["1"].weight.detach().clone()
+    groups = param_groups(net, old_lr_scale=0.1, lr=1e-2)
+    assert [g["lr"] for g in groups] == [1e-2, pytest.approx(1e-3)]
+    _train_new_task(net, 2, groups)
+    assert not torch.equal(net.backbone.stems["1"].weight, stem)
+    with pytest.raises(ValueError, match="old_tasks"):
+        param_groups(tiny(upstream_catalog()))
+
+
+# ----------------------------------------------------------------------------- export
+def test_torchscript_matches_eager(catalog, tmp_path):
+    net = tiny(catalog).eval()
+    with torch.no_grad():
+        for p in net.fusion.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ts = export_torchscript(net, tmp_path / "hermes.ts")
+    loaded = torch.jit.load(str(tmp_path / "hermes.ts"))
+    with torch.no_grad():
+        for c, tasks in ((1, [0, 2]), (2, [3])):
+            x = torch.randn(1, c, 16, 16, 16)
+            for t in tasks:
+                ids, mod = net.request([t])
+                eager = net(x, ids, mod)
+                torch.testing.assert_close(ts(x, ids, mod), eager, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(loaded(x, ids, mod), eager, atol=1e-5, rtol=1e-4)
