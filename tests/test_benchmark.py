@@ -56,3 +56,23 @@ def test_meduniseg_benchmark_on_demo_plan():
     report = format_meduniseg_report(res)
     assert "2D sliding-window throughput" in report and "single-task nnU-Nets" in report
     assert BENCHMARKS["meduniseg"] == (run_meduniseg_benchmark, format_meduniseg_report)
+
+
+def test_hermes_benchmark_on_demo_plan():
+    from uniseg_components.benchmark import BENCHMARKS, format_hermes_report, run_hermes_benchmark
+    from uniseg_components.networks import Hermes
+
+    torch.set_num_threads(1)
+    cat = TaskCatalog.builtin("demo").select(dims=3)
+    res = run_hermes_benchmark("demo", patch_size=(16, 16, 16), repeats=1, device="cpu", volume_factor=1.5)
+    net = Hermes.from_catalog(cat)
+    assert res["params_hermes"] == count_parameters(net)
+    assert res["params_fusion"] == count_parameters(net.fusion) and 0 < res["fusion_share"] < 1
+    assert res["params_tokens"] == count_parameters(net.priors)
+    assert res["all_targets_n"] == sum(t.num_classes - 1 for t in cat)
+    for key in ("train_step_ratio", "all_targets_ratio", "sw_voxels_per_s"):
+        assert res[key] > 0
+    assert res["sw_volume"] == [24, 24, 24]
+    report = format_hermes_report(res)
+    assert "prior-fusion layers" in report and "one pass per target" in report
+    assert BENCHMARKS["hermes"] == (run_hermes_benchmark, format_hermes_report)
