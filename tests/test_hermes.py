@@ -436,3 +436,22 @@ def test_torchscript_matches_eager(catalog, tmp_path):
                 eager = net(x, ids, mod)
                 torch.testing.assert_close(ts(x, ids, mod), eager, atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(loaded(x, ids, mod), eager, atol=1e-5, rtol=1e-4)
+
+
+def test_onnx_export_matches_eager(catalog, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from uniseg_components.export import export_onnx
+
+    net = tiny(catalog).eval()
+    path = export_onnx(net, tmp_path / "hermes.onnx", channels=1, default_task=0)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image", "task_ids", "modality_id"]
+    x = torch.randn(1, 1, 16, 16, 16)
+    for t in (0, 2):  # another request length than the traced one
+        ids, mod = net.request([t])
+        with torch.no_grad():
+            eager = net(x, ids, mod).numpy()
+        (got,) = sess.run(None, {"image": x.numpy(), "task_ids": ids.numpy(), "modality_id": mod.numpy()})
+        assert got.shape == eager.shape
+        assert abs(got - eager).max() < 1e-4

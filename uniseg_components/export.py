@@ -359,11 +359,12 @@ def export_onnx(
     filepath.parent.mkdir(parents=True, exist_ok=True)
     unwrapped = network.module if hasattr(network, "module") else network
     if isinstance(unwrapped, Hermes):  # inputs image, task_ids (1, n), modality_id (1,)
+        was_training = unwrapped.training
         hermes = unwrapped.eval()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                _HermesInputs(hermes),
+                _HermesInputs(hermes).eval(),
                 hermes_example_inputs(hermes, channels, default_task),
                 str(filepath),
                 input_names=["image", "task_ids", "modality_id"],
@@ -372,6 +373,7 @@ def export_onnx(
                 dynamo=False,
                 dynamic_axes={"image": {0: "batch"}, "task_ids": {1: "targets"}, "pred": {0: "batch", 1: "targets"}},
             )
+        unwrapped.train(was_training)
         return filepath
     net = _as_exportable(network, default_task)
     x, tid = net.example_inputs(channels=channels)
