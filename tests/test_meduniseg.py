@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from uniseg_components import relearn
 from uniseg_components.engines import build_network, load_checkpoint, save_checkpoint
 from uniseg_components.losses import TaskDiceCELoss
 from uniseg_components.networks import MedUniSeg, MedUniSegStar, UNetBackbone, plan_from_catalog
-from uniseg_components.networks.backbone import UNetBackbone as _Backbone
+from uniseg_components.networks.meduniseg import twin_tensors
 from uniseg_components.tasks import TaskCatalog
 
 
@@ -83,14 +84,24 @@ def test_2d_and_3d_shapes_eval_and_deep_supervision(catalog):
     assert [tuple(o.shape) for o in out3] == [(2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
 
 
-def test_flat_upsampling_is_3d_upsampling_averaged_over_depth():
+def test_2d_twin_operations_equal_3d_operations_on_a_depth_1_volume():
+    """The 2D path's rule: a 3D conv (same padding, any stride) on a depth-1 volume is the 2D conv with the central
+    depth slice of the kernel; a transposed conv whose two output slices are averaged is the 2D transposed conv
+    with the mean of the depth taps."""
     torch.manual_seed(0)
-    up = nn.ConvTranspose3d(6, 4, (2, 2, 2), (2, 2, 2), bias=False)
-    h = torch.randn(2, 6, 5, 7, 1)
-    flat = _Backbone.upsample(up, h, flat_axes=(2,))
-    assert flat.shape == (2, 4, 10, 14, 1)
-    torch.testing.assert_close(flat, up(h).mean(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
-    assert torch.equal(_Backbone.upsample(up, h), up(h))
+    conv = nn.Conv3d(3, 5, 3, stride=(2, 2, 2), padding=1)
+    conv2 = nn.Conv2d(3, 5, 3, stride=2, padding=1).to("meta")
+    up = nn.ConvTranspose3d(6, 4, 2, 2, bias=False)
+    up2 = nn.ConvTranspose2d(6, 4, 2, 2, bias=False).to("meta")
+    x, h = torch.randn(2, 3, 12, 10), torch.randn(2, 6, 5, 7)
+    w = twin_tensors(conv, conv2)
+    torch.testing.assert_close(
+        F.conv2d(x, w["weight"], w["bias"], 2, 1), conv(x.unsqueeze(-1)).squeeze(-1), rtol=1e-5, atol=1e-5
+    )
+    wu = twin_tensors(up, up2)
+    torch.testing.assert_close(
+        F.conv_transpose2d(h, wu["weight"], None, 2), up(h.unsqueeze(-1)).mean(-1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_2d_and_3d_batches_update_the_same_weights(catalog):
@@ -113,9 +124,12 @@ def test_2d_and_3d_batches_update_the_same_weights(catalog):
     for k in shared:
         assert grads[2][k].abs().sum() > 0, f"2D batch gives no gradient to {k}"
         assert grads[0][k].abs().sum() > 0, f"3D batch gives no gradient to {k}"
-    # the depth taps of the transposed conv get the same gradient from a 2D batch (it uses their mean)
+    # the depth taps of the transposed conv get the same gradient from a 2D batch (it uses their mean), and a
+    # 3x3x3 conv only its central depth slice
     g = grads[2]["first transposed conv"]
     torch.testing.assert_close(g[..., 0], g[..., 1])
+    g = grads[2]["bottleneck conv"]
+    assert g[..., 1].abs().sum() > 0 and g[..., 0].abs().sum() == 0 and g[..., 2].abs().sum() == 0
 
 
 def test_alternating_2d_and_3d_training_lowers_both_losses(catalog):
@@ -328,3 +342,38 @@ def test_relearn_checkpoint_round_trip_and_task_selection(catalog, tmp_path):
     p = save_checkpoint(tmp_path / "uniseg.pt", uni, catalog.select(dims=3))
     with pytest.raises(ValueError, match="relearns MedUniSeg checkpoints"):
         relearn.relearn_network(p, [0])
+
+
+# ----------------------------------------------------------------------------- export
+def test_torchscript_and_onnx_export_of_a_relearned_model_match_eager(catalog, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from uniseg_components.export import export_checkpoint
+
+    base = tiny(catalog).eval()
+    with torch.no_grad():
+        nn.init.normal_(base.mmap.out.weight, std=0.3)
+    star = MedUniSegStar(base, [2])
+    with torch.no_grad():
+        nn.init.normal_(star.adapters["2"][0].up.weight, std=0.3)
+    star.eval()
+    written = export_checkpoint(save_checkpoint(tmp_path / "m.pt", star, catalog), tmp_path / "out")
+    assert sorted(written) == ["onnx_c1_16x16x16", "onnx_c1_24x24", "onnx_c2_16x16x16", "onnx_c3_24x24", "torchscript"]
+    ts = torch.jit.load(str(written["torchscript"]))
+    inputs = {0: torch.randn(1, 1, 16, 16, 16), 1: torch.randn(1, 2, 16, 16, 16), 2: torch.randn(1, 1, 24, 24)}
+    inputs[3] = torch.randn(1, 3, 24, 24)
+    for task, x in inputs.items():
+        with torch.no_grad():
+            eager = star(x, task)
+            out = ts(x, torch.tensor([task]))
+        k = catalog[task].num_classes
+        assert out.shape == (1, max(catalog.num_classes), *x.shape[2:])
+        assert torch.equal(out[:, :k], eager), f"TorchScript differs from eager for task {task}"
+        assert bool((out[:, k:] == torch.finfo(out.dtype).min).all())
+        name = f"onnx_c{x.shape[1]}_{'x'.join(map(str, x.shape[2:]))}"
+        sess = ort.InferenceSession(str(written[name]))
+        got = sess.run(None, {"image": x.numpy(), "task_id": np.array([task], dtype=np.int64)})[0]
+        np.testing.assert_allclose(got[:, :k], eager.numpy(), atol=1e-4)
+    with pytest.raises(Exception, match="do not match the patch"):
+        ts(torch.randn(1, 1, 32, 32), torch.tensor([2]))

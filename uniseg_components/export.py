@@ -39,11 +39,14 @@ import torch
 from torch import nn
 
 from .networks.hermes import Hermes
+from .networks.meduniseg import MedUniSeg, MedUniSegStar, twin_tensors
 from .networks.plans import UNetPlan
 from .networks.uniseg import UniSeg
 from .tasks import TaskCatalog
 
 __all__ = [
+    "MedUniSegExportable",
+    "ScriptableMedUniSeg",
     "UniSegExportable",
     "ScriptableUniSeg",
     "ScriptableHermes",
@@ -212,6 +215,150 @@ class _TwoInputs(nn.Module):
         return self.network(x, task_id)
 
 
+class MedUniSegExportable(nn.Module):
+    """A traceable :class:`MedUniSeg` or :class:`MedUniSegStar` taking the task id as a tensor.
+
+    As :class:`UniSegExportable`: the modal prompt mix and the task prior are picked with ``index_select`` on the
+    ``task_id`` tensor, the output has ``max(num_classes)`` channels with those beyond the task's classes at the
+    lowest float value. For MedUniSeg* every relearned task's adapters run and their residual branch is
+    multiplied by 1 for the requested task and 0 for the others, so relearned and other tasks give the eager
+    outputs. The input rank (2D or 3D) and the stem are fixed per trace (see :class:`ScriptableMedUniSeg`).
+
+    Args:
+        network: the trained MedUniSeg or MedUniSeg* (put in eval mode; weights shared, not copied).
+        default_task: task used when ``forward`` gets no ``task_id``, default ``0``.
+        patches: the patch of every task in task-id order (``catalog[t].patch_size``), used for the example
+            inputs of the traces; default the plan's patch (its in-plane part for 2D tasks).
+    """
+
+    def __init__(
+        self,
+        network: MedUniSeg | MedUniSegStar,
+        default_task: int = 0,
+        patches: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(network, (MedUniSeg, MedUniSegStar)):
+            raise ValueError(f"expected a MedUniSeg or MedUniSegStar to export, got {type(network).__name__}.")
+        self.network = network.eval()
+        base = network.base if isinstance(network, MedUniSegStar) else network
+        if not 0 <= int(default_task) < base.num_tasks:
+            raise ValueError(f"default_task must be a task id in [0, {base.num_tasks}), got {default_task}.")
+        self.default_task = int(default_task)
+        if patches is None:
+            plan_patch = tuple(base.plan.patch_size)
+            patches = [plan_patch if d == len(plan_patch) else plan_patch[:d] for d in base.task_dims]
+        if len(patches) != base.num_tasks:
+            raise ValueError(f"patches needs one patch per task ({base.num_tasks}), got {len(patches)}.")
+        self.patches = [tuple(int(v) for v in p) for p in patches]
+        mask = torch.zeros(base.num_tasks, max(base.num_classes), dtype=torch.bool)
+        for t, k in enumerate(base.num_classes):
+            mask[t, :k] = True
+        self.register_buffer("class_mask", mask, persistent=False)
+        self.relearned = list(getattr(network, "relearn_tasks", []))
+        sel = torch.zeros(base.num_tasks, max(1, len(self.relearned)))
+        for r, t in enumerate(self.relearned):
+            sel[t, r] = 1.0
+        self.register_buffer("relearn_select", sel, persistent=False)
+        if base.plan.spatial_dims == 3 and 2 in base.task_dims:
+            self.twin = self._build_twin()
+
+    @property
+    def base(self) -> MedUniSeg:
+        return self.network.base if isinstance(self.network, MedUniSegStar) else self.network
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Logits ``(B, max(num_classes), *spatial)`` of one task for a 2D ``(B, C, X, Y)`` or 3D input."""
+        if task_id is None:
+            tid = torch.full((1,), self.default_task, dtype=torch.long, device=x.device)
+        else:
+            tid = torch.as_tensor(task_id, device=x.device).to(torch.long).reshape(-1)[:1]
+        base = self.base
+        if base.runs_2d_on_twin(x):
+            return self.twin(x, tid)
+        skips, modal = base.encode(x, tid)
+        prompt = torch.index_select(base.task_prompts(skips[-1], modal), 1, tid)
+        hook = None
+        if self.relearned:
+            sel = torch.index_select(self.relearn_select, 0, tid).reshape(-1)
+            adapters = [self.network.adapters[str(t)] for t in self.relearned]
+
+            def hook(s: int, h: torch.Tensor) -> torch.Tensor:
+                for r, mods in enumerate(adapters):
+                    h = h + sel[r] * mods[s].delta(h)
+                return h
+
+        out = base.backbone.decode(skips, prompt, hook=hook)
+        if isinstance(out, list):
+            out = out[0]
+        keep = torch.index_select(self.class_mask, 0, tid).reshape(1, -1, *([1] * (out.ndim - 2)))
+        return out.masked_fill(~keep, torch.finfo(out.dtype).min)
+
+    def _build_twin(self) -> MedUniSegExportable:
+        """A 2D twin holding copies of the 2D views of the weights (``functional_call``, which the eager network
+        uses, cannot run inside ``torch.jit.trace``; the values are the same)."""
+        meta = MedUniSegExportable(self.network.flat_twin(), self.default_task, self.patches)
+        twin = MedUniSegExportable(type(self.network).from_config(meta.network.config), self.default_task, self.patches)
+        keys = set(twin.state_dict())
+        twin.load_state_dict({k: v.detach().clone() for k, v in twin_tensors(self, meta).items() if k in keys})
+        return twin.to(self.class_mask.device).eval()
+
+    def input_kinds(self) -> list[tuple[int, tuple[int, ...], int]]:
+        """``(channels, patch, example task)`` for every distinct input kind of the tasks (one trace each)."""
+        kinds: dict[tuple[int, tuple[int, ...]], int] = {}
+        for t in range(self.base.num_tasks):
+            kinds.setdefault((len(self.base.task_modalities[t]), self.patches[t]), t)
+        return [(c, p, t) for (c, p), t in kinds.items()]
+
+    def example_inputs(self, task: int | None = None, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, task_id)`` for tracing: a random patch of ``task`` (default ``default_task``) and ``tensor([task])``."""
+        task = self.default_task if task is None else int(task)
+        base = self.base
+        c = len(base.task_modalities[task])
+        patch = self.patches[task]
+        device = base.prompt.device
+        x = torch.rand(batch_size, c, *patch, device=device)
+        return x, torch.tensor([task], dtype=torch.long, device=device)
+
+
+class ScriptableMedUniSeg(nn.Module):
+    """TorchScript form of a MedUniSeg / MedUniSeg*: one ``torch.jit.trace`` per input kind (channel count and
+    patch, so 2D and 3D tasks each get theirs), dispatched on the input's channels and spatial size.
+
+    ``forward(x, task_id=None)``: ``x`` ``(B, C, *patch)`` with ``patch`` the patch of a task taking ``C``
+    channels (sliding-window inference with each task's patch feeds exactly these), ``task_id`` a ``(1,)`` long
+    tensor (default the network's default task); returns :meth:`MedUniSegExportable.forward`'s logits.
+
+    Args:
+        network: the exportable network (its ``patches`` fix the traced input sizes).
+    """
+
+    def __init__(self, network: MedUniSegExportable) -> None:
+        super().__init__()
+        network = network.eval()
+        self.default_task = int(network.default_task)
+        kinds = network.input_kinds()
+        traced = []
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            for _, _, task in kinds:
+                traced.append(torch.jit.trace(_TwoInputs(network), network.example_inputs(task), check_trace=False))
+        self.traced = nn.ModuleList(traced)
+        self.channels: list[int] = [c for c, _, _ in kinds]
+        self.patches: list[list[int]] = [list(p) for _, p, _ in kinds]
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        if task_id is None:
+            task_id = torch.full([1], self.default_task, dtype=torch.long, device=x.device)
+        size = x.shape[2:]
+        i = 0
+        for m in self.traced:
+            if self.channels[i] == x.shape[1] and self.patches[i] == size:
+                return m(x, task_id)
+            i += 1
+        raise ValueError("input channel count and spatial size do not match the patch of any task of the network")
+
+
 def hermes_example_inputs(
     network: Hermes, channels: int | None = None, task: int | None = None, batch_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,6 +452,7 @@ def export_torchscript(
     filepath: str | os.PathLike | None = None,
     default_task: int | None = None,
     extra_files: Mapping[str, Any] | None = None,
+    patches: Sequence[Sequence[int]] | None = None,
 ) -> torch.jit.ScriptModule:
     """TorchScript of a UniSeg (``UniSeg`` or ``UniSegExportable``) taking ``(x, task_id)``; saved if ``filepath``.
 
@@ -317,11 +465,17 @@ def export_torchscript(
         default_task: task used when ``task_id`` is not given, default the network's (or ``0``).
         extra_files: name -> str/bytes/JSON-able object embedded as TorchScript extra files (e.g.
             ``{"metadata.json": meta}``), default none.
+        patches: MedUniSeg only: each task's patch (``catalog[t].patch_size``), the input sizes traced, default
+            the plan's patch (its in-plane part for 2D tasks).
     """
     unwrapped = network.module if hasattr(network, "module") else network
     if isinstance(unwrapped, Hermes):  # Hermes: (x, task_ids, modality_id), one trace per stem
         with torch.no_grad():
             ts = torch.jit.script(ScriptableHermes(unwrapped))
+    elif isinstance(unwrapped, (MedUniSeg, MedUniSegStar)):  # one trace per channel count and task patch
+        exportable = MedUniSegExportable(unwrapped, 0 if default_task is None else int(default_task), patches)
+        with torch.no_grad():
+            ts = torch.jit.script(ScriptableMedUniSeg(exportable))
     else:
         net = _as_exportable(network, default_task)
         with torch.no_grad():
@@ -341,6 +495,7 @@ def export_onnx(
     channels: int | None = None,
     default_task: int | None = None,
     opset_version: int = 18,
+    patches: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """ONNX model with inputs ``image`` ``(B, C, *patch)`` and ``task_id`` ``(1,)`` int64 and output ``pred``
     ``(B, max(num_classes), *patch)`` (dynamic batch), for one input channel count ``channels`` (default the first
@@ -354,6 +509,8 @@ def export_onnx(
         channels: input channels of the exported graph, default the first stem's.
         default_task: task of the example input (any task with ``channels`` inputs), default the network's.
         opset_version: ONNX opset, default 18.
+        patches: MedUniSeg only: each task's patch; the graph takes ``default_task``'s patch and rank (export
+            once per channel count and patch, as :func:`export_checkpoint` does).
     """
     filepath = Path(filepath)
     filepath.parent.mkdir(parents=True, exist_ok=True)
@@ -375,9 +532,14 @@ def export_onnx(
             )
         unwrapped.train(was_training)
         return filepath
-    net = _as_exportable(network, default_task)
-    x, tid = net.example_inputs(channels=channels)
-    with torch.no_grad():
+    if isinstance(unwrapped, (MedUniSeg, MedUniSegStar)):
+        net = MedUniSegExportable(unwrapped, 0 if default_task is None else int(default_task), patches)
+        x, tid = net.example_inputs()
+    else:
+        net = _as_exportable(network, default_task)
+        x, tid = net.example_inputs(channels=channels)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             _TwoInputs(net),
             (x, tid),
@@ -416,11 +578,21 @@ def export_checkpoint(
     net, cat = load_checkpoint(ckpt, catalog=catalog)
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
+    med = isinstance(net, (MedUniSeg, MedUniSegStar))
+    patches = [t.patch_size for t in cat] if med else None
     if "torchscript" in formats:
         path = out_dir / "model.ts"
-        export_torchscript(net, path, extra_files={"catalog.json": cat.to_dict(), "network.json": net.config})
+        export_torchscript(
+            net, path, extra_files={"catalog.json": cat.to_dict(), "network.json": net.config}, patches=patches
+        )
         written["torchscript"] = path
-    if "onnx" in formats:
+    if "onnx" in formats and med:  # one graph per channel count and task patch (2D and 3D tasks)
+        for c, patch, task in MedUniSegExportable(net, 0, patches).input_kinds():
+            name = f"onnx_c{c}_{'x'.join(map(str, patch))}"
+            written[name] = export_onnx(
+                net, out_dir / f"model_c{c}_{'x'.join(map(str, patch))}.onnx", default_task=task, patches=patches
+            )
+    elif "onnx" in formats:
         for c in net.backbone.in_channels:
             task = next(t for t in cat if t.num_channels == c)
             written[f"onnx_c{c}"] = export_onnx(net, out_dir / f"model_c{c}.onnx", channels=c, default_task=task.id)
