@@ -357,7 +357,9 @@ def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onn
     Both take the task as an input: ``model(x, task_id)`` with ``x`` ``(B, C, *patch)`` and ``task_id`` a ``(1,)``
     int64 tensor, and return ``(B, max(num_classes), *patch)`` logits whose channels beyond the task's classes hold
     the lowest float value (so softmax / argmax equal the eager network's). Use them with a sliding window of the
-    training patch.
+    training patch. MedUniSeg (and MedUniSeg*) write one ONNX file per channel count and task patch,
+    ``model_c<C>_<patch>.onnx`` (2D and 3D tasks), and one ``model.ts`` that dispatches on both. Hermes takes
+    ``(x, task_ids, modality_id)`` instead (see its bundle's docs).
 
     Args:
         checkpoint: model.pt written by `train` or the bundle.
