@@ -570,12 +570,19 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         """All batches of the current epoch, in order, for all ranks (padded to a multiple of the ranks)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.mix_tasks:
-            sizes = np.asarray([len(g) for g in self.groups], dtype=float)
+            sizes = np.asarray([len(g) for g in self.groups])
             picks = rng.choice(len(self.groups), size=self.total_batches, p=sizes / sizes.sum())
-            batches = []
-            for g in picks:
-                tasks = rng.choice(np.asarray(self.groups[int(g)]), size=self.batch_size, replace=True)
-                batches.append([int(rng.choice(self.indices[int(t)])) for t in tasks])
+            # each element's task uniformly within its batch's group, then an item of that task uniformly
+            slot = np.floor(rng.random((self.total_batches, self.batch_size)) * sizes[picks][:, None]).astype(int)
+            table = np.zeros((len(self.groups), int(sizes.max())), dtype=int)
+            for i, g in enumerate(self.groups):
+                table[i, : len(g)] = g
+            tasks = table[picks[:, None], slot]
+            items = np.empty_like(tasks)
+            for t, idx in self.indices.items():
+                where = tasks == t
+                items[where] = idx[rng.integers(0, len(idx), size=int(where.sum()))]
+            batches = items.tolist()
         else:
             order = np.repeat(np.asarray(self.tasks), self.batches_per_task)
             order = order[rng.permutation(len(order))]
