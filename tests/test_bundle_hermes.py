@@ -1,0 +1,460 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""The Hermes bundle: train, evaluate, inference (one task, all targets merged, per-target masks), MONAI Label
+keys, resume, multi-GPU overlay, export, release zip and the incremental ``add_tasks.json`` overlay.
+
+Runs the configs on a tiny demo collection (3 cases per 3D task, 1 batch per task per epoch) on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nilearn")
+
+from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
+
+from uniseg_components.bundle import BundleData, checkpoint_catalog, extended_catalog, items_of_tasks  # noqa: E402
+from uniseg_components.engines import load_checkpoint, save_checkpoint  # noqa: E402
+from uniseg_components.networks import Hermes  # noqa: E402
+from uniseg_components.tasks import TaskCatalog  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hermes_universal_segmentation"
+CONFIGS = BUNDLE / "configs"
+TRAIN = str(CONFIGS / "train.json")
+EVALUATE = str(CONFIGS / "evaluate.json")
+MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
+ADD_TASKS = str(CONFIGS / "add_tasks.json")
+INFERENCE = str(CONFIGS / "inference.json")
+METADATA = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+TASKS = ["abdomen_ct", "brain_mr", "lesion_petct"]
+FAST = {"epochs": 1, "batches_per_task": 1, "augment": False, "sw_batch_size": 4}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="1073741824")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _workflow(config_file: str | list[str], bundle_root: Path, **override) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=config_file, logging_file=LOGGING, workflow_type="train", bundle_root=str(bundle_root), **override
+    )
+    wf.initialize()
+    return wf
+
+
+def _run(wf: ConfigWorkflow) -> None:
+    wf.run()
+    wf.finalize()
+
+
+def _record_batches(folder: Path) -> str:
+    """An overlay config appending a BatchRecorder (which tasks each batch held) to the training handlers."""
+    record = folder / "record_batches.json"
+    recorder = {"_target_": "uniseg_components.bundle.BatchRecorder", "output_dir": "@output_dir"}
+    record.write_text(json.dumps({"+train#handlers": [recorder]}))
+    return str(record)
+
+
+def _recorded_tasks(output_dir: Path, rank: int = 0) -> list[list[str]]:
+    lines = (output_dir / f"batches_rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line)["tasks"] for line in lines]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One training run from an absent dataset_dir (the demo is built there), mixed-task batches, validation."""
+    root = tmp_path_factory.mktemp("hermes")
+    wf = _workflow([TRAIN, _record_batches(root)], root, demo_cases=3, **FAST)
+    assert wf.check_properties() in (None, [])
+    _run(wf)
+    return root
+
+
+def _images(trained: Path, task: str) -> list[Path]:
+    folder = trained / "demo_data" / TaskCatalog.builtin("demo")[task].dataset / "imagesTr"
+    return sorted(folder.glob("*.nii.gz"))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_train_writes_model_tensorboard_and_dice_table(trained):
+    datalist = json.loads((trained / "demo_data" / "datalist.json").read_text())
+    assert {it["task"] for it in datalist["training"]} == set(TASKS)
+    net, cat = load_checkpoint(trained / "models" / "model.pt")
+    assert isinstance(net, Hermes) and cat.names == TASKS
+    raw = torch.load(trained / "models" / "model.pt", weights_only=True)
+    assert set(raw["model"]) == set(net.state_dict())  # exactly network_def's keys (MONAI Label loads these)
+    assert not any(k.startswith("module.") for k in raw["model"])
+    latest = torch.load(trained / "models" / "checkpoint_latest.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "meta"} <= set(latest)
+    assert latest["trainer"]["epoch_length"] == 3 and latest["trainer"]["iteration"] == 3
+    assert list((trained / "eval").glob("events.out.tfevents.*"))
+    summary = json.loads((trained / "eval" / "val_dice_per_task.json").read_text())
+    assert set(summary["per_task"]) == set(TASKS)
+    assert 0.0 <= summary["mean"] <= 1.0
+    # mixed batches: 1-channel tasks (abdomen_ct CT, brain_mr T1) may share a batch, lesion_petct (2 channels) not
+    for batch in _recorded_tasks(trained / "eval"):
+        assert len(batch) == 2 and ("lesion_petct" not in batch or set(batch) == {"lesion_petct"})
+
+
+def test_train_recipe_and_properties(trained):
+    wf = _workflow(TRAIN, trained / "recipe", dataset_dir=str(trained / "demo_data"))
+    assert wf.check_properties() in (None, [])
+    p = wf.parser
+    assert p["epochs"] == 200 and p["batches_per_task"] == 40 and p["batch_size"] == 2 and p["mix_tasks"] is True
+    assert p["learning_rate"] == 0.002 and p["weight_decay"] == 1e-5 and p["poly_power"] == 0.9
+    assert p["optimizer"]["_target_"] == "torch.optim.AdamW" and p["modality_weight"] == 0.01
+    assert p["train"]["trainer"]["decollate"] is False
+    assert p["training"] == p["run"]
+    assert isinstance(p.get_parsed_content("network_def"), Hermes)
+
+
+def test_evaluate_prints_and_saves_per_task_dice(trained, capsys):
+    _run(_workflow([TRAIN, EVALUATE], trained))
+    out = capsys.readouterr().out
+    assert "Dice per task and class" in out and "lesion_petct" in out and "mean over tasks" in out
+    saved = json.loads((trained / "eval" / "dice_per_task.json").read_text())
+    val = json.loads((trained / "eval" / "val_dice_per_task.json").read_text())
+    assert saved["mean"] == pytest.approx(val["mean"], abs=1e-5)  # the loaded best model scores as in training
+
+
+def test_monai_label_overrides_without_task_and_validation(trained, tmp_path):
+    """MONAI Label: task-less {image, label} items, an empty validation list, its own max_epochs."""
+    items = json.loads((trained / "demo_data" / "datalist.json").read_text())["training"]
+    ct = [{"image": it["image"], "label": it["label"]} for it in items if it["task"] == "abdomen_ct"]
+    override = {
+        "dataset_dir": str(trained / "demo_data"),
+        "task": "abdomen_ct",
+        "train#dataset#data": ct,
+        "validate#dataset#data": [],
+        "train#trainer#max_epochs": 1,
+        "batches_per_task": 1,
+        "augment": False,
+    }
+    wf = ConfigWorkflow(config_file=TRAIN, logging_file=LOGGING, run_id="run", bundle_root=str(tmp_path), **override)
+    wf.initialize()
+    assert wf.parser.get_parsed_content("network") is not None
+    _run(wf)
+    net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
+    assert cat.names == TASKS
+
+
+def test_resume_gives_the_same_weights(trained, tmp_path):
+    common = {"dataset_dir": str(trained / "demo_data"), "validate#dataset#data": [], "batches_per_task": 1}
+    common.update(tasks="abdomen_ct,brain_mr", augment=True)  # two mixable tasks: 2 mixed batches per epoch
+    full, part = tmp_path / "full", tmp_path / "part"
+    stop = (
+        "$@train#trainer.add_event_handler(uniseg_components.bundle.Events.EPOCH_COMPLETED(once=1), "
+        "lambda e: e.terminate())"
+    )
+    for root, resume, extra in (
+        (full, False, {}),
+        (part, False, {"run": [stop, "$@train#trainer.run()"]}),
+        (part, True, {}),
+    ):
+        _run(_workflow(TRAIN, root, epochs=2, resume=resume, **common, **extra))
+        if extra:
+            assert torch.load(root / "models" / "checkpoint_latest.pt", weights_only=True)["trainer"]["iteration"] == 2
+    a = torch.load(full / "models" / "checkpoint_latest.pt", weights_only=True)
+    b = torch.load(part / "models" / "checkpoint_latest.pt", weights_only=True)
+    assert b["trainer"]["iteration"] == a["trainer"]["iteration"] == 4
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-6), k
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 2
+    assert load_checkpoint(full / "models" / "model.pt")[1].names == ["abdomen_ct", "brain_mr"]
+
+
+def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
+    """torchrun, 2 CPU processes (gloo): DDP with unused task tokens, rank-sharded mixed sampler, rank 0 saves."""
+    record = _record_batches(tmp_path)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", str([TRAIN, MULTI_GPU, record]),
+        "--bundle_root", str(tmp_path), "--dataset_dir", str(trained / "demo_data"),
+        "--epochs", "1", "--batches_per_task", "2", "--augment", "False",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {r: _recorded_tasks(tmp_path / "eval", r) for r in (0, 1)}
+    assert len(seen[0]) == len(seen[1]) == 3  # 3 tasks x 2 batches over 2 ranks
+    net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
+    assert isinstance(net, Hermes) and cat.names == TASKS
+    assert (tmp_path / "models" / "checkpoint_latest.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def _infer(trained: Path, out: Path, image: Path, **override) -> list[Path]:
+    """inference.json in-process (``monai.bundle run`` does the same) on one image."""
+    wf = ConfigWorkflow(
+        config_file=INFERENCE,
+        meta_file=METADATA,
+        logging_file=None,
+        workflow_type="infer",
+        bundle_root=str(trained),
+        device="cpu",
+        datalist=[str(image)],
+        output_dir=str(out),
+        **override,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    _run(wf)
+    return sorted(out.glob("*.nii.gz"))
+
+
+def test_inference_single_task_and_multilabel_masks(trained, tmp_path):
+    image = _images(trained, "brain_mr")[0]
+    (seg,) = _infer(trained, tmp_path / "label", image, task="brain_mr")
+    assert seg.name == image.name.replace(".nii.gz", "_brain_mr.nii.gz")
+    src, lab = nib.load(str(image)), nib.load(str(seg))
+    assert lab.shape == src.shape[:3]
+    np.testing.assert_allclose(lab.affine, src.affine, atol=1e-4)
+    label = np.asarray(lab.dataobj)
+    assert set(np.unique(label).tolist()) <= {0, 1, 2, 3}
+
+    (masks_file,) = _infer(trained, tmp_path / "masks", image, task="brain_mr", multilabel=True)
+    assert masks_file.name == image.name.replace(".nii.gz", "_brain_mr_masks.nii.gz")
+    masks = np.asarray(nib.load(str(masks_file)).dataobj)
+    masks = masks.reshape(*src.shape[:3], -1)  # one channel per target: csf, grey matter, white matter
+    assert masks.shape[-1] == 3 and set(np.unique(masks).tolist()) <= {0, 1}
+    np.testing.assert_allclose(nib.load(str(masks_file)).affine, src.affine, atol=1e-4)
+    # the label map is the masks resolved by the highest probability: background exactly where no mask is set
+    np.testing.assert_array_equal(label > 0, masks.any(-1))
+    for k in (1, 2, 3):
+        assert masks[..., k - 1][label == k].all()
+
+
+def test_inference_all_targets_merged(trained, tmp_path):
+    image = _images(trained, "abdomen_ct")[0]
+    (seg,) = _infer(trained, tmp_path, image, task="all", modality="CT")
+    assert seg.name == image.name.replace(".nii.gz", "_all.nii.gz")
+    src, lab = nib.load(str(image)), nib.load(str(seg))
+    assert lab.shape == src.shape
+    np.testing.assert_allclose(lab.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2}  # CT-only tasks: abdomen_ct, offset 0
+
+
+def _monai_label_parser(bundle_root: Path, **overrides: object) -> ConfigParser:
+    """Parse inference.json + metadata.json as MONAI Label's BundleInferTask does (string device, bundle_root)."""
+    parser = ConfigParser()
+    parser.read_config(INFERENCE)
+    parser.read_meta(METADATA)
+    parser.update({"bundle_root": str(bundle_root), "device": "cpu", **overrides})
+    return parser
+
+
+def test_inference_config_keys_and_metadata():
+    raw = Path(INFERENCE).read_text()
+    assert "@_meta_" not in raw and "_meta_#" not in raw and "_meta_::" not in raw
+    cfg = json.loads(raw)
+    for key in ("network_def", "preprocessing", "postprocessing", "inferer", "device", "bundle_root", "dataset_dir"):
+        assert key in cfg, key
+    meta = json.loads(Path(METADATA).read_text())
+    assert meta["version"] in meta["changelog"]
+    first_out = next(iter(meta["network_data_format"]["outputs"].values()))
+    default = TaskCatalog.builtin("demo")[cfg["task"]]
+    assert first_out["channel_def"] == {str(i): name for i, name in enumerate(default.foreground)}
+    assert first_out["num_channels"] == default.num_classes - 1  # one sigmoid channel per target, no background
+    assert set(meta["eval_metrics"]) >= {"val_mean_dice"}
+    if SCHEMA.is_file():
+        from monai.bundle import verify_metadata
+
+        verify_metadata(
+            meta_file=METADATA,
+            filepath=str(SCHEMA),
+            hash_val="06954cad2cc5d3784e72077ac76f0fc8",
+            hash_type="md5",
+            create_dir=False,
+        )
+    from monai.bundle import verify_net_in_out
+
+    # network_def in eval mode with the default task's id: one output channel per target, as the metadata says
+    verify_net_in_out(
+        net_id="network_def", meta_file=METADATA, config_file=INFERENCE, device="cpu", extra_forward_args={"task_id": 0}
+    )
+
+
+def test_monai_label_style_inference(trained):
+    """network_def + models/model.pt ('model' key), preprocessing, inferer(inputs, network), postprocessing."""
+    from monai.transforms import Compose, SaveImaged
+
+    parser = _monai_label_parser(trained)
+    network = parser.get_parsed_content("network_def")
+    ckpt = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    result = network.load_state_dict(ckpt["model"], strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    network.eval()
+    pre = parser.get_parsed_content("preprocessing")
+    post = parser.get_parsed_content("postprocessing")
+    post = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])  # MONAI Label drops SaveImaged
+    inferer = parser.get_parsed_content("inferer")
+    image = _images(trained, "abdomen_ct")[0]
+    data = pre({"image": str(image)})  # no task in the item: the config's default task is used
+    assert data["task"] == "abdomen_ct"
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], network)[0]
+    assert data["pred"].shape[0] == 2  # organ, tumour: one sigmoid channel per target
+    pred = post(data)["pred"]
+    src = nib.load(str(image))
+    assert pred.shape == (1, *src.shape)  # a single-channel label map, as MONAI Label needs
+    np.testing.assert_allclose(np.asarray(pred.affine), src.affine, atol=1e-4)
+    assert set(torch.unique(pred).tolist()) <= {0.0, 1.0, 2.0}
+
+
+# ---------------------------------------------------------------------------------------------- incremental
+@pytest.fixture(scope="module")
+def upstream_two_tasks(tmp_path_factory) -> Path:
+    """A bundle root whose models/model.pt is a seeded Hermes of two demo tasks (brain_mr, lesion_petct)."""
+    root = tmp_path_factory.mktemp("hermes_upstream2")
+    torch.manual_seed(0)
+    cat = TaskCatalog.builtin("demo").select(names=["brain_mr", "lesion_petct"])
+    save_checkpoint(root / "models" / "model.pt", Hermes.from_catalog(cat), cat)
+    return root
+
+
+def test_add_tasks_trains_only_the_new_task_and_keeps_old_outputs(trained, upstream_two_tasks):
+    root = upstream_two_tasks
+    upstream_bytes = (root / "models" / "model.pt").read_bytes()
+    overlays = [TRAIN, ADD_TASKS, _record_batches(root)]
+    wf = _workflow(overlays, root, dataset_dir=str(trained / "demo_data"), epochs=1, batches_per_task=2)
+    assert wf.parser.get_parsed_content("added_tasks") == ["abdomen_ct"]
+    _run(wf)
+    assert (root / "models" / "model.pt").read_bytes() == upstream_bytes  # the upstream model is not overwritten
+    tasks = _recorded_tasks(root / "eval" / "add_tasks")
+    assert tasks and all(t == ["abdomen_ct", "abdomen_ct"] for t in tasks)  # new task's data only
+    new, cat = load_checkpoint(root / "models" / "add_tasks" / "model.pt")
+    assert cat.names == ["brain_mr", "lesion_petct", "abdomen_ct"]
+    assert TaskCatalog.load(root / "models" / "add_tasks" / "tasks.json").names == cat.names
+    summary = json.loads((root / "eval" / "add_tasks" / "val_dice_per_task.json").read_text())
+    assert list(summary["per_task"]) == ["abdomen_ct"]  # validated on the new task
+    old, _ = load_checkpoint(root / "models" / "model.pt")
+    for task_id, channels in ((0, 1), (1, 2)):  # frozen: the old tasks' outputs are bit for bit the upstream's
+        x = torch.rand(1, channels, 48, 48, 48, generator=torch.Generator().manual_seed(task_id))
+        with torch.no_grad():
+            assert torch.equal(new(x, task_id=task_id), old(x, task_id=task_id))
+    # the extended model serves the new task through inference.json with the saved catalog
+    image = _images(trained, "abdomen_ct")[0]
+    out = root / "pred"
+    (seg,) = _infer(
+        root, out, image, task="abdomen_ct", catalog=str(root / "models" / "add_tasks" / "tasks.json"),
+        ckpt_dir=str(root / "models" / "add_tasks"),
+    )  # fmt: skip
+    assert nib.load(str(seg)).shape == nib.load(str(image)).shape
+
+
+def test_bundle_helpers_for_incremental_runs(trained, upstream_two_tasks):
+    ckpt = upstream_two_tasks / "models" / "model.pt"
+    assert checkpoint_catalog(ckpt).names == ["brain_mr", "lesion_petct"]
+    ext = extended_catalog(ckpt, "demo")
+    assert ext.names == ["brain_mr", "lesion_petct", "abdomen_ct"] and [t.id for t in ext] == [0, 1, 2]
+    old = checkpoint_catalog(ckpt)
+    for t in old:  # old tasks keep their label offsets, hence Hermes' target ids
+        assert ext[t.name].label_offset == t.label_offset
+    with pytest.raises(ValueError, match="already a task of the upstream"):
+        extended_catalog(ckpt, "demo", new_tasks="brain_mr")
+    with pytest.raises(ValueError, match="only 3D tasks"):
+        extended_catalog(ckpt, "demo", new_tasks=["fetal_us"])
+    with pytest.raises(ValueError, match="no 3D task that the upstream model lacks"):
+        extended_catalog(ext, "demo")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_catalog(upstream_two_tasks / "missing.pt")
+
+    items = [{"image": "a", "task": "abdomen_ct"}, {"image": "b", "task": "brain_mr"}, {"image": "c"}]
+    assert items_of_tasks(items, "abdomen_ct") == [items[0]]
+    assert items_of_tasks(items, ["brain_mr"], default_task="brain_mr") == items[1:]
+    assert items_of_tasks(items, "lesion_petct", required=False) == []
+    with pytest.raises(ValueError, match=r"no item of the task\(s\) \['lesion_petct'\]"):
+        items_of_tasks(items, "lesion_petct")
+
+    data = BundleData(trained / "demo_data", tasks="lesion_petct, brain_mr")
+    assert data.catalog.names == ["brain_mr", "lesion_petct"] and [t.id for t in data.catalog] == [0, 1]
+    assert {it["task"] for it in data.train + data.val} == {"brain_mr", "lesion_petct"}
+
+
+# ---------------------------------------------------------------------------------------------- release
+def test_release_zip_runs_inference_without_the_installed_package(trained, tmp_path):
+    import shutil
+
+    from uniseg_components.packaging import package
+
+    src = tmp_path / "src" / BUNDLE.name
+    shutil.copytree(BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
+    (src / "models").mkdir()
+    shutil.copy(trained / "models" / "model.pt", src / "models" / "model.pt")
+    zip_path = package(src, out=tmp_path / "dist")
+    version = json.loads(Path(METADATA).read_text())["version"]
+    assert zip_path.name == f"{BUNDLE.name}_v{version}.zip"
+    names = zipfile.ZipFile(zip_path).namelist()
+    for required in ("LICENSE", "configs/add_tasks.json", "configs/inference.json", "models/model.pt"):
+        assert f"{BUNDLE.name}/{required}" in names
+    assert f"{BUNDLE.name}/uniseg_components/networks/hermes.py" in names
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    root = tmp_path / "unzipped" / BUNDLE.name
+    image = _images(trained, "lesion_petct")[0]
+    out_dir = tmp_path / "pred"
+    code = textwrap.dedent(f"""
+        import importlib.util, os, sys
+        repo, root = {str(REPO)!r}, {str(root)!r}
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) not in (repo, root, os.getcwd())]
+        assert importlib.util.find_spec("uniseg_components") is None, "the installed package is still importable"
+        sys.path.insert(0, root)
+        import uniseg_components
+        assert uniseg_components.__file__.startswith(root), uniseg_components.__file__
+        from monai.bundle import run
+        run(run_id="run", config_file="configs/inference.json", meta_file="configs/metadata.json",
+            logging_file="configs/logging.conf", datalist=[{str(image)!r}], task="lesion_petct",
+            output_dir={str(out_dir)!r}, device="cpu")
+        print("VENDORED_OK")
+        """)
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "VENDORED_OK" in proc.stdout
+    (pred,) = out_dir.glob("*.nii.gz")
+    assert nib.load(str(pred)).shape == nib.load(str(image)).shape[:3]
+    assert set(np.unique(np.asarray(nib.load(str(pred)).dataobj)).tolist()) <= {0, 1}
+
+
+def test_export_cli_torchscript_matches_the_bundle_model(trained, tmp_path):
+    """``python -m uniseg_components export`` on the bundle's model.pt: the TorchScript takes the request."""
+    from uniseg_components import cli
+
+    written = cli.export(str(trained / "models" / "model.pt"), out=str(tmp_path), formats="torchscript")
+    assert written == [str(tmp_path / "model.ts")]
+    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    net, cat = load_checkpoint(trained / "models" / "model.pt")
+    for task in cat:
+        ids, mod = net.request([task.id])
+        x = torch.rand(1, task.num_channels, 48, 48, 48, generator=torch.Generator().manual_seed(task.id))
+        with torch.no_grad():
+            eager = net(x, ids, mod)
+            torch.testing.assert_close(ts(x, ids, mod), eager, rtol=1e-4, atol=1e-4)
+        assert eager.shape[1] == task.num_classes  # the targets plus the null padding channel
