@@ -509,3 +509,85 @@ def test_load_checkpoint_weights_do_not_fit(tmp_path, tiny_net, catalog):
     torch.save({"model": sd, "meta": CheckpointMeta(tiny_net, catalog).state_dict()}, path)
     with pytest.raises(ValueError, match="mismatch.pt.*do not fit"):
         engines.load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- per-task windows (2D and 3D tasks)
+def _mixed_catalog() -> TaskCatalog:
+    t3 = _task("organs", 0, ["background", "liver", "kidney"])
+    t2 = dict(_task("us", 1, ["background", "head"]), dims=2, modalities=["US"], spacing=[1.0, 1.0], patch_size=[8, 12])
+    return TaskCatalog([t3, t2], name="mixed", plan=TINY_PLAN)
+
+
+def test_sliding_window_uses_each_tasks_patch_and_rank():
+    cat = _mixed_catalog()
+    net = RecordingNet(k=2)
+    inferer = TaskSlidingWindowInferer(roi_size=(16, 16, 16), catalog=cat, mode="constant", mirror_axes=(0, 1, 2))
+    img2d = torch.rand(1, 1, 20, 18)
+    out2d = inferer(img2d, net, task_id=1)
+    assert out2d.shape == (1, 2, 20, 18)
+    assert {shape[2:] for shape, _ in net.calls} == {(8, 12)}  # the 2D task's patch; mirroring on x and y only
+    assert torch.allclose(out2d, img2d.repeat(1, 2, 1, 1), atol=1e-6)
+    net.calls.clear()
+    out3d = inferer(torch.rand(1, 1, 20, 16, 12), net, task_id=torch.tensor([0]))
+    assert out3d.shape == (1, 2, 20, 16, 12)
+    assert {shape[2:] for shape, _ in net.calls} == {(16, 16, 16)}
+    assert inferer.roi_size == (16, 16, 16)  # the bound window is unchanged
+    # without a catalog a 2D input cannot use a 3D window: a clear error instead of MONAI's
+    with pytest.raises(ValueError, match="does not fit a 2D input"):
+        TaskSlidingWindowInferer(roi_size=(16, 16, 16))(img2d, net, task_id=1)
+    with pytest.raises(ValueError, match="task 'us'"):
+        inferer(torch.rand(1, 1, 20, 16, 12), net, task_id=1)
+
+
+def test_merged_tasks_inferer_2d_with_catalog():
+    from uniseg_components.inferers import MergedTasksInferer
+
+    cat = _mixed_catalog()
+
+    class Stub(nn.Module):
+        def forward_all_tasks(self, x, task_ids):
+            assert x.shape[2:] == (8, 12)
+            return [torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1) for _ in task_ids]
+
+    merged = MergedTasksInferer((16, 16, 16), tasks=[cat["us"]], catalog=cat)(torch.rand(1, 1, 16, 12), Stub())
+    assert merged.shape == (1, 1, 16, 12) and merged.unique().tolist() == [float(cat["us"].label_offset + 1)]
+
+
+def test_evaluator_runs_2d_and_3d_tasks_in_one_run():
+    """One TaskEvaluator run over a 2D and a 3D item with MedUniSeg: per-task windows, per-task Dice for both."""
+    from monai.data import DataLoader
+
+    from uniseg_components.engines import TaskEvaluator
+    from uniseg_components.networks import MedUniSeg
+
+    cat = _mixed_catalog()
+    torch.manual_seed(0)
+    net = MedUniSeg.from_catalog(cat).eval()
+    items = [
+        {"image": torch.rand(1, 24, 16, 20), "label": torch.zeros(1, 24, 16, 20), "task_id": 0},
+        {"image": torch.rand(1, 16, 24), "label": torch.ones(1, 16, 24), "task_id": 1},
+    ]
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, task_id):
+            seen.append(tuple(x.shape[2:]))
+            return self.net(x, task_id)
+
+    evaluator = TaskEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(items, batch_size=1),
+        network=Recording(),
+        inferer=TaskSlidingWindowInferer(roi_size=(16, 16, 16), catalog=cat),
+        postprocessing=lambda d: {**d, "pred": d["pred"].argmax(0, keepdim=True)},
+        key_val_metric={"val_mean_dice": TaskDice(cat)},
+    )
+    evaluator.run()
+    assert set(seen) == {(16, 16, 16), (8, 12)}
+    details = evaluator.state.metric_details["val_mean_dice"]
+    assert set(details) == {"organs", "us"}
+    assert 0.0 <= evaluator.state.metrics["val_mean_dice"] <= 1.0

@@ -189,6 +189,7 @@ def ensure_datalist(
     num_cases: int | Mapping[str, int] | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    demo_tasks: Sequence[str] | None = None,
 ) -> tuple[Path, TaskCatalog]:
     """The datalist and catalog of a bundle run; builds them when they are absent.
 
@@ -196,8 +197,8 @@ def ensure_datalist(
     * else ``<dataset_dir>/datalist.json`` exists: it is used.
     * else ``dataset_dir`` holds MSD-format folders (``*/dataset.json``): they are checked and prepared into
       ``dataset_dir`` with ``catalog`` or ``<dataset_dir>/tasks.json``.
-    * else ``dataset_dir`` is absent or empty: the embedded demo collection (:data:`DEMO_3D_TASKS`) is written
-      there and prepared.
+    * else ``dataset_dir`` is absent or empty: the embedded demo collection (``demo_tasks``) is written there and
+      prepared.
 
     Under ``torch.distributed`` only rank 0 writes; the other ranks wait for the datalist file to appear.
 
@@ -208,6 +209,8 @@ def ensure_datalist(
         num_cases: demo cases per task when the demo is written, default ``None`` (the demo's default).
         val_fraction: validation fraction per task when preparing, default 0.2.
         seed: demo and split seed, default 0.
+        demo_tasks: demo tasks written into an empty ``dataset_dir``, default ``None`` (:data:`DEMO_3D_TASKS`;
+            MedUniSeg's bundle writes every demo task, 2D ones included).
 
     Returns:
         ``(datalist_path, catalog)`` with the full catalog (not yet restricted to 3D tasks).
@@ -225,7 +228,7 @@ def ensure_datalist(
         path = root / DATALIST_NAME
         if not path.is_file():
             if get_rank() == 0:
-                _build_datalist(root, catalog, num_cases, val_fraction, seed)
+                _build_datalist(root, catalog, num_cases, val_fraction, seed, demo_tasks)
             else:
                 _wait_for(path)
     if catalog is None:
@@ -242,6 +245,7 @@ def _build_datalist(
     num_cases: int | Mapping[str, int] | None,
     val_fraction: float,
     seed: int,
+    demo_tasks: Sequence[str] | None = None,
 ) -> Path:
     if root.exists() and not root.is_dir():
         raise ValueError(f"dataset_dir {str(root)!r} is not a folder.")
@@ -254,8 +258,9 @@ def _build_datalist(
             )
         from .demo import write_demo_collection
 
-        logger.info("building the demo collection (%s) in %s", ", ".join(DEMO_3D_TASKS), root)
-        write_demo_collection(root, seed=seed, num_cases=num_cases, tasks=list(DEMO_3D_TASKS))
+        names = list(DEMO_3D_TASKS if demo_tasks is None else demo_tasks)
+        logger.info("building the demo collection (%s) in %s", ", ".join(names), root)
+        write_demo_collection(root, seed=seed, num_cases=num_cases, tasks=names)
         folders = msd_folders(root)
     if catalog is None:
         if not (root / CATALOG_NAME).is_file():
@@ -293,6 +298,7 @@ class BundleData:
         num_cases: demo cases per task when the demo is built, default ``None``.
         val_fraction: validation fraction when preparing, default 0.2.
         seed: default 0.
+        demo_tasks: demo tasks written when the demo is built, default ``None`` (:data:`DEMO_3D_TASKS`).
 
     Attributes:
         datalist: path of the datalist used.
@@ -314,8 +320,9 @@ class BundleData:
         val_fraction: float = 0.2,
         seed: int = 0,
         tasks: Sequence[str] | str | None = None,
+        demo_tasks: Sequence[str] | None = None,
     ) -> None:
-        path, full = ensure_datalist(dataset_dir, datalist, catalog, num_cases, val_fraction, seed)
+        path, full = ensure_datalist(dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks)
         names = _task_names(tasks)
         train, val, _ = load_datalist(path)
         for section, items in (("training", train), ("validation", val)):

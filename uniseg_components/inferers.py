@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -10,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.inferers import SlidingWindowInferer
-from monai.config import KeysCollection
 from monai.transforms import Compose, Invertd, LoadImage, MapTransform
 
 from .tasks import TaskSpec
@@ -27,6 +28,7 @@ __all__ = [
     "TargetsToLabeld",
     "TaskPredictor",
     "merge_task_labels",
+    "tasks_for_image",
     "save_label_map",
     "list_images",
 ]
@@ -76,8 +78,13 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         task_id: task used when a call gives none, default ``None`` (the caller must pass ``task_id``). Binding it
             lets callers that only do ``inferer(inputs, network)`` (MONAI Label, a bundle's ``inferer`` key)
             segment one task; an explicit ``task_id=`` keyword still wins.
+        catalog: the network's task catalog, default ``None``. When given, each call uses the patch of the task it
+            segments (``catalog[task_id].patch_size``, 2D for a 2D task) as window instead of ``roi_size``, so one
+            inferer serves the 2D and 3D tasks of MedUniSeg; ``roi_size`` remains the window of calls without a task.
         kwargs: any other :class:`monai.inferers.SlidingWindowInferer` argument (``sw_device``, ``device``,
             ``progress``...).
+
+    Mirroring uses the axes of ``mirror_axes`` that exist in the input (``(0, 1, 2)`` flips x and y of a 2D image).
     """
 
     def __init__(
@@ -88,15 +95,47 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         mode: str = "gaussian",
         mirror_axes: Sequence[int] = (),
         task_id: int | None = None,
+        catalog: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs)
         self.mirror_axes = tuple(mirror_axes)
         self.task_id = None if task_id is None else int(task_id)
+        self.catalog = catalog
 
-    def _sliding(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        predictor = MirroredPredictor(network, self.mirror_axes) if self.mirror_axes else network
-        return super().__call__(inputs, predictor, *args, **kwargs)
+    def roi_for(self, inputs: torch.Tensor, task_id: Any = None) -> tuple[int, ...] | Any:
+        """The window for ``inputs`` ``(B, C, *spatial)`` of task ``task_id``: the task's patch when a catalog is
+        bound and a task given, else ``roi_size``.
+
+        Raises:
+            ValueError: the window's rank is not the input's (e.g. a 2D image with a 3D ``roi_size`` and no catalog).
+        """
+        roi = self.roi_size
+        if self.catalog is not None and task_id is not None:
+            task = self.catalog[int(torch.as_tensor(task_id).reshape(-1)[0])]
+            roi = tuple(task.patch_size)
+            where = f"task {task.name!r} ({task.dims}D, patch {list(roi)})"
+        else:
+            where = f"roi_size {roi}"
+        rank = inputs.ndim - 2
+        if isinstance(roi, Sequence) and len(roi) != rank:
+            raise ValueError(
+                f"{where} does not fit a {rank}D input of shape {tuple(inputs.shape)}; give the inferer the catalog "
+                "(catalog=) so that each task uses its own patch, or a roi_size of the input's rank."
+            )
+        return roi
+
+    def _sliding(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, roi_task: Any = None, **kwargs: Any
+    ) -> Any:
+        axes = tuple(a for a in self.mirror_axes if a < inputs.ndim - 2)
+        predictor = MirroredPredictor(network, axes) if axes else network
+        roi = self.roi_for(inputs, roi_task)
+        inferer: SlidingWindowInferer = self
+        if tuple(roi) != tuple(self.roi_size):  # a shallow copy with the task's window (no cached weight map)
+            inferer = copy.copy(self)
+            inferer.roi_size, inferer.roi_weight_map = roi, None
+        return SlidingWindowInferer.__call__(inferer, inputs, predictor, *args, **kwargs)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``inputs``: ``(B, C, *spatial)``; returns the stitched logits ``(B, K, *spatial)``.
@@ -105,7 +144,7 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         """
         if self.task_id is not None and not args and "task_id" not in kwargs:
             kwargs["task_id"] = self.task_id
-        return self._sliding(inputs, network, *args, **kwargs)
+        return self._sliding(inputs, network, *args, roi_task=kwargs.get("task_id"), **kwargs)
 
     def all_tasks(
         self, inputs: torch.Tensor, network: Any, task_ids: Sequence[int] | None = None
@@ -115,7 +154,8 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         Args:
             inputs: ``(B, C, *spatial)``.
             network: a network with ``forward_all_tasks(x, task_ids)`` (``UniSeg``).
-            task_ids: tasks to segment, default all of the network's tasks.
+            task_ids: tasks to segment, default all of the network's tasks. With a bound catalog the window is the
+                patch of the first of them (tasks segmented together share the input, hence the rank).
 
         Returns:
             one stitched logits tensor ``(B, K_t, *spatial)`` per task, in ``task_ids`` order.
@@ -127,7 +167,7 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         def predict(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(network.forward_all_tasks(x, ids))
 
-        out = self._sliding(inputs, predict)
+        out = self._sliding(inputs, predict, roi_task=None if not ids else ids[0])
         # MONAI unpacks a one-element tuple into a tensor: keep one entry per task
         return [out] if isinstance(out, torch.Tensor) else list(out)
 
@@ -149,6 +189,8 @@ class MergedTasksInferer(TaskSlidingWindowInferer):
         overlap: window overlap, default 0.5.
         mode: ``"gaussian"`` (default) or ``"constant"``.
         mirror_axes: mirroring TTA axes, default ``()``.
+        catalog: the catalog, default ``None``; when given the window is the first task's patch (see
+            :class:`TaskSlidingWindowInferer`).
         kwargs: other :class:`monai.inferers.SlidingWindowInferer` arguments.
 
     Returns (when called):
@@ -163,9 +205,10 @@ class MergedTasksInferer(TaskSlidingWindowInferer):
         overlap: float = 0.5,
         mode: str = "gaussian",
         mirror_axes: Sequence[int] = (),
+        catalog: Any = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(roi_size, sw_batch_size, overlap, mode, mirror_axes, **kwargs)
+        super().__init__(roi_size, sw_batch_size, overlap, mode, mirror_axes, catalog=catalog, **kwargs)
         self.tasks = list(tasks)
         if not self.tasks:
             raise ValueError("MergedTasksInferer needs at least one task (e.g. catalog.tasks_for_channels(['CT'])).")
@@ -386,7 +429,9 @@ class TaskPredictor:
     Args:
         network: a trained network (``UniSeg``); it is moved to ``device`` and put in eval mode.
         catalog: its task catalog.
-        roi_size: sliding-window size, default the network plan's patch.
+        roi_size: sliding-window size, default ``None``: the network plan's patch, and, when the catalog mixes 2D and
+            3D tasks, each task's own patch (``catalog[task].patch_size``, 2D for a 2D task); a given size is used
+            for every task.
         sw_batch_size: windows per forward pass, default 2.
         overlap: window overlap, default 0.5.
         mirror_axes: mirroring TTA axes, default ``()``.
@@ -411,8 +456,14 @@ class TaskPredictor:
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         self.network = network.to(self.device).eval()
         self.catalog = catalog
-        roi = roi_size if roi_size is not None else network.plan.patch_size  # type: ignore[union-attr]
-        self.inferer = TaskSlidingWindowInferer(roi, sw_batch_size, overlap, mirror_axes=mirror_axes)
+        plan = network.plan  # type: ignore[union-attr]
+        roi = roi_size if roi_size is not None else plan.patch_size
+        # per-task windows for a catalog mixing ranks (MedUniSeg); one rank keeps the plan's patch (UniSeg's prompt
+        # is sized for it)
+        per_task = roi_size is None and any(t.dims != plan.spatial_dims for t in catalog)
+        self.inferer = TaskSlidingWindowInferer(
+            roi, sw_batch_size, overlap, mirror_axes=mirror_axes, catalog=catalog if per_task else None
+        )
         self.preprocessing = inference_transforms(catalog)
         self._invert_linear = Compose(
             [Invertd("pred", self.preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)]
@@ -455,29 +506,8 @@ class TaskPredictor:
         return pred.argmax(0, keepdim=True).to(torch.int16)
 
     def tasks_for_image(self, image: Any, modalities: Sequence[str] | None = None) -> list[Any]:
-        """The tasks ``--task all`` segments: those with the given ``modalities``, or, when not given, those of the
-        only modality combination in the catalog with the image's channel count.
-
-        Raises:
-            ValueError: no task fits, or several modality combinations fit and ``modalities`` is needed.
-        """
-        if modalities is not None:
-            tasks = self.catalog.tasks_for_channels(list(modalities))
-            if not tasks:
-                raise ValueError(
-                    f"no task in catalog {self.catalog.name!r} takes modalities {list(modalities)}; known "
-                    f"combinations: {sorted({tuple(t.modalities) for t in self.catalog})}."
-                )
-            return tasks
-        img = LoadImage(image_only=True, ensure_channel_first=True)(image)
-        n = int(img.shape[0])
-        combos = sorted({tuple(t.modalities) for t in self.catalog if t.num_channels == n})
-        if len(combos) != 1:
-            raise ValueError(
-                f"{image}: {n} channel(s) fit {'no' if not combos else 'several'} modality combination(s) of "
-                f"catalog {self.catalog.name!r} {combos}; pass modalities explicitly (e.g. --modality CT)."
-            )
-        return self.catalog.tasks_for_channels(list(combos[0]))
+        """The tasks ``--task all`` segments for ``image``: see :func:`tasks_for_image`."""
+        return tasks_for_image(self.catalog, image, modalities)
 
     def predict_all(self, image: Any, modalities: Sequence[str] | None = None) -> tuple[torch.Tensor, list[Any]]:
         """Merged label map ``(1, *spatial)`` of every task for the image's modalities, and those tasks.
@@ -492,6 +522,57 @@ class TaskPredictor:
         data["image"] = data["image"].cpu()
         pred = self._invert_nearest(data)["pred"]
         return pred.round().to(torch.int16), tasks
+
+
+def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None = None) -> list[TaskSpec]:
+    """The tasks ``--task all`` segments for one image: those of the catalog with the given ``modalities`` (or,
+    when not given, with the only modality combination of the catalog that has the image's channel count), and,
+    when these tasks mix 2D and 3D, only those of the image's rank (a ``(X, Y, 1)`` file counts as 2D for 2D tasks).
+
+    Args:
+        catalog: the network's :class:`~uniseg_components.tasks.TaskCatalog`.
+        image: a file path (or anything ``LoadImage`` reads); loaded only when the channel count or rank is needed.
+        modalities: the image's channel modalities (e.g. ``["CT", "PET"]``), default ``None``.
+
+    Raises:
+        ValueError: no task fits, or several modality combinations fit and ``modalities`` is needed.
+    """
+    loaded: list[Any] = []
+
+    def load() -> Any:
+        if not loaded:
+            loaded.append(LoadImage(image_only=True, ensure_channel_first=True)(image))
+        return loaded[0]
+
+    if modalities is not None:
+        tasks = catalog.tasks_for_channels(list(modalities))
+        if not tasks:
+            raise ValueError(
+                f"no task in catalog {catalog.name!r} takes modalities {list(modalities)}; known "
+                f"combinations: {sorted({tuple(t.modalities) for t in catalog})}."
+            )
+    else:
+        n = int(load().shape[0])
+        combos = sorted({tuple(t.modalities) for t in catalog if t.num_channels == n})
+        if len(combos) != 1:
+            raise ValueError(
+                f"{image}: {n} channel(s) fit {'no' if not combos else 'several'} modality combination(s) of "
+                f"catalog {catalog.name!r} {combos}; pass modalities explicitly (e.g. --modality CT)."
+            )
+        tasks = catalog.tasks_for_channels(list(combos[0]))
+    if len({t.dims for t in tasks}) > 1:
+        spatial = tuple(load().shape[1:])
+        ranks = {len(spatial)} | ({2} if len(spatial) == 3 and spatial[-1] == 1 else set())
+        kept = [t for t in tasks if t.dims in ranks]
+        if not kept:
+            raise ValueError(
+                f"{image}: a {len(spatial)}D image (spatial shape {spatial}) fits none of the tasks "
+                f"{[f'{t.name} ({t.dims}D)' for t in tasks]} of modalities {list(tasks[0].modalities)}."
+            )
+        if len({t.dims for t in kept}) > 1:  # a (X, Y, 1) file with 2D and 3D candidates: a 2D image
+            kept = [t for t in kept if t.dims == 2]
+        tasks = kept
+    return tasks
 
 
 def save_label_map(label: torch.Tensor, path: str | Any) -> Any:
