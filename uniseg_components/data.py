@@ -28,7 +28,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .tasks import TaskCatalog, TaskSpec
+from .tasks import TaskCatalog, TaskSpec, read_json
 
 __all__ = [
     "msd_folders",
@@ -52,12 +52,7 @@ def _read_dataset_json(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "dataset.json"
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist.")
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; an MSD-format folder needs a dataset.json.")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}.") from e
+    meta = read_json(path, "dataset file", "an MSD-format folder needs a dataset.json")
     if not isinstance(meta, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(meta).__name__}.")
     training = meta.get("training")
@@ -402,12 +397,7 @@ def load_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
         FileNotFoundError, ValueError: naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {str(path)!r} does not exist.")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"datalist {str(path)!r} is not valid JSON: {e}.") from e
+    d = read_json(path, "datalist")
     if not isinstance(d, dict) or not isinstance(d.get("training", []), list):
         raise ValueError(f"datalist {str(path)!r} must be a JSON object with a 'training' list.")
     root = path.resolve().parent

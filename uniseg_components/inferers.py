@@ -16,7 +16,7 @@ from monai.data import MetaTensor, NibabelWriter
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd, LoadImage, MapTransform
 
-from .tasks import TaskSpec
+from .tasks import TaskSpec, read_json
 from .transforms import inference_transforms
 
 __all__ = [
@@ -369,9 +369,7 @@ def list_images(source: str | os.PathLike | Sequence[Any], pattern: str = "*.nii
         if path.is_dir():
             entries: Sequence[Any] = sorted(str(p) for p in path.glob(pattern) if p.is_file())
         elif path.suffix == ".json":
-            import json
-
-            loaded = json.loads(path.read_text())
+            loaded = read_json(path, "image list")
             if isinstance(loaded, dict):
                 key = next((k for k in ("test", "testing", "validation", "val") if k in loaded), None)
                 if key is None:

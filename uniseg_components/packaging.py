@@ -34,6 +34,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .tasks import read_json
+
 __all__ = ["PACKAGE_NAME", "MODEL_FILES", "bundle_files", "package", "sha1sum"]
 
 logger = logging.getLogger("uniseg_components.packaging")
@@ -90,10 +92,7 @@ def _read_metadata(bundle_dir: Path) -> dict[str, Any]:
     meta_path = bundle_dir / "configs" / "metadata.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{str(bundle_dir)!r} is not a bundle: {str(meta_path)!r} does not exist.")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(meta_path)!r} is not valid JSON: {e}.") from e
+    meta = read_json(meta_path, "bundle metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("version"), str) or not meta["version"]:
         raise ValueError(f"{str(meta_path)!r} needs a 'version' string.")
     return meta

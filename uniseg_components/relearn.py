@@ -14,15 +14,13 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from .engines import load_checkpoint
 from .networks import MedUniSeg, MedUniSegStar
-from .tasks import TaskCatalog
+from .tasks import TaskCatalog, read_json
 
 __all__ = ["read_dice", "select_tasks", "relearn_network"]
 
@@ -44,14 +42,8 @@ def read_dice(dice: Mapping[str, Any] | str | os.PathLike) -> dict[str, float]:
     """
     where = "dice table"
     if isinstance(dice, (str, os.PathLike)):
-        path = Path(dice)
-        where = f"dice table {str(path)!r}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{where} does not exist (run evaluate.json or the CLI evaluate first).")
-        try:
-            dice = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where} is not valid JSON: {e}.") from e
+        where = f"dice table {str(dice)!r}"
+        dice = read_json(dice, "dice table", "run evaluate.json or the CLI evaluate first")
     if not isinstance(dice, Mapping):
         raise ValueError(f"{where} must be a JSON object, got {type(dice).__name__}.")
     table = dice.get("per_task", dice)

@@ -27,6 +27,7 @@ __all__ = [
     "TaskCatalog",
     "UnknownTaskError",
     "normalization_of",
+    "read_json",
 ]
 
 #: Known modality names and the intensity normalisation each gets (see ``transforms.NormalizeModalityd``).
@@ -48,6 +49,27 @@ MODALITIES: dict[str, str] = {
     "Fundus": "zscore",
     "Histology": "zscore",
 }
+
+
+def read_json(path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
+    """Read a JSON file; every error names ``what`` and the path.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"catalog file"``, ``"datalist"``...), default ``"file"``.
+        hint: appended to the missing-file message, e.g. how to create the file, default none.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not valid UTF-8 JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{'; ' + hint if hint else ''}.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}.") from e
 
 
 def normalization_of(modality: str) -> str:
@@ -388,12 +410,7 @@ class TaskCatalog:
     def load(cls, path: str | os.PathLike) -> TaskCatalog:
         """Load a catalog JSON file; errors name the file."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"catalog file {str(path)!r} does not exist.")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"catalog file {str(path)!r} is not valid JSON: {e}.") from e
+        d = read_json(path, "catalog file")
         try:
             return cls.from_dict(d)
         except ValueError as e:
