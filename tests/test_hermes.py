@@ -459,3 +459,29 @@ def test_onnx_export_matches_eager(catalog, tmp_path):
         (got,) = sess.run(None, {"image": x.numpy(), "task_ids": ids.numpy(), "modality_id": mod.numpy()})
         assert got.shape == eager.shape
         assert abs(got - eager).max() < 1e-4
+
+
+def test_task_predictor_reads_sigmoid_targets(catalog, tmp_path):
+    """``TaskPredictor`` (CLI ``infer`` / ``evaluate``) turns Hermes' per-target sigmoid logits into label maps:
+    no target above 0.5 gives background, every target above gives a foreground label of the task."""
+    import nibabel as nib
+    import numpy as np
+
+    from uniseg_components.inferers import TaskPredictor
+
+    net = tiny(catalog).eval()
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 100, (20, 18, 16)).astype(np.float32), np.eye(4)), path)
+    predictor = TaskPredictor(net, catalog, device="cpu")
+    with torch.no_grad():
+        net.logit_bias.fill_(-50.0)
+    low = predictor.predict(str(path), "organs_ct")
+    assert low.shape == (1, 20, 18, 16) and int(low.max()) == 0
+    with torch.no_grad():
+        net.logit_bias.fill_(50.0)
+    high = predictor.predict(str(path), "organs_ct")
+    assert set(torch.unique(high).tolist()) <= {1, 2} and int(high.min()) >= 1
+    merged, tasks = predictor.predict_all(str(path), ["CT"])
+    assert [t.name for t in tasks] == ["organs_ct", "lesion_ct"]
+    assert merged.shape == (1, 20, 18, 16) and int(merged.min()) >= 1  # every voxel gets some target's label
+    assert int(merged.max()) <= max(t.label_offset + t.num_classes - 1 for t in tasks)

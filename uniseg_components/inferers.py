@@ -7,6 +7,7 @@ import copy
 import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -424,6 +425,10 @@ class TaskPredictor:
     * all tasks (:meth:`predict_all`): one encoder pass per window, argmax per task, merge with the catalog's
       label offsets (later tasks win overlaps) -> ``Invertd`` with nearest interpolation.
 
+    A :class:`~uniseg_components.networks.Hermes` (one sigmoid channel per target, no background channel) gets
+    sigmoid probabilities -> ``Invertd`` -> :func:`targets_to_label` for one task, and
+    :class:`HermesMergedInferer` (all targets in one pass) for all tasks.
+
     Args:
         network: a trained network (``UniSeg``); it is moved to ``device`` and put in eval mode.
         catalog: its task catalog.
@@ -462,6 +467,9 @@ class TaskPredictor:
         self.inferer = TaskSlidingWindowInferer(
             roi, sw_batch_size, overlap, mirror_axes=mirror_axes, catalog=catalog if per_task else None
         )
+        from .networks.hermes import Hermes
+
+        self.sigmoid_targets = isinstance(network, Hermes)
         self.preprocessing = inference_transforms(catalog)
         self._invert_linear = Compose(
             [Invertd("pred", self.preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)]
@@ -498,9 +506,12 @@ class TaskPredictor:
         data, x = self._prepare(image, task)
         tid = int(data["task_id"])
         logits = self._run(lambda: self.inferer(x, self.network, task_id=tid))
-        data["pred"] = torch.softmax(logits[0].float(), dim=0).cpu()
+        activation = torch.sigmoid if self.sigmoid_targets else partial(torch.softmax, dim=0)
+        data["pred"] = activation(logits[0].float()).cpu()
         data["image"] = data["image"].cpu()
         pred = self._invert_linear(data)["pred"]
+        if self.sigmoid_targets:
+            return targets_to_label(pred, sigmoid=False).to(torch.int16)
         return pred.argmax(0, keepdim=True).to(torch.int16)
 
     def tasks_for_image(self, image: Any, modalities: Sequence[str] | None = None) -> list[Any]:
@@ -514,9 +525,16 @@ class TaskPredictor:
         """
         tasks = self.tasks_for_image(image, modalities)
         data, x = self._prepare(image, tasks[0].name)
-        logits = self._run(lambda: self.inferer.all_tasks(x, self.network, [t.id for t in tasks]))
-        labels = [lg[0].float().argmax(0, keepdim=True).cpu() for lg in logits]
-        data["pred"] = merge_task_labels(labels, tasks).float()
+        if self.sigmoid_targets:  # every target of these tasks in one pass
+            inf = self.inferer
+            merged = HermesMergedInferer(
+                inf.roi_size, tasks, inf.sw_batch_size, inf.overlap, mirror_axes=inf.mirror_axes
+            )
+            data["pred"] = self._run(lambda: merged(x, self.network))[0].float().cpu()
+        else:
+            logits = self._run(lambda: self.inferer.all_tasks(x, self.network, [t.id for t in tasks]))
+            labels = [lg[0].float().argmax(0, keepdim=True).cpu() for lg in logits]
+            data["pred"] = merge_task_labels(labels, tasks).float()
         data["image"] = data["image"].cpu()
         pred = self._invert_nearest(data)["pred"]
         return pred.round().to(torch.int16), tasks
