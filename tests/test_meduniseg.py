@@ -377,3 +377,24 @@ def test_torchscript_and_onnx_export_of_a_relearned_model_match_eager(catalog, t
         np.testing.assert_allclose(got[:, :k], eager.numpy(), atol=1e-4)
     with pytest.raises(Exception, match="do not match the patch"):
         ts(torch.randn(1, 1, 32, 32), torch.tensor([2]))
+
+
+def test_predict_and_save_a_2d_rgb_file(catalog, tmp_path):
+    """An RGB 2D file stored as (X, Y, 1, 3) (the nnU-Net layout) gets a (X, Y) label map with its in-plane affine."""
+    import nibabel as nib
+    import numpy as np
+
+    from uniseg_components.inferers import TaskPredictor, save_label_map
+
+    affine = np.diag([0.2, 0.3, 1.0, 1.0])
+    affine[:2, 3] = [4.0, -6.0]
+    rgb = np.random.default_rng(0).uniform(0, 255, (30, 28, 1, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(rgb, affine), tmp_path / "skin.nii.gz")
+    predictor = TaskPredictor(tiny(catalog), catalog, device="cpu")
+    label = predictor.predict(str(tmp_path / "skin.nii.gz"), "skin_rgb")
+    assert label.shape == (1, 30, 28) and set(torch.unique(label).tolist()) <= {0, 1}
+    out = nib.load(save_label_map(label, tmp_path / "out" / "skin_seg.nii.gz"))
+    assert out.shape == (30, 28) and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine[:2, :2], affine[:2, :2], atol=1e-6)
+    np.testing.assert_allclose(out.affine[:2, 3], affine[:2, 3], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), label[0].numpy())

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd, LoadImage, MapTransform
 
@@ -594,17 +594,29 @@ def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None =
 def save_label_map(label: torch.Tensor, path: str | Any) -> Any:
     """Write a ``(1, *spatial)`` label map as NIfTI atomically (temporary file renamed into place).
 
+    Written with nibabel directly: a 2D map gets its 2D affine embedded in a 4x4 one (MONAI's writer fails on some
+    2D maps, e.g. those of ``(X, Y, 1, C)`` RGB files). Values below 256 are stored as ``uint8``, else ``int16``.
+
     Args:
-        label: integer label map, a MetaTensor carrying the affine of the grid it lies on.
+        label: integer label map, a MetaTensor carrying the affine of the grid it lies on (identity otherwise).
         path: output ``.nii.gz`` path; parent folders are created.
     """
+    import nibabel as nib
+    import numpy as np
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    affine = label.affine if isinstance(label, MetaTensor) else None
-    writer = NibabelWriter(output_dtype=torch.uint8 if int(label.max()) < 256 else torch.int16)
-    writer.set_data_array(label, channel_dim=0)
-    writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+    arr = torch.as_tensor(label).detach().cpu()[0].numpy()
+    affine = np.eye(4)
+    if isinstance(label, MetaTensor):
+        a = np.asarray(label.affine.detach().cpu().numpy(), dtype=np.float64)
+        r = a.shape[0] - 1  # spatial rank of the affine
+        affine[:r, :r], affine[:r, 3] = a[:r, :r], a[:r, r]
+    dtype = np.uint8 if int(arr.max(initial=0)) < 256 and int(arr.min(initial=0)) >= 0 else np.int16
+    img = nib.Nifti1Image(arr.astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{''.join(path.suffixes)}")
-    writer.write(str(tmp))
+    nib.save(img, str(tmp))
     os.replace(tmp, path)
     return path
