@@ -21,6 +21,7 @@ from .tasks import TaskSpec, read_json
 from .transforms import inference_transforms
 
 __all__ = [
+    "SaveLabelMapd",
     "MirroredPredictor",
     "TaskSlidingWindowInferer",
     "MergedTasksInferer",
@@ -620,3 +621,52 @@ def save_label_map(label: torch.Tensor, path: str | Any) -> Any:
     nib.save(img, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+class SaveLabelMapd(MapTransform):
+    """Write each ``(1, *spatial)`` label map of ``keys`` with :func:`save_label_map` (2D and 3D, atomic), named like
+    ``SaveImaged``: ``<output_dir>/[<name>/]<name>_<output_postfix><output_ext>`` with ``<name>`` the source file's
+    name without extension (``filename_or_obj`` in the label's metadata, else in ``meta_key``'s).
+
+    Args:
+        keys: keys of the label maps, e.g. ``"pred"``.
+        output_dir: output folder, default ``"."``.
+        output_postfix: appended to the name, default ``"seg"``.
+        output_ext: default ``".nii.gz"``.
+        separate_folder: one sub-folder per input file, default ``False``.
+        meta_key: item key whose metadata names the source file when the label's does not, default ``"image"``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike = ".",
+        output_postfix: str = "seg",
+        output_ext: str = ".nii.gz",
+        separate_folder: bool = False,
+        meta_key: str = "image",
+    ) -> None:
+        super().__init__(keys)
+        self.output_dir = Path(output_dir)
+        self.output_postfix, self.output_ext = str(output_postfix), str(output_ext)
+        self.separate_folder, self.meta_key = bool(separate_folder), meta_key
+
+    def _name(self, d: Mapping[Any, Any], label: Any) -> str:
+        for src in (label, d.get(self.meta_key)):
+            meta = getattr(src, "meta", None) or {}
+            source = meta.get("filename_or_obj")
+            if source:
+                name = Path(str(source)).name
+                for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+                    if name.endswith(ext):
+                        return name[: -len(ext)]
+                return Path(name).stem
+        raise ValueError("SaveLabelMapd: no 'filename_or_obj' in the label's or the image's metadata to name the file.")
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = self._name(d, d[key])
+            folder = self.output_dir / name if self.separate_folder else self.output_dir
+            save_label_map(d[key], folder / f"{name}_{self.output_postfix}{self.output_ext}")
+        return d
