@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .inferers import TaskSlidingWindowInferer
-from .losses import TaskDiceCELoss
+from .losses import HermesLoss, TaskDiceCELoss
 from .networks import MedUniSeg, UNetBackbone, UNetPlan, UniSeg, plan_from_catalog
 from .tasks import TaskCatalog
 
@@ -62,9 +62,17 @@ def time_interleaved(
     return [statistics.median(t) for t in times]
 
 
-def _train_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, **kw: Any) -> Callable[[], None]:
+def _train_step(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: bool,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    **kw: Any,
+) -> Callable[[], None]:
+    """One SGD step of ``net(x, **kw)`` against ``y`` with ``loss_fn`` (default :class:`TaskDiceCELoss`)."""
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
-    loss_fn = TaskDiceCELoss()
+    loss_fn = TaskDiceCELoss() if loss_fn is None else loss_fn
     scaler = torch.amp.GradScaler(enabled=amp)
 
     def step() -> None:
@@ -383,28 +391,6 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------- Hermes
-def _hermes_train_step(
-    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, **kw: Any
-) -> Callable[[], None]:
-    """:func:`_train_step` with Hermes' partial-label loss (the network returns its training dict)."""
-    from .losses import HermesLoss
-
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
-    loss_fn = HermesLoss()
-    scaler = torch.amp.GradScaler(enabled=amp)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, enabled=amp):
-            out = net(x, **kw)
-        loss = loss_fn(out, y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    return step
-
-
 def run_hermes_benchmark(
     catalog: str | TaskCatalog | None = None,
     patch_size: Sequence[int] | None = None,
@@ -468,7 +454,7 @@ def run_hermes_benchmark(
     plain.train()
     t_h, t_plain = time_interleaved(
         [
-            _hermes_train_step(net, x, y, amp, task_id=torch.tensor(tasks, device=dev)),
+            _train_step(net, x, y, amp, HermesLoss(), task_id=torch.tensor(tasks, device=dev)),
             _train_step(plain, x, y, amp),
         ],
         repeats,
