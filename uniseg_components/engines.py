@@ -207,7 +207,8 @@ def build_network(config: Mapping[str, Any]) -> torch.nn.Module:
     name = config.get("name")
     cls = getattr(networks, str(name), None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"unknown network {name!r} in checkpoint config; known: UniSeg, MedUniSeg, Hermes.")
+        known = sorted(n for n in networks.__all__ if hasattr(getattr(networks, n), "from_config"))
+        raise ValueError(f"unknown network {name!r} in checkpoint config; known: {', '.join(known)}.")
     return cls.from_config(dict(config))
 
 
