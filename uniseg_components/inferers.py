@@ -213,7 +213,9 @@ class MergedTasksInferer(TaskSlidingWindowInferer):
         super().__init__(roi_size, sw_batch_size, overlap, mode, mirror_axes, catalog=catalog, **kwargs)
         self.tasks = list(tasks)
         if not self.tasks:
-            raise ValueError("MergedTasksInferer needs at least one task (e.g. catalog.tasks_for_channels(['CT'])).")
+            raise ValueError(
+                f"{type(self).__name__} needs at least one task (e.g. catalog.tasks_for_channels(['CT']))."
+            )
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``inputs``: ``(B, C, *spatial)``; returns the merged label map ``(B, 1, *spatial)`` (float32)."""
@@ -284,7 +286,7 @@ class TargetsToLabeld(MapTransform):
         return d
 
 
-class HermesMergedInferer(TaskSlidingWindowInferer):
+class HermesMergedInferer(MergedTasksInferer):
     """All targets of several datasets of one modality in **one** Hermes pass per window, merged into one map.
 
     The request is every target of ``tasks`` (in order) plus one null token and their shared modality; the
@@ -319,10 +321,7 @@ class HermesMergedInferer(TaskSlidingWindowInferer):
         threshold: float = 0.5,
         **kwargs: Any,
     ) -> None:
-        super().__init__(roi_size, sw_batch_size, overlap, mode, mirror_axes, **kwargs)
-        self.tasks = list(tasks)
-        if not self.tasks:
-            raise ValueError("HermesMergedInferer needs at least one task (e.g. catalog.tasks_for_channels(['CT'])).")
+        super().__init__(roi_size, tasks, sw_batch_size, overlap, mode, mirror_axes, **kwargs)
         mods = {tuple(t.modalities) for t in self.tasks}
         if len(mods) != 1:
             raise ValueError(
