@@ -145,6 +145,35 @@ def test_lesion_petct_intensities(collection: Path) -> None:
         assert pet[lab == 1].mean() > 2 * pet[body].mean()
 
 
+def test_kidney_ct_held_out_task(tmp_path: Path) -> None:
+    """``demo_new_tasks``: kidney_ct comes from the abdomen_ct generator with other organs annotated, and only
+    when that catalog is asked for."""
+    from uniseg_components.cli import demo_data
+
+    out = Path(demo_data(str(tmp_path / "new"), catalog="demo_new_tasks"))  # the CLI verb: demo-data --catalog ...
+    saved = TaskCatalog.load(out / demo.DEMO_TASKS_FILE)
+    assert saved.name == "demo_new_tasks" and saved.names == ["kidney_ct"] and saved["kidney_ct"].id == 0
+    assert saved.plan == TaskCatalog.builtin(demo.DEMO_CATALOG).plan  # same plan: an upstream demo model can take it
+    assert "kidney_ct" not in TaskCatalog.builtin(demo.DEMO_CATALOG).names
+    assert sorted(p.name for p in out.iterdir()) == ["Demo07_KidneyCT", "tasks.json"]
+    for img_path, lab_path in _cases(out, "Demo07_KidneyCT"):
+        img, lab = _load(img_path)[0], _load(lab_path)[0]
+        kidney, spleen = lab == 1, lab == 2
+        assert set(np.unique(lab).astype(int).tolist()) == {0, 1, 2}
+        assert -1030 <= img.min() <= -950 and np.array_equal(img, np.rint(img))
+        # enhancing organs far brighter than fat; nephrographic phase: the kidneys brighter than the spleen
+        fat = img[(img > -150) & (img < -60)].mean()
+        assert img[spleen].mean() > fat + 150 and img[kidney].mean() > img[spleen].mean() + 15
+        # two kidneys on either side of the midline, the spleen on the patient's left (-x, low array index)
+        xs = np.nonzero(kidney)[0]
+        mid = img.shape[0] / 2
+        assert (xs < mid).any() and (xs > mid).any()
+        assert np.nonzero(spleen)[0].mean() < mid
+    with pytest.raises(ValueError, match="no demo generator"):
+        write_demo_collection(tmp_path / "x", catalog="uniseg_11tasks", tasks=["liver"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+
+
 @needs_nilearn
 def test_brain_mr_tissues(collection: Path) -> None:
     for img_path, lab_path in _cases(collection, "Demo02_BrainMR"):

@@ -53,17 +53,20 @@ def _dataset_dirs(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False) -> str:
+def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False, catalog: str = "demo") -> str:
     """Write the embedded demo collection (MSD format, no download) and its task catalog.
 
     Six tasks: synthetic abdominal CT (organ, tumour), brain MR tissues from the MNI152 template shipped with
     nilearn (CSF, grey and white matter), synthetic two-channel PET/CT lesions (3D), and three 2D tasks: fetal
-    head ultrasound, chest X-ray (lungs, heart) and RGB dermoscopy (lesion).
+    head ultrasound, chest X-ray (lungs, heart) and RGB dermoscopy (lesion). ``--catalog demo_new_tasks`` writes
+    the held-out kidney_ct task instead (abdominal CT, kidneys and spleen), the new dataset of Hermes'
+    incremental-learning demo.
 
     Args:
         out: output folder, default "demo_data"; it receives one folder per task and tasks.json.
         seed: random seed, default 0 (same seed, same files).
         overwrite: regenerate an existing collection, default False.
+        catalog: built-in demo catalog (or catalog JSON of demo tasks) to write, default "demo".
     Returns:
         the output folder.
     """
@@ -71,7 +74,7 @@ def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False) ->
 
     _setup_logging()
     t = time.time()
-    path = write_demo_collection(out, seed=seed, overwrite=overwrite)
+    path = write_demo_collection(out, seed=seed, overwrite=overwrite, catalog=catalog)
     logger.info("demo collection in %s (%.1f s); catalog %s", path, time.time() - t, Path(path) / "tasks.json")
     return str(path)
 

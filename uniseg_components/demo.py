@@ -1,7 +1,7 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
-"""A small, self-contained demo collection: six MSD-format datasets written in seconds, with no download.
+"""A small, self-contained demo collection: MSD-format datasets written in seconds, with no download.
 
-:func:`write_demo_collection` writes one folder per task of the built-in ``"demo"`` catalog (see
+:func:`write_demo_collection` writes one folder per task of the built-in ``"demo"`` catalog (six tasks, see
 ``catalogs/demo.json``), each in the Medical Segmentation Decathlon layout (``dataset.json``, ``imagesTr/``,
 ``labelsTr/``), plus ``tasks.json``, the catalog of the tasks written::
 
@@ -13,6 +13,7 @@
         Demo04_FetalUS2D/    ...
         Demo05_ChestXR2D/    ...
         Demo06_SkinLesion2D/ ...
+        Demo07_KidneyCT/     (only with catalog="demo_new_tasks")
 
 The tasks:
 
@@ -33,6 +34,14 @@ The tasks:
 * ``skin_lesion``: 2D RGB dermoscopy image (3 channels, values 0-255): skin of a random tone with texture,
   redness, dark hairs, vignetting and sometimes the black corners of a round dermoscope; a pigmented lesion with
   an irregular, partly fuzzy border, colour variegation, pigment network and globules (label 1).
+
+The built-in catalog ``"demo_new_tasks"`` holds one more task, written only when asked for
+(``write_demo_collection(out, catalog="demo_new_tasks")``) so that the bundles' default training data stays the
+tasks above:
+
+* ``kidney_ct``: abdominal CT from the same generator as ``abdomen_ct`` but in a nephrographic phase (renal
+  parenchyma 170-220 HU), with the kidneys (label 1, 0-2 renal cysts included) and the spleen (label 2) annotated
+  and the liver visible but unlabelled: the new dataset of the incremental-learning demo.
 
 Array axis order is MONAI's ``(x, y, z)`` with ``x`` towards the patient's right, ``y`` anterior and ``z``
 superior (RAS); the NIfTI affines are diagonal (voxel spacing) so ``Orientationd("RAS")`` is a no-op.
@@ -87,6 +96,7 @@ DEFAULT_NUM_CASES: dict[str, int] = {
     "fetal_us": 16,
     "chest_xr": 16,
     "skin_lesion": 16,
+    "kidney_ct": 10,
 }
 
 _MNI_FILES = {
@@ -260,6 +270,7 @@ def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[flo
 
     # kidneys: cortex bright, hilum darker
     kidneys = np.zeros(full, bool)
+    sinus = np.zeros(full, bool)
     for side in (-1, 1):
         kc = [side * (rv + rng.uniform(32, 40)), ys + rng.uniform(0, 10), z_kid + rng.uniform(-8, 8)]
         ks = [rng.uniform(20, 26), rng.uniform(15, 19), rng.uniform(40, 50)]
@@ -267,7 +278,9 @@ def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[flo
         k = (q < 1) & cavity
         hu = np.where(k, np.where(q < 0.35, np.float32(30.0), np.float32(rng.uniform(140, 180))), hu)
         kidneys |= k
+        sinus |= k & (q < 0.35)
     masks["kidneys"] = kidneys
+    masks["renal_sinus"] = sinus
 
     # spleen on the patient's left (-x)
     sc = [-(a - fat - wall) + rng.uniform(22, 30), ys + rng.uniform(20, 35), z_liver + rng.uniform(-5, 10)]
@@ -308,19 +321,35 @@ def _torso(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[flo
 
 
 # ====================================================================================================== tasks
-def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
-    """One abdominal CT (HU) with liver (1) and tumours (2); returns ``(image, label, spacing)``."""
+def _abdomen(rng: np.random.Generator, spec: TaskSpec) -> dict[str, Any]:
+    """An abdominal CT field of view at a per-case spacing within +-20% of the task's, liver painted (no noise).
+
+    Returns the :func:`_torso` dictionary plus ``"spacing"``, ``"shape"`` and ``"liver_hu"``.
+    """
     target = np.asarray(spec.spacing, dtype=float)
     inplane = rng.uniform(0.8, 1.2)
     spacing = target * np.array([inplane, inplane, rng.uniform(0.8, 1.2)])
     fov = np.array([192.0, 168.0, 168.0]) * rng.uniform(0.95, 1.05, size=3)
     shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
     torso = _torso(rng, shape, spacing, thorax=False)
-    hu, coords, masks = torso["hu"], torso["coords"], torso["masks"]
-
-    liver = masks["liver"]
     liver_hu = rng.uniform(58, 72)
-    hu = np.where(liver, np.float32(liver_hu) + 5 * _smooth_noise(rng, shape, 6), hu)
+    liver = torso["masks"]["liver"]
+    torso["hu"] = np.where(liver, np.float32(liver_hu) + 5 * _smooth_noise(rng, shape, 6), torso["hu"])
+    torso.update(spacing=spacing, shape=shape, liver_hu=liver_hu)
+    return torso
+
+
+def _ct_image(rng: np.random.Generator, hu: np.ndarray) -> np.ndarray:
+    """``hu`` with correlated scanner noise, rounded and clipped to the 12-bit CT range."""
+    noise = _correlated_noise(rng, hu.shape) * rng.uniform(10, 18)
+    return np.clip(np.rint(hu + noise), -1024, 3071).astype(np.float32)
+
+
+def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One abdominal CT (HU) with liver (1) and tumours (2); returns ``(image, label, spacing)``."""
+    torso = _abdomen(rng, spec)
+    hu, coords, masks, shape, liver_hu = (torso[k] for k in ("hu", "coords", "masks", "shape", "liver_hu"))
+    liver = masks["liver"]
     label = np.zeros(shape, dtype=np.uint8)
     label[liver] = 1
     # every case has 1-2 hypodense tumours, so held-out cases always score the tumour class
@@ -333,9 +362,28 @@ def _abdomen_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: 
         tumour = (q < 1) & liver
         hu = np.where(tumour, np.float32(liver_hu - rng.uniform(60, 80)) + 4 * _smooth_noise(rng, shape, 8), hu)
         label[tumour] = 2
-    noise = _correlated_noise(rng, shape) * rng.uniform(10, 18)
-    image = np.clip(np.rint(hu + noise), -1024, 3071).astype(np.float32)
-    return image, label, tuple(float(s) for s in spacing)
+    return _ct_image(rng, hu), label, tuple(float(s) for s in torso["spacing"])
+
+
+def _kidney_ct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
+    """One nephrographic-phase abdominal CT (HU) with kidneys (1) and spleen (2) labelled, the liver visible but
+    unlabelled, and 0-2 hypodense renal cysts (part of the kidney label); returns ``(image, label, spacing)``."""
+    torso = _abdomen(rng, spec)
+    hu, coords, masks, shape = (torso[k] for k in ("hu", "coords", "masks", "shape"))
+    kidneys = masks["kidneys"]
+    # a nephrographic-phase scan: the renal parenchyma enhances well above the spleen (140-180 HU in abdomen_ct)
+    parenchyma = kidneys & ~masks["renal_sinus"]
+    hu = np.where(parenchyma, np.float32(rng.uniform(170, 220)) + 8 * _smooth_noise(rng, shape, 6), hu)
+    for _ in range(int(rng.integers(0, 3))):
+        c = _pick_voxel(rng, kidneys, coords)
+        if c is None:
+            break
+        cyst = (_ellipsoid(coords, c, rng.uniform(5, 10, size=3)) < 1) & kidneys
+        hu = np.where(cyst, np.float32(rng.uniform(0, 15)), hu)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[kidneys] = 1
+    label[masks["spleen"] & ~kidneys] = 2
+    return _ct_image(rng, hu), label, tuple(float(s) for s in torso["spacing"])
 
 
 def _lesion_petct_case(rng: np.random.Generator, spec: TaskSpec, index: int, ctx: dict) -> tuple:
@@ -743,6 +791,7 @@ _GENERATORS: dict[str, tuple[int, Callable[..., tuple]]] = {
     "fetal_us": (4, _fetal_us_case),
     "chest_xr": (5, _chest_xr_case),
     "skin_lesion": (6, _skin_lesion_case),
+    "kidney_ct": (7, _kidney_ct_case),
 }
 
 
@@ -850,6 +899,7 @@ def write_demo_collection(
     num_cases: Mapping[str, int] | int | None = None,
     tasks: Sequence[str] | None = None,
     overwrite: bool = False,
+    catalog: TaskCatalog | str | os.PathLike = DEMO_CATALOG,
 ) -> Path:
     """Write the synthetic demo collection (MSD layout plus ``tasks.json``) under ``out_dir``.
 
@@ -863,28 +913,34 @@ def write_demo_collection(
             depend on ``num_cases``.
         num_cases: cases per task: an int for every task, a dict ``{task name: count}`` overriding some tasks,
             or ``None`` (default) for :data:`DEFAULT_NUM_CASES` (10 per 3D task, 16 per 2D task).
-        tasks: names of the demo tasks to write, default ``None`` (all six). ``tasks.json`` then holds the
-            catalog restricted to these tasks, ids renumbered from 0.
+        tasks: names of the demo tasks to write, default ``None`` (every task of ``catalog``). ``tasks.json``
+            then holds the catalog restricted to these tasks, ids renumbered from 0.
         overwrite: regenerate even when ``out_dir`` already holds a collection with the requested tasks,
             default False. Without it such a collection is returned unchanged (seed and case counts are not
             compared).
+        catalog: the catalog whose tasks are written (object, JSON file or built-in name), default ``"demo"``
+            (the six tasks above); ``"demo_new_tasks"`` holds ``kidney_ct``, kept out of the bundles' default
+            training data as the new dataset of the incremental-learning demo. Every task must be a demo task
+            (its name selects the generator; spacing, labels and dataset folder come from the catalog).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
 
     Raises:
         ImportError: when ``brain_mr`` is requested and nilearn (the ``demo`` extra) is not installed.
-        ValueError: for unknown task names or case counts below 1.
+        ValueError: for unknown task names, tasks without a demo generator or case counts below 1.
     """
     out_dir = Path(out_dir)
-    catalog = TaskCatalog.builtin(DEMO_CATALOG)
+    catalog = TaskCatalog.resolve(catalog)
     if isinstance(tasks, str):
         tasks = [tasks]
     if tasks is not None:
         catalog = catalog.select(names=list(dict.fromkeys(tasks)))
     missing = [t.name for t in catalog if t.name not in _GENERATORS]
     if missing:
-        raise ValueError(f"no demo generator for task(s) {missing}; known: {sorted(_GENERATORS)}.")
+        raise ValueError(
+            f"catalog {catalog.name!r}: no demo generator for task(s) {missing}; demo tasks: {sorted(_GENERATORS)}."
+        )
     counts = _case_counts(catalog, num_cases)
     if not overwrite and demo_collection_exists(out_dir, catalog.names):
         logger.info("demo collection already in %s; pass overwrite=True to regenerate.", out_dir)
