@@ -341,7 +341,8 @@ def test_add_tasks_trains_only_the_new_task_and_keeps_old_outputs(trained, upstr
     root = upstream_two_tasks
     upstream_bytes = (root / "models" / "model.pt").read_bytes()
     overlays = [TRAIN, ADD_TASKS, _record_batches(root)]
-    wf = _workflow(overlays, root, dataset_dir=str(trained / "demo_data"), epochs=1, batches_per_task=2)
+    # the new task's data is in the upstream's data folder: catalog "demo" names it, the datalist holds it
+    wf = _workflow(overlays, root, dataset_dir=str(trained / "demo_data"), catalog="demo", epochs=1, batches_per_task=2)
     assert wf.parser.get_parsed_content("added_tasks") == ["abdomen_ct"]
     _run(wf)
     assert (root / "models" / "model.pt").read_bytes() == upstream_bytes  # the upstream model is not overwritten
@@ -365,6 +366,35 @@ def test_add_tasks_trains_only_the_new_task_and_keeps_old_outputs(trained, upstr
         ckpt_dir=str(root / "models" / "add_tasks"),
     )  # fmt: skip
     assert nib.load(str(seg)).shape == nib.load(str(image)).shape
+
+
+def test_add_tasks_default_adds_the_held_out_demo_task(trained, tmp_path):
+    """Defaults: catalog ``demo_new_tasks`` adds kidney_ct, whose demo data is written into ``demo_data_new``;
+    ``--validate_all_tasks`` scores the old tasks on the upstream's data folder as well."""
+    root = tmp_path / "bundle"
+    overlays = [TRAIN, ADD_TASKS, _record_batches(tmp_path)]
+    override = dict(pretrained=str(trained / "models" / "model.pt"), upstream_dataset_dir=str(trained / "demo_data"))
+    wf = _workflow(overlays, root, demo_cases=3, validate_all_tasks=True, **override, **FAST)
+    assert wf.parser.get_parsed_content("added_tasks") == ["kidney_ct"]
+    _run(wf)
+    written = sorted(p.name for p in (root / "demo_data_new").iterdir())
+    assert written == ["Demo07_KidneyCT", "datalist.json", "tasks.json"]
+    assert not (root / "demo_data").exists()  # the upstream data is read where it is
+    tasks = _recorded_tasks(root / "eval" / "add_tasks")
+    assert tasks and all(set(t) == {"kidney_ct"} for t in tasks)
+    new, cat = load_checkpoint(root / "models" / "add_tasks" / "model.pt")
+    assert cat.names == [*TASKS, "kidney_ct"] and list(cat["kidney_ct"].labels) == ["background", "kidney", "spleen"]
+    summary = json.loads((root / "eval" / "add_tasks" / "val_dice_per_task.json").read_text())
+    assert list(summary["per_task"]) == [*TASKS, "kidney_ct"]  # every task validated
+    assert list(summary["per_task"]["kidney_ct"]) == ["kidney", "spleen"]
+    old, _ = load_checkpoint(trained / "models" / "model.pt")
+    x = torch.rand(1, 1, 48, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # frozen by default: abdomen_ct's outputs are the upstream's
+        assert torch.equal(new(x, task_id=0), old(x, task_id=0))
+    # without validate_all_tasks the upstream data is not read at all
+    wf = _workflow([TRAIN, ADD_TASKS], root / "again", **{**override, "upstream_dataset_dir": str(tmp_path / "no")})
+    assert wf.parser.get_parsed_content("upstream_data") is None
+    assert wf.parser.get_parsed_content("added_tasks") == ["kidney_ct"]
 
 
 def test_bundle_helpers_for_incremental_runs(trained, upstream_two_tasks):

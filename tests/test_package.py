@@ -40,7 +40,7 @@ def _bundle_copy(tmp_path: Path) -> Path:
     net = UniSegDownstream.from_catalog(cat)
     torch.save({"model": net.state_dict(), "meta": CheckpointMeta(net, cat).state_dict()}, dst / "models" / "model.pt")
     (dst / "models" / "model_final.pt").write_bytes(b"x")  # training-only file
-    for junk in ("eval/metrics.csv", "demo_data/x.nii.gz", "configs/__pycache__/a.pyc"):
+    for junk in ("eval/metrics.csv", "demo_data/x.nii.gz", "demo_data_new/y.nii.gz", "configs/__pycache__/a.pyc"):
         (dst / junk).parent.mkdir(parents=True, exist_ok=True)
         (dst / junk).write_text("junk")
     return dst
@@ -64,7 +64,7 @@ def test_package_layout_and_errors(tmp_path):
     assert f"{NAME}/uniseg_components/__init__.py" in names
     assert f"{NAME}/uniseg_components/catalogs/demo.json" in names
     assert not any(
-        ("__pycache__" in n or "/eval/" in n or "/demo_data/" in n or n.endswith("model_final.pt")) for n in names
+        ("__pycache__" in n or "/eval/" in n or "/demo_data" in n or n.endswith("model_final.pt")) for n in names
     )
     assert not any(p.name.startswith(".") for p in (tmp_path / "dist").iterdir())  # no temporary file left
     meta = json.loads(zipfile.ZipFile(zip_path).read(f"{NAME}/configs/metadata.json"))

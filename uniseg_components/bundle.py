@@ -190,6 +190,7 @@ def ensure_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     demo_tasks: Sequence[str] | None = None,
+    demo_catalog: TaskCatalog | str | os.PathLike | None = None,
 ) -> tuple[Path, TaskCatalog]:
     """The datalist and catalog of a bundle run; builds them when they are absent.
 
@@ -211,6 +212,8 @@ def ensure_datalist(
         seed: demo and split seed, default 0.
         demo_tasks: demo tasks written into an empty ``dataset_dir``, default ``None`` (:data:`DEMO_3D_TASKS`;
             MedUniSeg's bundle writes every demo task, 2D ones included).
+        demo_catalog: the catalog the demo tasks are taken from, default ``None`` (the built-in ``"demo"``); e.g.
+            ``"demo_new_tasks"`` for the new dataset of the incremental-learning demo.
 
     Returns:
         ``(datalist_path, catalog)`` with the full catalog (not yet restricted to 3D tasks).
@@ -228,7 +231,7 @@ def ensure_datalist(
         path = root / DATALIST_NAME
         if not path.is_file():
             if get_rank() == 0:
-                _build_datalist(root, catalog, num_cases, val_fraction, seed, demo_tasks)
+                _build_datalist(root, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog)
             else:
                 _wait_for(path)
     if catalog is None:
@@ -246,6 +249,7 @@ def _build_datalist(
     val_fraction: float,
     seed: int,
     demo_tasks: Sequence[str] | None = None,
+    demo_catalog: TaskCatalog | str | os.PathLike | None = None,
 ) -> Path:
     if root.exists() and not root.is_dir():
         raise ValueError(f"dataset_dir {str(root)!r} is not a folder.")
@@ -256,11 +260,11 @@ def _build_datalist(
                 f"dataset_dir {str(root)!r} holds neither a datalist.json nor MSD-format task folders "
                 "(<task>/dataset.json); give --datalist, or an empty/absent --dataset_dir to build the demo data."
             )
-        from .demo import write_demo_collection
+        from .demo import DEMO_CATALOG, write_demo_collection
 
         names = list(DEMO_3D_TASKS if demo_tasks is None else demo_tasks)
         logger.info("building the demo collection (%s) in %s", ", ".join(names), root)
-        write_demo_collection(root, seed=seed, num_cases=num_cases, tasks=names)
+        write_demo_collection(root, seed=seed, num_cases=num_cases, tasks=names, catalog=demo_catalog or DEMO_CATALOG)
         folders = msd_folders(root)
     if catalog is None:
         if not (root / CATALOG_NAME).is_file():
@@ -299,6 +303,7 @@ class BundleData:
         val_fraction: validation fraction when preparing, default 0.2.
         seed: default 0.
         demo_tasks: demo tasks written when the demo is built, default ``None`` (:data:`DEMO_3D_TASKS`).
+        demo_catalog: the catalog of ``demo_tasks``, default ``None`` (the built-in ``"demo"``).
 
     Attributes:
         datalist: path of the datalist used.
@@ -321,8 +326,11 @@ class BundleData:
         seed: int = 0,
         tasks: Sequence[str] | str | None = None,
         demo_tasks: Sequence[str] | None = None,
+        demo_catalog: TaskCatalog | str | os.PathLike | None = None,
     ) -> None:
-        path, full = ensure_datalist(dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks)
+        path, full = ensure_datalist(
+            dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog
+        )
         names = _task_names(tasks)
         train, val, _ = load_datalist(path)
         for section, items in (("training", train), ("validation", val)):

@@ -18,10 +18,11 @@ first on ``sys.path``) and in the model zoo's CI. A machine with MONAI and its d
 bundle without installing this package. In the zip's ``metadata.json`` the ``uniseg-components`` entry of
 ``required_packages_version`` is dropped, as the package is not needed from PyPI.
 
-Left out: ``eval/``, ``demo_data/``, ``runs/``, ``mlruns/``, caches (``__pycache__``, ``*.pyc``), temporary files
-and training-only checkpoints in ``models/`` (only ``model.pt``, ``model.ts``, ``model.onnx`` and
-``model_trt.ts`` are shipped). The zip is written to a temporary file and renamed into place, with sorted entries
-and fixed timestamps, so the same inputs give the same bytes (and the same sha1 for ``model_info.json``).
+Left out: ``eval/``, ``demo_data/``, ``demo_data_new/``, ``runs/``, ``mlruns/``, caches (``__pycache__``,
+``*.pyc``), temporary files and training-only checkpoints in ``models/`` (only ``model.pt``, ``model.ts``,
+``model.onnx`` and ``model_trt.ts`` are shipped). The zip is written to a temporary file and renamed into place,
+with sorted entries and fixed timestamps, so the same inputs give the same bytes (and the same sha1 for
+``model_info.json``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,16 @@ logger = logging.getLogger("uniseg_components.packaging")
 PACKAGE_NAME = "uniseg_components"
 #: files of ``models/`` that go into a release
 MODEL_FILES = ("model.pt", "model.ts", "model.onnx", "model_trt.ts")
-_EXCLUDED_DIRS = {"eval", "demo_data", "runs", "mlruns", "__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
+_EXCLUDED_DIRS = {
+    "eval",
+    "demo_data",
+    "demo_data_new",
+    "runs",
+    "mlruns",
+    "__pycache__",
+    ".pytest_cache",
+    ".ipynb_checkpoints",
+}
 _EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
