@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from ignite.engine import Engine
@@ -591,3 +593,12 @@ def test_evaluator_runs_2d_and_3d_tasks_in_one_run():
     details = evaluator.state.metric_details["val_mean_dice"]
     assert set(details) == {"organs", "us"}
     assert 0.0 <= evaluator.state.metrics["val_mean_dice"] <= 1.0
+
+
+def test_image_stem_strips_the_image_extension():
+    from uniseg_components.inferers import image_stem
+
+    assert image_stem("/data/case_001.nii.gz") == "case_001"
+    assert image_stem(Path("x.y.nii")) == "x.y"
+    assert image_stem("scan.mha") == "scan" and image_stem("vol.nrrd") == "vol"
+    assert image_stem("noext") == "noext"

@@ -253,7 +253,7 @@ def infer(
         the written files.
     """
     from .engines import load_checkpoint
-    from .inferers import TaskPredictor, save_label_map
+    from .inferers import TaskPredictor, image_stem, save_label_map
 
     _setup_logging()
     net, cat = load_checkpoint(checkpoint, catalog=catalog or None)
@@ -273,7 +273,7 @@ def infer(
     written: list[str] = []
     for i, f in enumerate(files, 1):
         t = time.time()
-        stem = f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
+        stem = image_stem(f)
         if task_name == "all":
             label, tasks = predictor.predict_all(str(f), _as_list(modality) if modality else None)
             names = {tk.name for tk in tasks}

@@ -21,6 +21,7 @@ from .tasks import TaskSpec, read_json
 from .transforms import inference_transforms
 
 __all__ = [
+    "image_stem",
     "SaveLabelMapd",
     "MirroredPredictor",
     "TaskSlidingWindowInferer",
@@ -591,6 +592,12 @@ def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None =
     return tasks
 
 
+def image_stem(path: str | os.PathLike) -> str:
+    """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+
+
 def save_label_map(label: torch.Tensor, path: str | Any) -> Any:
     """Write a ``(1, *spatial)`` label map as NIfTI atomically (temporary file renamed into place).
 
@@ -655,11 +662,7 @@ class SaveLabelMapd(MapTransform):
             meta = getattr(src, "meta", None) or {}
             source = meta.get("filename_or_obj")
             if source:
-                name = Path(str(source)).name
-                for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-                    if name.endswith(ext):
-                        return name[: -len(ext)]
-                return Path(name).stem
+                return image_stem(str(source))
         raise ValueError("SaveLabelMapd: no 'filename_or_obj' in the label's or the image's metadata to name the file.")
 
     def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
