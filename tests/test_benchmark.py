@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from uniseg_components import cli
-from uniseg_components.benchmark import count_parameters, format_report, run_benchmark, time_interleaved
-from uniseg_components.networks import UniSeg
+from uniseg_components.benchmark import count_parameters, time_interleaved
+from uniseg_components.methods import METHODS, get_method
+from uniseg_components.methods.uniseg import UniSeg
+from uniseg_components.methods.uniseg.benchmark import format_report, run_benchmark
 from uniseg_components.tasks import TaskCatalog
 
 
@@ -32,15 +34,18 @@ def test_run_benchmark_on_demo_plan(tmp_path):
     assert res["sw_volume"] == [24, 24, 24]
     report = format_report(res)
     assert "(b) training step" in report and "voxels/s" in report
+    assert get_method("uniseg").format_benchmark(res) == report  # the method protocol reaches the same report
     # the CLI writes the same kind of table
     out = tmp_path / "bench.md"
-    text = cli.benchmark(catalog="demo", patch="16,16,16", repeats=1, device="cpu", write=str(out))
+    text = cli.benchmark(catalog="demo", patch="16,16,16", repeats=1, device="cpu", write=str(out), model="uniseg")
     assert out.read_text().strip() == text.strip()
+    assert text.startswith("### uniseg") and "(b) training step" in text
 
 
 def test_meduniseg_benchmark_on_demo_plan():
-    from uniseg_components.benchmark import BENCHMARKS, format_meduniseg_report, run_meduniseg_benchmark
-    from uniseg_components.networks import MedUniSeg
+    from uniseg_components.methods.meduniseg import MedUniSeg
+    from uniseg_components.methods.meduniseg.benchmark import format_report as format_meduniseg_report
+    from uniseg_components.methods.meduniseg.benchmark import run_benchmark as run_meduniseg_benchmark
 
     torch.set_num_threads(1)
     cat = TaskCatalog.builtin("demo")
@@ -55,12 +60,13 @@ def test_meduniseg_benchmark_on_demo_plan():
         assert res[f"sliding_{dims}"]["per_s"] > 0
     report = format_meduniseg_report(res)
     assert "2D sliding-window throughput" in report and "single-task nnU-Nets" in report
-    assert BENCHMARKS["meduniseg"] == (run_meduniseg_benchmark, format_meduniseg_report)
+    assert METHODS["meduniseg"].format_benchmark(res) == report
 
 
 def test_hermes_benchmark_on_demo_plan():
-    from uniseg_components.benchmark import BENCHMARKS, format_hermes_report, run_hermes_benchmark
-    from uniseg_components.networks import Hermes
+    from uniseg_components.methods.hermes import Hermes
+    from uniseg_components.methods.hermes.benchmark import format_report as format_hermes_report
+    from uniseg_components.methods.hermes.benchmark import run_benchmark as run_hermes_benchmark
 
     torch.set_num_threads(1)
     cat = TaskCatalog.builtin("demo").select(dims=3)
@@ -75,4 +81,4 @@ def test_hermes_benchmark_on_demo_plan():
     assert res["sw_volume"] == [24, 24, 24]
     report = format_hermes_report(res)
     assert "prior-fusion layers" in report and "one pass per target" in report
-    assert BENCHMARKS["hermes"] == (run_hermes_benchmark, format_hermes_report)
+    assert METHODS["hermes"].format_benchmark(res) == report

@@ -24,9 +24,14 @@ pytest.importorskip("nilearn")
 
 from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
 
-from uniseg_components.bundle import BundleData, checkpoint_catalog, extended_catalog, items_of_tasks  # noqa: E402
-from uniseg_components.engines import load_checkpoint, save_checkpoint  # noqa: E402
-from uniseg_components.networks import Hermes  # noqa: E402
+from uniseg_components.bundle import BundleData, items_of_tasks  # noqa: E402
+from uniseg_components.checkpoints import (  # noqa: E402
+    checkpoint_catalog,  # noqa: E402
+    load_checkpoint,
+    save_checkpoint,
+)
+from uniseg_components.methods.hermes import Hermes  # noqa: E402
+from uniseg_components.methods.hermes.incremental import extended_catalog  # noqa: E402
 from uniseg_components.tasks import TaskCatalog  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +72,7 @@ def _run(wf: ConfigWorkflow) -> None:
 def _record_batches(folder: Path) -> str:
     """An overlay config appending a BatchRecorder (which tasks each batch held) to the training handlers."""
     record = folder / "record_batches.json"
-    recorder = {"_target_": "uniseg_components.bundle.BatchRecorder", "output_dir": "@output_dir"}
+    recorder = {"_target_": "uniseg_components.handlers.BatchRecorder", "output_dir": "@output_dir"}
     record.write_text(json.dumps({"+train#handlers": [recorder]}))
     return str(record)
 
@@ -168,7 +173,7 @@ def test_resume_gives_the_same_weights(trained, tmp_path):
     common.update(tasks="abdomen_ct,brain_mr", augment=True)  # two mixable tasks: 2 mixed batches per epoch
     full, part = tmp_path / "full", tmp_path / "part"
     stop = (
-        "$@train#trainer.add_event_handler(uniseg_components.bundle.Events.EPOCH_COMPLETED(once=1), "
+        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
         "lambda e: e.terminate())"
     )
     for root, resume, extra in (
@@ -442,7 +447,7 @@ def test_release_zip_runs_inference_without_the_installed_package(trained, tmp_p
     names = zipfile.ZipFile(zip_path).namelist()
     for required in ("LICENSE", "configs/add_tasks.json", "configs/inference.json", "models/model.pt"):
         assert f"{BUNDLE.name}/{required}" in names
-    assert f"{BUNDLE.name}/uniseg_components/networks/hermes.py" in names
+    assert f"{BUNDLE.name}/uniseg_components/methods/hermes/network.py" in names
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(tmp_path / "unzipped")
     root = tmp_path / "unzipped" / BUNDLE.name

@@ -13,13 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import reference_all_tasks, reference_prediction
 
+from uniseg_components.checkpoints import load_checkpoint
 from uniseg_components.data import prepare
 from uniseg_components.demo import write_demo_collection
-from uniseg_components.engines import load_checkpoint
-from uniseg_components.inferers import TaskPredictor
 from uniseg_components.tasks import TaskCatalog
-from uniseg_components.training import train
+from uniseg_components.workflows import train
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "uniseg_universal_segmentation"
@@ -39,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     prepare(sorted(p for p in data.iterdir() if p.is_dir()), catalog, root / "prepared", val_fraction=0.5)
     train(
         root / "prepared" / "datalist.json",
-        catalog,
+        catalog=catalog,
         output_dir=root / "run",
         epochs=1,
         batches_per_task=2,
@@ -115,8 +115,8 @@ def test_monai_label_style_inference(trained: dict) -> None:
     assert values <= {0.0, 1.0, 2.0}
 
     net, cat = load_checkpoint(trained["bundle_root"] / "models" / "model.pt")
-    expected = TaskPredictor(net, cat, device="cpu").predict(str(image), "abdomen_ct")
-    assert torch.equal(pred.to(torch.int16).cpu(), expected.cpu())
+    expected = reference_prediction(net, cat, str(image), "abdomen_ct")
+    assert torch.equal(pred.to(torch.int16).cpu(), expected.to(torch.int16).cpu())
 
 
 def _run_bundle(bundle_root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -163,7 +163,7 @@ def test_bundle_run_all_tasks_merged(trained: dict, tmp_path: Path) -> None:
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2}
 
     net, cat = load_checkpoint(trained["bundle_root"] / "models" / "model.pt")
-    expected, tasks = TaskPredictor(net, cat, device="cpu").predict_all(str(image), ["CT"])
+    expected, tasks = reference_all_tasks(net, cat, str(image), ["CT"])
     assert [t.name for t in tasks] == ["abdomen_ct"]
     np.testing.assert_array_equal(np.asarray(lab.dataobj), expected[0].numpy())
 
@@ -221,7 +221,7 @@ def test_inferer_bound_task_and_merged_tasks() -> None:
 
 
 def test_list_images(tmp_path: Path) -> None:
-    from uniseg_components.inferers import list_images
+    from uniseg_components.io import list_images
 
     for name in ("b.nii.gz", "a.nii.gz", "notes.txt"):
         (tmp_path / name).write_bytes(b"")

@@ -21,11 +21,11 @@ import torch
 
 pytest.importorskip("nilearn")
 
+from conftest import reference_all_tasks, reference_prediction  # noqa: E402
 from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
 
-from uniseg_components.engines import load_checkpoint  # noqa: E402
-from uniseg_components.inferers import TaskPredictor  # noqa: E402
-from uniseg_components.networks import MedUniSeg, MedUniSegStar  # noqa: E402
+from uniseg_components.checkpoints import load_checkpoint  # noqa: E402
+from uniseg_components.methods.meduniseg import MedUniSeg, MedUniSegStar  # noqa: E402
 from uniseg_components.tasks import TaskCatalog  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_inference_2d_and_3d_on_the_input_grid(trained, tmp_path, task):
     np.testing.assert_allclose(lab.affine[:2, 3], src.affine[:2, 3], atol=1e-3)
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= set(range(DEMO[task].num_classes))
     net, cat = load_checkpoint(trained / "models" / "model.pt")
-    expected_map = TaskPredictor(net, cat, device="cpu").predict(image, task)
+    expected_map = reference_prediction(net, cat, image, task)
     np.testing.assert_array_equal(np.asarray(lab.dataobj), expected_map[0].numpy())
 
 
@@ -160,7 +160,7 @@ def test_inference_all_tasks_of_a_2d_modality(trained, tmp_path):
     offset = DEMO["fetal_us"].label_offset
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, offset + 1}
     net, cat = load_checkpoint(trained / "models" / "model.pt")
-    expected, tasks = TaskPredictor(net, cat, device="cpu").predict_all(image, ["US"])
+    expected, tasks = reference_all_tasks(net, cat, image, ["US"])
     assert [t.name for t in tasks] == ["fetal_us"]
     np.testing.assert_array_equal(np.asarray(lab.dataobj), expected[0].numpy())
 
@@ -227,7 +227,7 @@ def test_resume_gives_the_same_weights(trained, tmp_path):
     common.update({"validate#dataset#data": [], "augment": True})
     full, part = tmp_path / "full", tmp_path / "part"
     stop = (
-        "$@train#trainer.add_event_handler(uniseg_components.bundle.Events.EPOCH_COMPLETED(once=1), "
+        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
         "lambda e: e.terminate())"
     )
     for root, resume, extra in (
@@ -248,7 +248,7 @@ def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
     record = tmp_path / "record.json"
     record.write_text(
         json.dumps(
-            {"+train#handlers": [{"_target_": "uniseg_components.bundle.BatchRecorder", "output_dir": "@output_dir"}]}
+            {"+train#handlers": [{"_target_": "uniseg_components.handlers.BatchRecorder", "output_dir": "@output_dir"}]}
         )
     )
     cmd = [
@@ -305,7 +305,7 @@ def test_relearn_trains_only_adapters_and_keeps_other_tasks(trained, tmp_path):
 
     image = _items(trained, "validation", "fetal_us")[0]["image"]
     written = _infer(root, tmp_path / "pred", ckpt_path=str(ckpt), datalist=image, task="fetal_us")
-    expected = TaskPredictor(star, cat, device="cpu").predict(image, "fetal_us")
+    expected = reference_prediction(star, cat, image, "fetal_us")
     np.testing.assert_array_equal(np.asarray(nib.load(str(written[0])).dataobj), expected[0].numpy())
 
 
@@ -345,7 +345,12 @@ def test_release_zip(trained, tmp_path):
     version = json.loads(Path(METADATA).read_text())["version"]
     assert zip_path.name == f"{BUNDLE.name}_v{version}.zip"
     names = set(zipfile.ZipFile(zip_path).namelist())
-    for required in ("LICENSE", "docs/README.md", "models/model.pt", "uniseg_components/networks/meduniseg.py") + tuple(
+    for required in (
+        "LICENSE",
+        "docs/README.md",
+        "models/model.pt",
+        "uniseg_components/methods/meduniseg/network.py",
+    ) + tuple(
         f"configs/{c}" for c in ("metadata.json", "train.json", "evaluate.json", "inference.json", "relearn.json")
     ):
         assert f"{BUNDLE.name}/{required}" in names, required

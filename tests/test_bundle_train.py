@@ -19,8 +19,8 @@ pytest.importorskip("nilearn")
 
 from monai.bundle import ConfigWorkflow  # noqa: E402
 
-from uniseg_components.bundle import epoch_seed, resume_path  # noqa: E402
-from uniseg_components.engines import load_checkpoint  # noqa: E402
+from uniseg_components.checkpoints import load_checkpoint  # noqa: E402
+from uniseg_components.handlers import epoch_seed, resume_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "uniseg_universal_segmentation"
@@ -134,7 +134,7 @@ def test_resume_gives_the_same_weights(trained, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     # the interrupted run: a 2-epoch run stopped after its first epoch (the schedule depends on max_epochs)
     stop = (
-        "$@train#trainer.add_event_handler(uniseg_components.bundle.Events.EPOCH_COMPLETED(once=1), "
+        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
         "lambda e: e.terminate())"
     )
     for root, resume, extra in (
@@ -193,7 +193,7 @@ def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
     record = tmp_path / "record.json"
     record.write_text(
         json.dumps(
-            {"+train#handlers": [{"_target_": "uniseg_components.bundle.BatchRecorder", "output_dir": "@output_dir"}]}
+            {"+train#handlers": [{"_target_": "uniseg_components.handlers.BatchRecorder", "output_dir": "@output_dir"}]}
         )
     )
     cmd = [
@@ -237,7 +237,8 @@ def test_mlflow_tracking(trained, tmp_path):
 
 
 def test_distributed_helpers_and_data_errors(tmp_path):
-    from uniseg_components.bundle import distributed_backend, ensure_datalist, find_bundle_root, get_rank
+    from uniseg_components.bundle import ensure_datalist, find_bundle_root
+    from uniseg_components.distributed import distributed_backend, get_rank
 
     assert distributed_backend("cpu") == "gloo" and distributed_backend("cuda:1") == "nccl"
     assert get_rank() == 0

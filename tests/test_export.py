@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniseg_components.engines import save_checkpoint
-from uniseg_components.export import UniSegExportable, export_onnx, export_torchscript
-from uniseg_components.networks import UniSeg
+from uniseg_components.checkpoints import save_checkpoint
+from uniseg_components.export import export_onnx, export_torchscript
+from uniseg_components.methods.uniseg import UniSeg, UniSegExportable
 from uniseg_components.tasks import TaskCatalog
 
 REPO = Path(__file__).resolve().parents[1]

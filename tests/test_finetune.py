@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from uniseg_components.checkpoints import build_network, load_checkpoint, with_checksum
 from uniseg_components.data import prepare
 from uniseg_components.demo import write_demo_collection
-from uniseg_components.engines import build_network, load_checkpoint
-from uniseg_components.finetune import load_upstream_weights, task_catalog
-from uniseg_components.networks import UniSegDownstream
+from uniseg_components.methods.uniseg import UniSegDownstream
+from uniseg_components.methods.uniseg.finetune import load_upstream_weights, task_catalog
 from uniseg_components.tasks import TaskCatalog
-from uniseg_components.training import train
+from uniseg_components.workflows import train
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "uniseg_finetune_segmentation"
@@ -132,7 +132,7 @@ def test_bundle_finetunes_from_upstream_checkpoint(upstream):
     net, cat = load_checkpoint(model)
     assert isinstance(net, UniSegDownstream) and cat.names == ["abdomen_ct"]
     obj = torch.load(model, weights_only=True)
-    assert set(obj) == {"model", "meta"}
+    assert set(obj) == {"model", "meta", "checksum"}  # the saver adds the checksum it verifies on load
     assert obj["model"]["backbone.upsamples.0.weight"].shape[0] == net.plan.features[-1]
 
 
@@ -265,7 +265,7 @@ def test_bundle_checks_and_exports(tmp_path):
 
 
 def test_task_data_from_datalist_and_dataset_dir(upstream, tmp_path):
-    from uniseg_components.finetune import inference_items, prepare_task_data
+    from uniseg_components.methods.uniseg.finetune import inference_items, prepare_task_data
 
     cat = task_catalog("demo", "abdomen_ct")
     from_dir = prepare_task_data(cat, dataset_dir=upstream["ft_demo"], output_dir=tmp_path / "a")
@@ -308,7 +308,7 @@ def test_bundle_resumes_from_the_latest_full_state(upstream):
     # mark the saved weights: a resumed run that has nothing left to do must come back with exactly them
     key = next(k for k in state["model"] if k.endswith("weight"))
     state["model"][key] = torch.full_like(state["model"][key], 0.123)
-    torch.save(state, latest)
+    torch.save(with_checksum(state), latest)  # an edited checkpoint needs a new checksum: the reader refuses others
     wf = run(1, True)
     net = wf.parser.get_parsed_content("network")
     assert torch.all(net.state_dict()[key] == 0.123)

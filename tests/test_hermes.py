@@ -8,13 +8,21 @@ from collections import Counter
 import pytest
 import torch
 
+from uniseg_components.checkpoints import build_network, save_checkpoint
 from uniseg_components.data import TaskBalancedBatchSampler
-from uniseg_components.engines import PrepareTaskBatch, build_network, save_checkpoint
+from uniseg_components.engines import PrepareTaskBatch
 from uniseg_components.export import export_torchscript
-from uniseg_components.incremental import extend_checkpoint, extend_network, param_groups
-from uniseg_components.inferers import HermesMergedInferer, TargetsToLabeld, targets_to_label
-from uniseg_components.losses import HermesLoss
-from uniseg_components.networks import Hermes, TwoWayAttentionBlock, default_fusion_stages, hermes_tables
+from uniseg_components.methods.hermes import (
+    Hermes,
+    HermesLoss,
+    HermesMergedInferer,
+    TargetsToLabeld,
+    TwoWayAttentionBlock,
+    default_fusion_stages,
+    hermes_tables,
+    targets_to_label,
+)
+from uniseg_components.methods.hermes.incremental import extend_checkpoint, extend_network, param_groups
 from uniseg_components.tasks import TaskCatalog
 
 
@@ -461,27 +469,30 @@ def test_onnx_export_matches_eager(catalog, tmp_path):
         assert abs(got - eager).max() < 1e-4
 
 
-def test_task_predictor_reads_sigmoid_targets(catalog, tmp_path):
-    """``TaskPredictor`` (CLI ``infer`` / ``evaluate``) turns Hermes' per-target sigmoid logits into label maps:
-    no target above 0.5 gives background, every target above gives a foreground label of the task."""
+def test_cli_infer_reads_sigmoid_targets(catalog, tmp_path):
+    """CLI ``infer`` (the Hermes bundle's inference config) turns the per-target sigmoid logits into label maps: no
+    target above 0.5 gives background, every target above gives a foreground label of the task; ``--task all`` merges
+    every target of the modality."""
     import nibabel as nib
     import numpy as np
 
-    from uniseg_components.inferers import TaskPredictor
+    from uniseg_components import cli
 
     net = tiny(catalog).eval()
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 100, (20, 18, 16)).astype(np.float32), np.eye(4)), path)
-    predictor = TaskPredictor(net, catalog, device="cpu")
-    with torch.no_grad():
-        net.logit_bias.fill_(-50.0)
-    low = predictor.predict(str(path), "organs_ct")
-    assert low.shape == (1, 20, 18, 16) and int(low.max()) == 0
-    with torch.no_grad():
-        net.logit_bias.fill_(50.0)
-    high = predictor.predict(str(path), "organs_ct")
-    assert set(torch.unique(high).tolist()) <= {1, 2} and int(high.min()) >= 1
-    merged, tasks = predictor.predict_all(str(path), ["CT"])
-    assert [t.name for t in tasks] == ["organs_ct", "lesion_ct"]
-    assert merged.shape == (1, 20, 18, 16) and int(merged.min()) >= 1  # every voxel gets some target's label
-    assert int(merged.max()) <= max(t.label_offset + t.num_classes - 1 for t in tasks)
+    maps = {}
+    for name, bias in (("low", -50.0), ("high", 50.0)):
+        with torch.no_grad():
+            net.logit_bias.fill_(bias)
+        ckpt = str(save_checkpoint(tmp_path / f"{name}.pt", net, catalog))
+        (out,) = cli.infer(ckpt, str(path), task="organs_ct", out=str(tmp_path / name))
+        maps[name] = np.asarray(nib.load(out).dataobj)
+    assert maps["low"].shape == (20, 18, 16) and int(maps["low"].max()) == 0
+    assert set(np.unique(maps["high"]).tolist()) <= {1, 2} and int(maps["high"].min()) >= 1
+    (merged,) = cli.infer(ckpt, str(path), task="all", modality="CT", out=str(tmp_path / "all"))
+    merged = np.asarray(nib.load(merged).dataobj)
+    organs, lesion = catalog["organs_ct"], catalog["lesion_ct"]
+    assert merged.shape == (20, 18, 16) and int(merged.min()) >= 1  # every voxel gets some target's label
+    labels = {organs.label_offset + c for c in (1, 2)} | {lesion.label_offset + 1}
+    assert set(np.unique(merged).tolist()) <= labels

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reference_prediction
 from torch import nn
 
-from uniseg_components import relearn
-from uniseg_components.engines import build_network, load_checkpoint, save_checkpoint
+from uniseg_components.checkpoints import build_network, load_checkpoint, save_checkpoint
 from uniseg_components.losses import TaskDiceCELoss
-from uniseg_components.networks import MedUniSeg, MedUniSegStar, UNetBackbone, plan_from_catalog
-from uniseg_components.networks.meduniseg import twin_tensors
+from uniseg_components.methods.meduniseg import MedUniSeg, MedUniSegStar, relearn
+from uniseg_components.methods.meduniseg.network import twin_tensors
+from uniseg_components.networks import UNetBackbone, plan_from_catalog
 from uniseg_components.tasks import TaskCatalog
 
 
@@ -336,7 +338,7 @@ def test_relearn_checkpoint_round_trip_and_task_selection(catalog, tmp_path):
     assert again.relearn_tasks == [0, 2]
     with torch.no_grad():
         assert torch.equal(again.eval()(x, 2), star(x, 2))
-    from uniseg_components.networks import UniSeg
+    from uniseg_components.methods.uniseg import UniSeg
 
     uni = UniSeg.from_catalog(catalog.select(dims=3))
     p = save_checkpoint(tmp_path / "uniseg.pt", uni, catalog.select(dims=3))
@@ -379,21 +381,25 @@ def test_torchscript_and_onnx_export_of_a_relearned_model_match_eager(catalog, t
         ts(torch.randn(1, 1, 32, 32), torch.tensor([2]))
 
 
-def test_predict_and_save_a_2d_rgb_file(catalog, tmp_path):
-    """An RGB 2D file stored as (X, Y, 1, 3) (the nnU-Net layout) gets a (X, Y) label map with its in-plane affine."""
+def test_infer_and_save_a_2d_rgb_file(catalog, tmp_path):
+    """An RGB 2D file stored as (X, Y, 1, 3) (the nnU-Net layout) gets a (X, Y) label map with its in-plane affine,
+    through the CLI's ``infer`` (the MedUniSeg bundle's inference config), equal to the step-by-step reference."""
     import nibabel as nib
     import numpy as np
 
-    from uniseg_components.inferers import TaskPredictor, save_label_map
+    from uniseg_components import cli
 
     affine = np.diag([0.2, 0.3, 1.0, 1.0])
     affine[:2, 3] = [4.0, -6.0]
     rgb = np.random.default_rng(0).uniform(0, 255, (30, 28, 1, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(rgb, affine), tmp_path / "skin.nii.gz")
-    predictor = TaskPredictor(tiny(catalog), catalog, device="cpu")
-    label = predictor.predict(str(tmp_path / "skin.nii.gz"), "skin_rgb")
+    net = tiny(catalog)
+    ckpt = save_checkpoint(tmp_path / "m.pt", net, catalog)
+    (path,) = cli.infer(str(ckpt), str(tmp_path / "skin.nii.gz"), task="skin_rgb", out=str(tmp_path / "out"))
+    assert Path(path).name == "skin_skin_rgb.nii.gz"
+    label = reference_prediction(net, catalog, str(tmp_path / "skin.nii.gz"), "skin_rgb")
     assert label.shape == (1, 30, 28) and set(torch.unique(label).tolist()) <= {0, 1}
-    out = nib.load(save_label_map(label, tmp_path / "out" / "skin_seg.nii.gz"))
+    out = nib.load(path)
     assert out.shape == (30, 28) and out.get_data_dtype() == np.uint8
     np.testing.assert_allclose(out.affine[:2, :2], affine[:2, :2], atol=1e-6)
     np.testing.assert_allclose(out.affine[:2, 3], affine[:2, 3], atol=1e-6)

@@ -10,12 +10,14 @@ from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 from torch import nn
 
-from uniseg_components import engines
-from uniseg_components.engines import CheckpointMeta, GradientClipHandler, PrepareTaskBatch, save_checkpoint
+from uniseg_components import checkpoints
+from uniseg_components.checkpoints import CheckpointMeta, save_checkpoint
+from uniseg_components.engines import PrepareTaskBatch
+from uniseg_components.handlers import GradientClipHandler
 from uniseg_components.inferers import MirroredPredictor, TaskSlidingWindowInferer, merge_task_labels
 from uniseg_components.losses import TaskDiceCELoss
+from uniseg_components.methods.uniseg import UniSeg
 from uniseg_components.metrics import TaskDice, TaskDiceAggregator, case_dice, format_dice_table
-from uniseg_components.networks import UniSeg
 from uniseg_components.tasks import TaskCatalog
 
 
@@ -449,7 +451,7 @@ def test_load_checkpoint_rebuilds_equal_network(tmp_path, tiny_net, catalog):
     _save_manual(path, tiny_net, catalog)
     obj = torch.load(path, weights_only=True)  # plain data only
     assert set(obj) == {"model", "meta"}
-    net, cat = engines.load_checkpoint(path)
+    net, cat = checkpoints.load_checkpoint(path)
     assert isinstance(net, UniSeg) and not net.training
     assert cat == catalog
     assert net.config == tiny_net.config
@@ -466,17 +468,17 @@ def test_save_checkpoint_and_catalog_override(tmp_path, tiny_net, catalog):
     obj = torch.load(path, weights_only=True)
     assert obj["epoch"] == 3
     other = TaskCatalog([_task("a", 0, ["bg", "x", "y"]), _task("b", 1, ["bg", "z"])], name="other")
-    net, cat = engines.load_checkpoint(path, catalog=other)
+    net, cat = checkpoints.load_checkpoint(path, catalog=other)
     assert cat is other and isinstance(net, UniSeg)
     wrong = TaskCatalog([_task("a", 0, ["bg", "x"])], name="one")
     with pytest.raises(ValueError, match="2 tasks but the catalog has 1"):
-        engines.load_checkpoint(path, catalog=wrong)
+        checkpoints.load_checkpoint(path, catalog=wrong)
 
 
 def test_load_checkpoint_missing_file(tmp_path):
     path = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        engines.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
 
 
 def test_load_checkpoint_truncated_file(tmp_path, tiny_net, catalog):
@@ -486,22 +488,22 @@ def test_load_checkpoint_truncated_file(tmp_path, tiny_net, catalog):
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.pt.*could not be read"):
-        engines.load_checkpoint(bad)
+        checkpoints.load_checkpoint(bad)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="garbage.pt"):
-        engines.load_checkpoint(garbage)
+        checkpoints.load_checkpoint(garbage)
 
 
 def test_load_checkpoint_without_meta(tmp_path, tiny_net):
     path = tmp_path / "bare.pt"
     torch.save({"model": tiny_net.state_dict()}, path)
     with pytest.raises(ValueError, match="bare.pt.*'meta'"):
-        engines.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     path2 = tmp_path / "state_dict_only.pt"
     torch.save(tiny_net.state_dict(), path2)
     with pytest.raises(ValueError, match="state_dict_only.pt"):
-        engines.load_checkpoint(path2)
+        checkpoints.load_checkpoint(path2)
 
 
 def test_load_checkpoint_weights_do_not_fit(tmp_path, tiny_net, catalog):
@@ -510,7 +512,7 @@ def test_load_checkpoint_weights_do_not_fit(tmp_path, tiny_net, catalog):
     sd.pop("prompt")
     torch.save({"model": sd, "meta": CheckpointMeta(tiny_net, catalog).state_dict()}, path)
     with pytest.raises(ValueError, match="mismatch.pt.*do not fit"):
-        engines.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- per-task windows (2D and 3D tasks)
@@ -560,7 +562,7 @@ def test_evaluator_runs_2d_and_3d_tasks_in_one_run():
     from monai.data import DataLoader
 
     from uniseg_components.engines import TaskEvaluator
-    from uniseg_components.networks import MedUniSeg
+    from uniseg_components.methods.meduniseg import MedUniSeg
 
     cat = _mixed_catalog()
     torch.manual_seed(0)
@@ -596,7 +598,7 @@ def test_evaluator_runs_2d_and_3d_tasks_in_one_run():
 
 
 def test_image_stem_strips_the_image_extension():
-    from uniseg_components.inferers import image_stem
+    from uniseg_components.io import image_stem
 
     assert image_stem("/data/case_001.nii.gz") == "case_001"
     assert image_stem(Path("x.y.nii")) == "x.y"

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from uniseg_components.losses import TaskDiceCELoss
-from uniseg_components.networks import FusePromptModule, UNetBackbone, UNetPlan, UniSeg, auto_plan, plan_from_catalog
+from uniseg_components.methods.uniseg import UniSeg
+from uniseg_components.networks import FusePromptModule, UNetBackbone, UNetPlan, auto_plan, plan_from_catalog
 from uniseg_components.tasks import TaskCatalog
 
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from uniseg_components import cli
+from uniseg_components.checkpoints import CheckpointMeta
 from uniseg_components.demo import write_demo_collection
-from uniseg_components.engines import CheckpointMeta
-from uniseg_components.finetune import task_catalog
-from uniseg_components.networks import UniSegDownstream
+from uniseg_components.methods.uniseg import UniSegDownstream
+from uniseg_components.methods.uniseg.finetune import task_catalog
 from uniseg_components.packaging import bundle_files, package, sha1sum
 
 REPO = Path(__file__).resolve().parents[1]

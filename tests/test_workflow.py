@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from uniseg_components import cli
+from uniseg_components.checkpoints import load_checkpoint
 from uniseg_components.demo import write_demo_collection
-from uniseg_components.engines import load_checkpoint
-from uniseg_components.evaluation import evaluate_checkpoint
 from uniseg_components.tasks import UnknownTaskError
-from uniseg_components.training import train
+from uniseg_components.workflows import evaluate as evaluate_checkpoint
+from uniseg_components.workflows import train
 
 
 @pytest.fixture(scope="module")

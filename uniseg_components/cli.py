@@ -1,12 +1,12 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
 """Command line: ``python -m uniseg_components <verb> [--help]`` (built with python-fire).
 
-Verbs: ``demo-data``, ``prepare``, ``train``, ``evaluate``, ``infer``, ``benchmark``.
+Verbs: ``demo-data``, ``prepare``, ``train``, ``evaluate``, ``infer``, ``benchmark``, ``package``, ``export``.
+``train``, ``evaluate`` and ``infer`` run the bundles' own configs (:mod:`uniseg_components.workflows`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["demo_data", "prepare", "train", "evaluate", "infer", "benchmark", "main"]
+from .io import as_list, write_json
+
+__all__ = ["demo_data", "prepare", "train", "evaluate", "infer", "benchmark", "package", "export", "main"]
 
 logger = logging.getLogger("uniseg_components")
 
@@ -26,13 +28,6 @@ def _setup_logging(verbose: bool = True) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
-
-
-def _as_list(value: Any) -> list[str]:
-    """Fire gives a string, a tuple or a list; also accept comma-separated strings."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v for v in str(value).split(",") if v]
 
 
 def _dataset_dirs(paths: Sequence[str]) -> list[str]:
@@ -110,7 +105,7 @@ def prepare(
     from .tasks import TaskCatalog
 
     _setup_logging()
-    roots = _as_list(datasets)
+    roots = as_list(datasets)
     if not catalog:
         guess = Path(roots[0]) / "tasks.json"
         if not guess.is_file():
@@ -119,7 +114,7 @@ def prepare(
     cat = TaskCatalog.resolve(catalog)
     mapping = None
     if tasks:
-        pairs = [p.split("=", 1) for p in _as_list(tasks)]
+        pairs = [p.split("=", 1) for p in as_list(tasks)]
         if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
             raise ValueError(f"--tasks must be FOLDER=TASK pairs separated by commas, got {tasks!r}.")
         mapping = {folder: task for folder, task in pairs}
@@ -130,47 +125,54 @@ def prepare(
 
 def train(
     datalist: str,
+    method: str = "uniseg",
     catalog: str = "",
     output_dir: str = "runs/uniseg",
-    epochs: int = 1000,
-    batches_per_task: int = 50,
-    batch_size: int = 2,
-    learning_rate: float = 1e-2,
-    val_interval: int = 1,
-    augment: bool = True,
+    epochs: int | None = None,
+    batches_per_task: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    val_interval: int | None = None,
+    augment: bool | None = None,
     device: str = "",
-    seed: int = 0,
-    num_workers: int = 0,
+    seed: int | None = None,
+    num_workers: int | None = None,
+    resume: bool = False,
+    config: dict[str, Any] | None = None,
 ) -> str:
-    """Train UniSeg jointly on every 3D task of a datalist (UniSeg's recipe by default).
+    """Train a method jointly on the tasks of a datalist with its bundle's train.json (the method's recipe).
 
-    SGD Nesterov (momentum 0.99, weight decay 3e-5), poly learning-rate decay (0.9), gradient clipping at 12,
-    Dice + CE with deep supervision, single-task batches with every task equally often, AMP on CUDA. The best
-    checkpoint by mean validation Dice over tasks is written to OUTPUT_DIR/model.pt with the network config and
-    catalog, so `infer` and `evaluate` need nothing else.
+    UniSeg's recipe by default: SGD Nesterov (momentum 0.99, weight decay 3e-5), lr 1e-2 with poly decay (0.9), 1000
+    epochs of 50 single-task batches of 2 per task, gradient clipping at 12, Dice + CE with deep supervision, AMP on
+    CUDA. OUTPUT_DIR gets model.pt (best mean validation Dice over tasks), model_final.pt and checkpoint_latest.pt,
+    each with the network config and catalog inside, so `infer` and `evaluate` need nothing else.
 
     Args:
         datalist: datalist.json from `prepare`.
+        method: uniseg (default), meduniseg or hermes: which method and bundle recipe.
         catalog: catalog JSON or built-in name; default the datalist's own.
         output_dir: default "runs/uniseg".
-        epochs: default 1000 (UniSeg); the demo uses far fewer.
-        batches_per_task: batches of each task per epoch, default 50.
-        batch_size: default 2.
-        learning_rate: default 1e-2.
-        val_interval: validate every N epochs, default 1.
-        augment: nnU-Net-style augmentation, default True.
+        epochs: training epochs; default the bundle's (UniSeg 1000); the demo uses far fewer.
+        batches_per_task: batches of each task per epoch; default the bundle's (50).
+        batch_size: default the bundle's (2).
+        learning_rate: default the bundle's (UniSeg 1e-2).
+        val_interval: validate every N epochs; default the bundle's (1).
+        augment: nnU-Net-style augmentation; default the bundle's (True).
         device: "cuda", "cpu", ...; default CUDA when available.
-        seed: default 0.
-        num_workers: data-loader workers, default 0.
+        seed: default the bundle's (0).
+        num_workers: data-loader workers; default the bundle's (0).
+        resume: continue from OUTPUT_DIR/checkpoint_latest.pt, default False.
+        config: other entries of the bundle's train.json, e.g. --config '{"momentum": 0.9, "cache_rate": 0.5}'.
     Returns:
         the checkpoint path.
     """
     from .metrics import format_dice_table
-    from .training import train as run_training
+    from .workflows import train as run_training
 
     _setup_logging()
     res = run_training(
         datalist,
+        method=method,
         catalog=catalog or None,
         output_dir=output_dir,
         epochs=epochs,
@@ -182,6 +184,8 @@ def train(
         device=device or None,
         seed=seed,
         num_workers=num_workers,
+        resume=resume,
+        **(config or {}),
     )
     if res["details"]:
         print(format_dice_table(res["details"], title=f"last validation (best mean {res['best_metric']:.4f})"))
@@ -196,30 +200,34 @@ def evaluate(
     mirror: bool = False,
     device: str = "",
     output: str = "",
+    predictions: str = "",
 ) -> float:
-    """Segment the held-out cases of a datalist and print Dice per task and class on each file's own grid.
+    """Segment the held-out cases of a datalist with the checkpoint's bundle inference and print Dice per task and
+    class on each file's own grid.
 
     Beside the model's Dice, the table shows what an all-background prediction would score on the same cases
     (1 for a class absent from a case, else 0), the baseline the model must beat.
 
     Args:
-        checkpoint: model.pt written by `train`.
+        checkpoint: model.pt written by `train` or a bundle.
         datalist: datalist.json from `prepare`.
         split: "validation" (default) or "training".
         mirror: mirroring test-time augmentation on every axis, default False.
         device: default CUDA when available.
         output: optional JSON file for the per-task results.
+        predictions: optional folder that keeps the label maps (PREDICTIONS/<task>/<image>_<task>.nii.gz).
     Returns:
         the mean Dice over tasks.
     """
-    from .evaluation import evaluate_checkpoint
+    from .workflows import evaluate as run_evaluation
 
     _setup_logging()
-    res = evaluate_checkpoint(checkpoint, datalist, split=split, mirror=mirror, device=device or None)
+    res = run_evaluation(
+        checkpoint, datalist, split=split, mirror=mirror, device=device or None, predictions=predictions or None
+    )
     print(res["table"])
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2))
+        write_json(output, {k: v for k, v in res.items() if k != "table"}, indent=2)
     return float(res["mean"])
 
 
@@ -233,15 +241,17 @@ def infer(
     catalog: str = "",
     device: str = "",
 ) -> list[str]:
-    """Segment NIfTI images for one task, or for all tasks of their modality, into NIfTI label maps.
+    """Segment NIfTI images for one task, or for all tasks of their modality, into NIfTI label maps (the checkpoint's
+    bundle inference).
 
     Output files are OUT/<image name>_<task>.nii.gz on the grid of the input image. With --task all the
-    network runs its encoder once per window and its decoder once per task, and the label maps are merged with
-    the catalog's label offsets (printed); later tasks win where tasks overlap.
+    network segments every task of the image's modalities (UniSeg and MedUniSeg: encoder once per window, decoder
+    once per task; Hermes: every target in one pass), and the label maps are merged with the catalog's label
+    offsets (logged).
 
     Args:
-        checkpoint: model.pt written by `train`.
-        images: a NIfTI file, a folder of them, or a comma-separated list.
+        checkpoint: model.pt written by `train` or a bundle.
+        images: a NIfTI file, a folder of them, a datalist JSON, or a comma-separated list.
         task: task name or id from the checkpoint's catalog, or "all".
         out: output folder, default "predictions".
         modality: with --task all, the image's channel modalities (e.g. CT or CT,PET) when its channel count
@@ -252,39 +262,20 @@ def infer(
     Returns:
         the written files.
     """
-    from .engines import load_checkpoint
-    from .inferers import TaskPredictor, image_stem, save_label_map
+    from .workflows import infer as run_inference
 
     _setup_logging()
-    net, cat = load_checkpoint(checkpoint, catalog=catalog or None)
-    files: list[Path] = []
-    for p in map(Path, _as_list(images)):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"image {str(p)!r} does not exist.")
-    if not files:
-        raise FileNotFoundError(f"no NIfTI image found in {images!r}.")
-    task_name = "all" if str(task).lower() == "all" else cat[task].name
-    mirror_axes = tuple(range(net.plan.spatial_dims)) if mirror else ()
-    predictor = TaskPredictor(net, cat, mirror_axes=mirror_axes, device=device or None)
-    written: list[str] = []
-    for i, f in enumerate(files, 1):
-        t = time.time()
-        stem = image_stem(f)
-        if task_name == "all":
-            label, tasks = predictor.predict_all(str(f), _as_list(modality) if modality else None)
-            names = {tk.name for tk in tasks}
-            legend = {v: n for v, n in cat.merged_label_names().items() if v == 0 or n.split("/")[0] in names}
-        else:
-            label, legend = predictor.predict(str(f), task_name), dict(enumerate(cat[task_name].labels))
-        dest = save_label_map(label, Path(out) / f"{stem}_{task_name}.nii.gz")
-        written.append(str(dest))
-        logger.info("[%d/%d] %s -> %s (%.1f s)", i, len(files), f, dest, time.time() - t)
-    logger.info("labels: %s", json.dumps({str(k): v for k, v in legend.items()}))
-    return written
+    written = run_inference(
+        checkpoint,
+        images,
+        task,
+        out=out,
+        modality=modality,
+        mirror=mirror,
+        catalog=catalog or None,
+        device=device or None,
+    )
+    return [str(p) for p in written]
 
 
 def benchmark(
@@ -295,41 +286,36 @@ def benchmark(
     write: str = "",
     model: str = "all",
 ) -> str:
-    """Measure parameters, time ratios and throughput of each model in one run on this machine.
+    """Measure parameters, time ratios and throughput of each method in one run on this machine.
 
-    For UniSeg it prints (a) parameters of UniSeg and of the plain backbone for the catalog's plan, (b) the time
-    ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio of the all-tasks
-    path / separate per-task passes, with the ratio the multiply-accumulate counts allow, and (d) sliding-window
-    throughput in voxels per second. MedUniSeg and Hermes get their own tables (see ``docs/benchmarks.md``).
+    Each method reports its own table (see docs/benchmarks.md): UniSeg (a) parameters of UniSeg and of the plain
+    backbone, (b) the time ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio
+    of the all-tasks path / separate per-task passes with the ratio the multiply-accumulate counts allow, (d)
+    sliding-window throughput; MedUniSeg and Hermes the same kinds of figures for their networks.
 
     Args:
-        catalog: catalog JSON or built-in name, default "" (each model's own: the paper's plan).
+        catalog: catalog JSON or built-in name, default "" (each method's own: the paper's plan).
         patch: timed patch, comma-separated (e.g. 96,96,32); default the catalog's on CUDA and half of it per
             axis on CPU.
         repeats: timed repetitions (median), default 3.
         device: default CUDA when available.
         write: also write the markdown tables to this file.
-        model: one model name, a comma-separated list, or "all" (default): uniseg, meduniseg, hermes.
+        model: one method name, a comma-separated list, or "all" (default): uniseg, meduniseg, hermes.
     Returns:
         the markdown tables.
     """
-    from .benchmark import BENCHMARKS
+    from .benchmark import run_benchmarks
 
     _setup_logging()
-    names = list(BENCHMARKS) if str(model) == "all" else [m.strip().lower() for m in _as_list(model)]
-    unknown = [m for m in names if m not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown} for --model; known: {sorted(BENCHMARKS)} or 'all'.")
-    patch_size = [int(v) for v in _as_list(patch)] if patch else None
-    reports = []
-    for name in names:
-        run_fn, format_fn = BENCHMARKS[name]
-        result = run_fn(catalog=catalog or None, patch_size=patch_size, repeats=repeats, device=device or None)
-        reports.append(f"### {name}\n\n{format_fn(result)}")
-    report = "\n\n".join(reports)
+    names = None if str(model) == "all" else as_list(model)
+    patch_size = [int(v) for v in as_list(patch)] if patch else None
+    report = run_benchmarks(
+        names, catalog=catalog or None, patch_size=patch_size, repeats=repeats, device=device or None
+    )
     if write:
-        Path(write).parent.mkdir(parents=True, exist_ok=True)
-        Path(write).write_text(report + "\n")
+        from .io import write_text
+
+        write_text(write, report + "\n")
     return report
 
 
@@ -355,14 +341,14 @@ def package(bundle: str, out: str = "dist", vendor: bool = True) -> str:
 
 
 def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onnx", catalog: str = "") -> list[str]:
-    """Export a checkpoint to TorchScript (``model.ts``) and ONNX (``model_c<C>.onnx`` per input channel count).
+    """Export a checkpoint of any method to TorchScript (``model.ts``) and ONNX (``model_<kind>.onnx`` per input kind).
 
-    Both take the task as an input: ``model(x, task_id)`` with ``x`` ``(B, C, *patch)`` and ``task_id`` a ``(1,)``
-    int64 tensor, and return ``(B, max(num_classes), *patch)`` logits whose channels beyond the task's classes hold
-    the lowest float value (so softmax / argmax equal the eager network's). Use them with a sliding window of the
-    training patch. MedUniSeg (and MedUniSeg*) write one ONNX file per channel count and task patch,
-    ``model_c<C>_<patch>.onnx`` (2D and 3D tasks), and one ``model.ts`` that dispatches on both. Hermes takes
-    ``(x, task_ids, modality_id)`` instead (see its bundle's docs).
+    UniSeg and MedUniSeg take the task as an input: ``model(x, task_id)`` with ``x`` ``(B, C, *patch)`` and
+    ``task_id`` a ``(1,)`` int64 tensor, and return ``(B, max(num_classes), *patch)`` logits whose channels beyond the
+    task's classes hold the lowest float value (so softmax / argmax equal the eager network's); ONNX files are
+    ``model_c<C>.onnx`` per input channel count (MedUniSeg: ``model_c<C>_<patch>.onnx`` per channel count and task
+    patch, 2D and 3D). Hermes takes ``(x, task_ids, modality_id)`` instead (see its bundle's docs). Use them with a
+    sliding window of the training patch.
 
     Args:
         checkpoint: model.pt written by `train` or the bundle.
@@ -375,7 +361,7 @@ def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onn
     from .export import export_checkpoint
 
     _setup_logging()
-    written = export_checkpoint(checkpoint, out, formats=[str(f) for f in _as_list(formats)], catalog=catalog or None)
+    written = export_checkpoint(checkpoint, out, formats=[str(f) for f in as_list(formats)], catalog=catalog or None)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return [str(p) for p in written.values()]

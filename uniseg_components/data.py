@@ -16,7 +16,6 @@ image's spatial shape (a trailing singleton axis is allowed).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +27,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .tasks import TaskCatalog, TaskSpec, read_json
+from .io import read_json, write_json
+from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
     "msd_folders",
@@ -200,12 +200,6 @@ def _check_label_values(lab: np.ndarray, path: str, task: TaskSpec) -> list[str]
     return []
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4) + "\n")
-    os.replace(tmp, path)
-
-
 def _split(items: list[dict[str, str]], val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
     """Seeded split of one task's items; >= 1 validation case when there are >= 2 cases and val_fraction > 0."""
     n = len(items)
@@ -374,9 +368,9 @@ def prepare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     out_catalog = catalog.select(names=[t.name for t in catalog if t.name in seen_tasks]) if select_present else catalog
-    _atomic_write_json(out / CATALOG_NAME, out_catalog.to_dict())
+    write_json(out / CATALOG_NAME, out_catalog.to_dict())
     datalist_path = out / DATALIST_NAME
-    _atomic_write_json(datalist_path, {"catalog": CATALOG_NAME, "training": training, "validation": validation})
+    write_json(datalist_path, {"catalog": CATALOG_NAME, "training": training, "validation": validation})
     logger.info("prepare: wrote %s and %s.", datalist_path, out / CATALOG_NAME)
     return datalist_path
 
@@ -526,6 +520,7 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         batch_size: int,
         task_key: str = "task",
         mix_tasks: bool = False,
+        default_task: str | int | None = None,
         **kwargs: Any,
     ) -> TaskBalancedBatchSampler:
         """Build the sampler from datalist items ``{"task": name or id, ...}`` (the dataset's ``data``).
@@ -536,11 +531,21 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             batch_size: items per batch.
             task_key: key of the task in the items, default ``"task"``.
             mix_tasks: batches may mix tasks with the same channel count and patch size, default ``False``.
+            default_task: task of items without ``task_key`` (the same default the transforms' ``AttachTaskd`` is
+                given), default ``None`` (every item needs one).
             kwargs: ``batches_per_task``, ``seed``, ``num_replicas``, ``rank``.
+
+        Raises:
+            ValueError: an item without a task and no ``default_task``; unknown tasks (``UnknownTaskError``).
         """
         catalog = TaskCatalog.resolve(catalog)
+        if default_task is None and any(task_key not in it for it in items):
+            raise ValueError(
+                f"training items without a {task_key!r} key; set the bundle's 'task' (--task NAME) as their default."
+            )
         groups = {t.id: (t.num_channels, tuple(t.patch_size)) for t in catalog}
-        return cls([catalog[it[task_key]].id for it in items], batch_size, mix_tasks=mix_tasks, groups=groups, **kwargs)
+        ids = [catalog[it.get(task_key, default_task)].id for it in items]
+        return cls(ids, batch_size, mix_tasks=mix_tasks, groups=groups, **kwargs)
 
     @property
     def tasks(self) -> list[int]:

@@ -1,39 +1,26 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
-"""Task-aware sliding-window inference, with optional mirroring TTA and an all-tasks path."""
+"""Task-aware sliding-window inference, with optional mirroring TTA, and the all-tasks path of the softmax methods
+(one encoder pass per window, one decoder pass per task, maps merged with the catalog's label offsets)."""
 
 from __future__ import annotations
 
 import copy
 import itertools
-import os
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
-from monai.transforms import Compose, Invertd, LoadImage, MapTransform
+from monai.transforms import LoadImage
 
-from .tasks import TaskSpec, read_json
-from .transforms import inference_transforms
+from .tasks import TaskSpec
 
 __all__ = [
-    "image_stem",
-    "SaveLabelMapd",
     "MirroredPredictor",
     "TaskSlidingWindowInferer",
     "MergedTasksInferer",
-    "HermesMergedInferer",
-    "targets_to_label",
-    "TargetsToLabeld",
-    "TaskPredictor",
     "merge_task_labels",
     "tasks_for_image",
-    "save_label_map",
-    "list_images",
 ]
 
 
@@ -225,175 +212,6 @@ class MergedTasksInferer(TaskSlidingWindowInferer):
         return merge_task_labels(labels, self.tasks).float()
 
 
-def targets_to_label(
-    pred: torch.Tensor,
-    threshold: float = 0.5,
-    sigmoid: bool = True,
-    target_ids: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Per-target maps (one sigmoid mask per target, e.g. Hermes' output) to one label map.
-
-    A voxel is 0 where every target's probability is below ``threshold``, else ``argmax + 1`` over the targets
-    (or ``target_ids[argmax] + 1``: the catalog's merged label of a Hermes target). Targets may overlap; in the
-    label map an overlap goes to the most probable target. The overlapping masks themselves are
-    ``probabilities >= threshold`` per channel (keep the per-target output, ``multilabel``, when they matter).
-
-    Args:
-        pred: ``(n, *spatial)`` logits (or probabilities with ``sigmoid=False``), or 3D ``(B, n, X, Y, Z)``.
-        threshold: probability threshold, default 0.5.
-        sigmoid: apply a sigmoid first, default ``True``.
-        target_ids: value - 1 of each channel, default ``None`` (channel ``j`` gives label ``j + 1``).
-
-    Returns:
-        ``(1, *spatial)`` (or ``(B, 1, *spatial)``) integer label map, ``int64``.
-    """
-    batched = pred.ndim == 5  # (B, n, X, Y, Z); (n, X, Y, Z) and 2D (n, X, Y) are channel-first
-    prob = torch.sigmoid(pred.float()) if sigmoid else pred.float()
-    ch = 1 if batched else 0
-    if target_ids is not None and len(target_ids) != prob.shape[ch]:
-        raise ValueError(f"target_ids has {len(target_ids)} entries for {prob.shape[ch]} channels.")
-    best, idx = prob.max(dim=ch, keepdim=True)
-    if target_ids is not None:
-        idx = torch.as_tensor(list(target_ids), dtype=torch.long, device=idx.device)[idx]
-    return torch.where(best >= threshold, idx + 1, torch.zeros_like(idx))
-
-
-class TargetsToLabeld(MapTransform):
-    """Dictionary transform for bundle post-processing: per-target logits ``(n, *spatial)`` -> label map
-    ``(1, *spatial)`` with :func:`targets_to_label` (0 where no target reaches ``threshold``, else the most
-    probable target's channel + 1).
-
-    Args:
-        keys: keys to convert.
-        threshold: probability threshold, default 0.5.
-        sigmoid: apply a sigmoid first (the input is logits), default ``True``.
-        allow_missing_keys: default ``False``.
-    """
-
-    def __init__(
-        self, keys: KeysCollection, threshold: float = 0.5, sigmoid: bool = True, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.threshold, self.sigmoid = float(threshold), bool(sigmoid)
-
-    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            label = targets_to_label(torch.as_tensor(img), self.threshold, self.sigmoid)
-            if isinstance(img, MetaTensor):
-                label = MetaTensor(label, meta=img.meta, applied_operations=img.applied_operations)
-            d[key] = label
-        return d
-
-
-class HermesMergedInferer(MergedTasksInferer):
-    """All targets of several datasets of one modality in **one** Hermes pass per window, merged into one map.
-
-    The request is every target of ``tasks`` (in order) plus one null token and their shared modality; the
-    stitched per-target logits become a label map with :func:`targets_to_label` using the catalog's merged labels
-    (target id + 1 = ``label_offset + class``): 0 where no target reaches 0.5, else the most probable target.
-    Any ``task_id`` keyword is ignored (the tasks are bound here). The result is a label map: post-processing must
-    not apply a sigmoid/argmax again and must invert it with nearest interpolation.
-
-    Args:
-        roi_size: window size, normally the training patch.
-        tasks: the tasks to segment (``TaskSpec`` with ``label_offset``, all with the same modalities, e.g.
-            ``catalog.tasks_for_channels(["CT"])``); at least one.
-        sw_batch_size: windows per forward pass, default 1.
-        overlap: window overlap, default 0.5.
-        mode: ``"gaussian"`` (default) or ``"constant"``.
-        mirror_axes: mirroring TTA axes, default ``()``.
-        threshold: probability threshold, default 0.5.
-        kwargs: other :class:`monai.inferers.SlidingWindowInferer` arguments.
-
-    Returns (when called):
-        float32 merged label map ``(B, 1, *spatial)``.
-    """
-
-    def __init__(
-        self,
-        roi_size: Sequence[int] | int,
-        tasks: Sequence[TaskSpec],
-        sw_batch_size: int = 1,
-        overlap: float = 0.5,
-        mode: str = "gaussian",
-        mirror_axes: Sequence[int] = (),
-        threshold: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(roi_size, tasks, sw_batch_size, overlap, mode, mirror_axes, **kwargs)
-        mods = {tuple(t.modalities) for t in self.tasks}
-        if len(mods) != 1:
-            raise ValueError(
-                f"HermesMergedInferer segments tasks of one modality in one pass, got tasks "
-                f"{[t.name for t in self.tasks]} with modalities {sorted(mods)}."
-            )
-        self.threshold = float(threshold)
-        #: global target ids of the request, in order (label value = target id + 1)
-        self.target_ids = [int(t.label_offset) + c - 1 for t in self.tasks for c in range(1, t.num_classes)]
-
-    def request(self, network: Any, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(task_ids (1, n + 1), modality_id (1,))`` for ``network`` (a ``Hermes``): the targets and one null."""
-        if not hasattr(network, "task_modality"):
-            raise ValueError(f"HermesMergedInferer needs a Hermes network, got {type(network).__name__}.")
-        ids = torch.tensor([self.target_ids + [-1]], dtype=torch.long, device=device)
-        mod = torch.tensor([network.task_modality(self.tasks[0].id)], dtype=torch.long, device=device)
-        return ids, mod
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``inputs``: ``(B, C, *spatial)``; returns the merged label map ``(B, 1, *spatial)`` (float32)."""
-        net = network.module if hasattr(network, "module") else network
-        ids, mod = self.request(net, inputs.device)
-        logits = self._sliding(inputs, network, task_ids=ids, modality_id=mod)
-        logits = logits[:, : len(self.target_ids)]
-        return targets_to_label(logits, self.threshold, True, self.target_ids).float()
-
-
-def list_images(source: str | os.PathLike | Sequence[Any], pattern: str = "*.nii*") -> list[dict[str, Any]]:
-    """Inference items ``[{"image": path}, ...]`` from a folder, a datalist JSON file or a list.
-
-    Args:
-        source: a folder (its files matching ``pattern``, sorted), a ``.json`` file holding a list of paths or
-            items (or a dict with a ``"test"``, ``"testing"``, ``"validation"`` or ``"val"`` list), a single image
-            file, or a list of paths / item dicts. Items keep only their ``"image"`` and ``"task"`` entries (an
-            item's own task overrides the config's default in single-task mode).
-        pattern: glob for folders, default ``"*.nii*"``.
-
-    Raises:
-        FileNotFoundError: ``source`` is a path that does not exist.
-        ValueError: the source holds no image.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"no image folder, image or datalist at {str(path)!r}.")
-        if path.is_dir():
-            entries: Sequence[Any] = sorted(str(p) for p in path.glob(pattern) if p.is_file())
-        elif path.suffix == ".json":
-            loaded = read_json(path, "image list")
-            if isinstance(loaded, dict):
-                key = next((k for k in ("test", "testing", "validation", "val") if k in loaded), None)
-                if key is None:
-                    raise ValueError(f"{path}: expected a list or a dict with a 'test' or 'validation' list.")
-                loaded = loaded[key]
-            entries = loaded
-        else:
-            entries = [str(path)]
-    else:
-        entries = list(source)
-    # keep only what inference reads: a prepared datalist's items also carry labels, which are not loaded
-    items = [
-        {k: v for k, v in e.items() if k in ("image", "task")} if isinstance(e, Mapping) else {"image": str(e)}
-        for e in entries
-    ]
-    if any("image" not in item for item in items):
-        raise ValueError(f"every item of {source!r} needs an 'image' entry.")
-    if not items:
-        raise ValueError(f"no image found in {source!r} (pattern {pattern!r}).")
-    return items
-
-
 def merge_task_labels(label_maps: Sequence[torch.Tensor], tasks: Sequence[TaskSpec]) -> torch.Tensor:
     """Merge per-task label maps into one map with the catalog's global label offsets.
 
@@ -413,132 +231,6 @@ def merge_task_labels(label_maps: Sequence[torch.Tensor], tasks: Sequence[TaskSp
         fg = lm > 0
         merged[fg] = (lm[fg] + int(task.label_offset or 0)).to(torch.int16)
     return merged
-
-
-class TaskPredictor:
-    """Image files in, label maps on the grid of the input file out: the inference path of ``uniseg infer``.
-
-    Per image: the catalog's deterministic transforms for the task (load, orientation, task spacing, foreground
-    crop, modality normalisation), task-aware sliding-window inference, then
-
-    * one task: softmax over the task's classes -> ``Invertd`` (probabilities resampled back to the input grid)
-      -> argmax;
-    * all tasks (:meth:`predict_all`): one encoder pass per window, argmax per task, merge with the catalog's
-      label offsets (later tasks win overlaps) -> ``Invertd`` with nearest interpolation.
-
-    A :class:`~uniseg_components.networks.Hermes` (one sigmoid channel per target, no background channel) gets
-    sigmoid probabilities -> ``Invertd`` -> :func:`targets_to_label` for one task, and
-    :class:`HermesMergedInferer` (all targets in one pass) for all tasks.
-
-    Args:
-        network: a trained network (``UniSeg``); it is moved to ``device`` and put in eval mode.
-        catalog: its task catalog.
-        roi_size: sliding-window size, default ``None``: the network plan's patch, and, when the catalog mixes 2D and
-            3D tasks, each task's own patch (``catalog[task].patch_size``, 2D for a 2D task); a given size is used
-            for every task.
-        sw_batch_size: windows per forward pass, default 2.
-        overlap: window overlap, default 0.5.
-        mirror_axes: mirroring TTA axes, default ``()``.
-        device: default CUDA when available else CPU.
-        amp: autocast on CUDA, default ``True`` on CUDA.
-    """
-
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        catalog: Any,
-        roi_size: Sequence[int] | None = None,
-        sw_batch_size: int = 2,
-        overlap: float = 0.5,
-        mirror_axes: Sequence[int] = (),
-        device: str | torch.device | None = None,
-        amp: bool | None = None,
-    ) -> None:
-        self.device = (
-            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
-        self.network = network.to(self.device).eval()
-        self.catalog = catalog
-        plan = network.plan  # type: ignore[union-attr]
-        roi = roi_size if roi_size is not None else plan.patch_size
-        # per-task windows for a catalog mixing ranks (MedUniSeg); one rank keeps the plan's patch (UniSeg's prompt
-        # is sized for it)
-        per_task = roi_size is None and any(t.dims != plan.spatial_dims for t in catalog)
-        self.inferer = TaskSlidingWindowInferer(
-            roi, sw_batch_size, overlap, mirror_axes=mirror_axes, catalog=catalog if per_task else None
-        )
-        from .networks.hermes import Hermes
-
-        self.sigmoid_targets = isinstance(network, Hermes)
-        self.preprocessing = inference_transforms(catalog)
-        self._invert_linear = Compose(
-            [Invertd("pred", self.preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)]
-        )
-        self._invert_nearest = Compose(
-            [Invertd("pred", self.preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True)]
-        )
-
-    def _prepare(self, image: Any, task: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        try:
-            data = self.preprocessing({"image": image, "task": task})
-        except RuntimeError as e:
-            # MONAI wraps a transform's error as RuntimeError("applying transform ..."): surface the original one,
-            # which names the file, the task and what was expected
-            cause: BaseException = e
-            while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
-                cause = cause.__cause__
-            if cause is e:
-                raise
-            raise cause from None
-        return data, data["image"].unsqueeze(0).to(self.device)
-
-    def _run(self, fn: Callable[[], Any]) -> Any:
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
-            return fn()
-
-    def predict(self, image: Any, task: int | str) -> torch.Tensor:
-        """Label map ``(1, *spatial)`` of ``task`` on the input file's grid (a MetaTensor with its affine).
-
-        Args:
-            image: a file path (or anything ``LoadImaged`` reads).
-            task: task name or id.
-        """
-        data, x = self._prepare(image, task)
-        tid = int(data["task_id"])
-        logits = self._run(lambda: self.inferer(x, self.network, task_id=tid))
-        activation = torch.sigmoid if self.sigmoid_targets else partial(torch.softmax, dim=0)
-        data["pred"] = activation(logits[0].float()).cpu()
-        data["image"] = data["image"].cpu()
-        pred = self._invert_linear(data)["pred"]
-        if self.sigmoid_targets:
-            return targets_to_label(pred, sigmoid=False).to(torch.int16)
-        return pred.argmax(0, keepdim=True).to(torch.int16)
-
-    def tasks_for_image(self, image: Any, modalities: Sequence[str] | None = None) -> list[Any]:
-        """The tasks ``--task all`` segments for ``image``: see :func:`tasks_for_image`."""
-        return tasks_for_image(self.catalog, image, modalities)
-
-    def predict_all(self, image: Any, modalities: Sequence[str] | None = None) -> tuple[torch.Tensor, list[Any]]:
-        """Merged label map ``(1, *spatial)`` of every task for the image's modalities, and those tasks.
-
-        Preprocessing (spacing, normalisation) follows the first of these tasks.
-        """
-        tasks = self.tasks_for_image(image, modalities)
-        data, x = self._prepare(image, tasks[0].name)
-        if self.sigmoid_targets:  # every target of these tasks in one pass
-            inf = self.inferer
-            merged = HermesMergedInferer(
-                inf.roi_size, tasks, inf.sw_batch_size, inf.overlap, mirror_axes=inf.mirror_axes
-            )
-            data["pred"] = self._run(lambda: merged(x, self.network))[0].float().cpu()
-        else:
-            logits = self._run(lambda: self.inferer.all_tasks(x, self.network, [t.id for t in tasks]))
-            labels = [lg[0].float().argmax(0, keepdim=True).cpu() for lg in logits]
-            data["pred"] = merge_task_labels(labels, tasks).float()
-        data["image"] = data["image"].cpu()
-        pred = self._invert_nearest(data)["pred"]
-        return pred.round().to(torch.int16), tasks
 
 
 def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None = None) -> list[TaskSpec]:
@@ -590,85 +282,3 @@ def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None =
             kept = [t for t in kept if t.dims == 2]
         tasks = kept
     return tasks
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``."""
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-
-
-def save_label_map(label: torch.Tensor, path: str | Any) -> Any:
-    """Write a ``(1, *spatial)`` label map as NIfTI atomically (temporary file renamed into place).
-
-    Written with nibabel directly: a 2D map gets its 2D affine embedded in a 4x4 one (MONAI's writer fails on some
-    2D maps, e.g. those of ``(X, Y, 1, C)`` RGB files). Values below 256 are stored as ``uint8``, else ``int16``.
-
-    Args:
-        label: integer label map, a MetaTensor carrying the affine of the grid it lies on (identity otherwise).
-        path: output ``.nii.gz`` path; parent folders are created.
-    """
-    import nibabel as nib
-    import numpy as np
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = torch.as_tensor(label).detach().cpu()[0].numpy()
-    affine = np.eye(4)
-    if isinstance(label, MetaTensor):
-        a = np.asarray(label.affine.detach().cpu().numpy(), dtype=np.float64)
-        r = a.shape[0] - 1  # spatial rank of the affine
-        affine[:r, :r], affine[:r, 3] = a[:r, :r], a[:r, r]
-    dtype = np.uint8 if int(arr.max(initial=0)) < 256 and int(arr.min(initial=0)) >= 0 else np.int16
-    img = nib.Nifti1Image(arr.astype(dtype), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{''.join(path.suffixes)}")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-class SaveLabelMapd(MapTransform):
-    """Write each ``(1, *spatial)`` label map of ``keys`` with :func:`save_label_map` (2D and 3D, atomic), named like
-    ``SaveImaged``: ``<output_dir>/[<name>/]<name>_<output_postfix><output_ext>`` with ``<name>`` the source file's
-    name without extension (``filename_or_obj`` in the label's metadata, else in ``meta_key``'s).
-
-    Args:
-        keys: keys of the label maps, e.g. ``"pred"``.
-        output_dir: output folder, default ``"."``.
-        output_postfix: appended to the name, default ``"seg"``.
-        output_ext: default ``".nii.gz"``.
-        separate_folder: one sub-folder per input file, default ``False``.
-        meta_key: item key whose metadata names the source file when the label's does not, default ``"image"``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        output_dir: str | os.PathLike = ".",
-        output_postfix: str = "seg",
-        output_ext: str = ".nii.gz",
-        separate_folder: bool = False,
-        meta_key: str = "image",
-    ) -> None:
-        super().__init__(keys)
-        self.output_dir = Path(output_dir)
-        self.output_postfix, self.output_ext = str(output_postfix), str(output_ext)
-        self.separate_folder, self.meta_key = bool(separate_folder), meta_key
-
-    def _name(self, d: Mapping[Any, Any], label: Any) -> str:
-        for src in (label, d.get(self.meta_key)):
-            meta = getattr(src, "meta", None) or {}
-            source = meta.get("filename_or_obj")
-            if source:
-                return image_stem(str(source))
-        raise ValueError("SaveLabelMapd: no 'filename_or_obj' in the label's or the image's metadata to name the file.")
-
-    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            name = self._name(d, d[key])
-            folder = self.output_dir / name if self.separate_folder else self.output_dir
-            save_label_map(d[key], folder / f"{name}_{self.output_postfix}{self.output_ext}")
-        return d

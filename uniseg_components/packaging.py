@@ -35,7 +35,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .tasks import read_json
+from .io import atomic_path, read_json
 
 __all__ = ["PACKAGE_NAME", "MODEL_FILES", "bundle_files", "package", "sha1sum"]
 
@@ -132,7 +132,6 @@ def package(bundle_dir: str | os.PathLike, out: str | os.PathLike = "dist", vend
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}_v{meta['version']}.zip"
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
 
     def add(zf: zipfile.ZipFile, arcname: str, data: bytes) -> None:
         info = zipfile.ZipInfo(arcname, date_time=_ZIP_TIME)
@@ -140,25 +139,20 @@ def package(bundle_dir: str | os.PathLike, out: str | os.PathLike = "dist", vend
         info.external_attr = 0o644 << 16
         zf.writestr(info, data)
 
-    try:
-        with zipfile.ZipFile(tmp, "w") as zf:
-            for rel in files:
-                data = (root / rel).read_bytes()
-                if rel.as_posix() == "configs/metadata.json" and vendor:
-                    vendored = dict(meta)
-                    req = dict(vendored.get("required_packages_version", {}))
-                    req.pop(PACKAGE_NAME.replace("_", "-"), None)
-                    req.pop(PACKAGE_NAME, None)
-                    vendored["required_packages_version"] = req
-                    data = (json.dumps(vendored, indent=4) + "\n").encode()
-                add(zf, f"{name}/{rel.as_posix()}", data)
-            if vendor:
-                for src, rel in _package_files():
-                    add(zf, f"{name}/{rel.as_posix()}", src.read_bytes())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for rel in files:
+            data = (root / rel).read_bytes()
+            if rel.as_posix() == "configs/metadata.json" and vendor:
+                vendored = dict(meta)
+                req = dict(vendored.get("required_packages_version", {}))
+                req.pop(PACKAGE_NAME.replace("_", "-"), None)
+                req.pop(PACKAGE_NAME, None)
+                vendored["required_packages_version"] = req
+                data = (json.dumps(vendored, indent=4) + "\n").encode()
+            add(zf, f"{name}/{rel.as_posix()}", data)
+        if vendor:
+            for src, rel in _package_files():
+                add(zf, f"{name}/{rel.as_posix()}", src.read_bytes())
     vendored_note = ", package vendored" if vendor else ""
     logger.info("wrote %s (%d bundle files%s, sha1 %s)", target, len(files), vendored_note, sha1sum(target))
     return target

@@ -21,13 +21,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .io import read_json, write_json
+
 __all__ = [
     "MODALITIES",
     "TaskSpec",
     "TaskCatalog",
     "UnknownTaskError",
     "normalization_of",
-    "read_json",
 ]
 
 #: Known modality names and the intensity normalisation each gets (see ``transforms.NormalizeModalityd``).
@@ -49,27 +50,6 @@ MODALITIES: dict[str, str] = {
     "Fundus": "zscore",
     "Histology": "zscore",
 }
-
-
-def read_json(path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
-    """Read a JSON file; every error names ``what`` and the path.
-
-    Args:
-        path: the file.
-        what: what the file is, for the messages (``"catalog file"``, ``"datalist"``...), default ``"file"``.
-        hint: appended to the missing-file message, e.g. how to create the file, default none.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not valid UTF-8 JSON.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{'; ' + hint if hint else ''}.")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}.") from e
 
 
 def normalization_of(modality: str) -> str:
@@ -418,12 +398,7 @@ class TaskCatalog:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the catalog as JSON (atomically: a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=4) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict())
 
     @staticmethod
     def available_builtins() -> list[str]:

@@ -685,6 +685,7 @@ def deterministic_transforms(
     reader: Any = None,
     task_key: str = "task",
     id_key: str = "task_id",
+    default_task: str | int | None = None,
 ) -> list[Callable]:
     """The deterministic (cacheable) pre-processing, identical for training, validation and inference.
 
@@ -704,13 +705,15 @@ def deterministic_transforms(
             see the module docstring); ``"ITKReader"`` forces ITK.
         task_key: default ``"task"``.
         id_key: default ``"task_id"``.
+        default_task: task of items without ``task_key`` (MONAI Label sends ``{"image", "label"}`` items; a bundle's
+            ``task``), default ``None`` (items must carry it). This is the one place a default task is set.
     """
     catalog = TaskCatalog.resolve(catalog)
     image_key, label_key = _split_keys(keys)
     keys = [image_key] + ([label_key] if label_key else [])
     modes = ["bilinear"] + (["nearest"] if label_key else [])
     return [
-        AttachTaskd(catalog, task_key=task_key, id_key=id_key, image_key=image_key),
+        AttachTaskd(catalog, task_key=task_key, id_key=id_key, image_key=image_key, default=default_task),
         LoadImaged(keys, reader=reader, image_only=True),
         EnsureChannelFirstd(keys),
         Squeeze2Dd(keys, catalog, task_key=task_key),
@@ -754,36 +757,53 @@ def random_transforms(
     return out
 
 
-def train_transforms(catalog: TaskCatalog | str | os.PathLike, augment: bool = True, reader: Any = None) -> Compose:
+def train_transforms(
+    catalog: TaskCatalog | str | os.PathLike,
+    augment: bool = True,
+    reader: Any = None,
+    default_task: str | int | None = None,
+) -> Compose:
     """``Compose(deterministic_transforms + random_transforms)`` for training items with labels.
 
     Args:
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
         augment: default ``True``; ``False`` only crops the patch.
         reader: ``LoadImaged`` reader, default ``None`` (see :func:`deterministic_transforms`).
+        default_task: task of items without one, default ``None`` (see :func:`deterministic_transforms`).
     """
     catalog = TaskCatalog.resolve(catalog)
-    return Compose(deterministic_transforms(catalog, reader=reader) + random_transforms(catalog, augment=augment))
+    return Compose(
+        deterministic_transforms(catalog, reader=reader, default_task=default_task)
+        + random_transforms(catalog, augment=augment)
+    )
 
 
-def val_transforms(catalog: TaskCatalog | str | os.PathLike, reader: Any = None) -> Compose:
+def val_transforms(
+    catalog: TaskCatalog | str | os.PathLike, reader: Any = None, default_task: str | int | None = None
+) -> Compose:
     """``Compose(deterministic_transforms)`` for validation: whole volumes, labels kept.
 
     Args:
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
         reader: ``LoadImaged`` reader, default ``None`` (see :func:`deterministic_transforms`).
+        default_task: task of items without one, default ``None``.
     """
-    return Compose(deterministic_transforms(catalog, keys=("image", "label"), reader=reader))
+    return Compose(deterministic_transforms(catalog, ("image", "label"), reader, default_task=default_task))
 
 
 def inference_transforms(
-    catalog: TaskCatalog | str | os.PathLike, reader: Any = None, image_key: str = "image"
+    catalog: TaskCatalog | str | os.PathLike,
+    reader: Any = None,
+    image_key: str = "image",
+    default_task: str | int | None = None,
 ) -> Compose:
     """``Compose(deterministic_transforms(keys=(image_key,)))``: image only; invert predictions with ``Invertd``.
+    Every inference config's ``preprocessing`` is this.
 
     Args:
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
         reader: ``LoadImaged`` reader, default ``None`` (see :func:`deterministic_transforms`).
         image_key: default ``"image"``.
+        default_task: task of items without one (MONAI Label sends ``{"image"}`` only), default ``None``.
     """
-    return Compose(deterministic_transforms(catalog, keys=(image_key,), reader=reader))
+    return Compose(deterministic_transforms(catalog, keys=(image_key,), reader=reader, default_task=default_task))

@@ -1,15 +1,25 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
-"""Building blocks shared by every network: conv-InstanceNorm-LeakyReLU stacks, 2D/3D agnostic."""
+"""Building blocks shared by every network: conv-InstanceNorm-LeakyReLU stacks (2D/3D agnostic), the FUSE prompt
+module of UniSeg and MedUniSeg, and the task-id check of the prompt-driven networks."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.blocks import ADN, Convolution
 from monai.networks.layers import Conv
 from torch import nn
 
-__all__ = ["conv_norm_act", "norm_act", "StackedConvBlocks", "transposed_conv", "init_he"]
+__all__ = [
+    "conv_norm_act",
+    "norm_act",
+    "StackedConvBlocks",
+    "transposed_conv",
+    "init_he",
+    "FusePromptModule",
+    "task_index",
+]
 
 
 def norm_act(spatial_dims: int, channels: int, negative_slope: float = 0.01) -> ADN:
@@ -94,3 +104,49 @@ def init_he(module: nn.Module, negative_slope: float = 1e-2) -> None:
         nn.init.kaiming_normal_(module.weight, a=negative_slope)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def task_index(task_id: int | torch.Tensor, num_tasks: int, batch_size: int | None = None) -> int:
+    """Turn a task id (int, 0-d tensor, or one id per sample that are all equal) into a checked ``int``.
+
+    Raises:
+        ValueError: mixed task ids in one batch, or an id outside ``[0, num_tasks)``.
+    """
+    if isinstance(task_id, torch.Tensor):
+        flat = task_id.reshape(-1)
+        if flat.numel() == 0:
+            raise ValueError("task_id is empty.")
+        if batch_size is not None and flat.numel() not in (1, batch_size):
+            raise ValueError(f"task_id has {flat.numel()} entries for a batch of {batch_size}.")
+        if bool((flat != flat[0]).any()):
+            raise ValueError(
+                f"every sample of a batch must come from the same task (UniSeg selects one task prompt and one "
+                f"output slice per batch), got task ids {flat.tolist()}; use the task-balanced batch sampler."
+            )
+        task_id = int(flat[0].item())
+    task_id = int(task_id)
+    if not 0 <= task_id < num_tasks:
+        raise ValueError(f"task_id {task_id} is out of range: this network has {num_tasks} tasks (0..{num_tasks - 1}).")
+    return task_id
+
+
+class FusePromptModule(nn.Sequential):
+    """UniSeg's FUSE: three conv-InstanceNorm-LeakyReLU blocks, ``(C + T) -> (C + T) // 4 -> (C + T) // 4 -> T``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        feature_channels: ``C``, the bottleneck channels.
+        num_tasks: ``T``.
+        kernel_size: conv kernel, default 3.
+
+    Shapes: input ``(B, C + T, *bottleneck)`` (features and universal prompt concatenated), output
+    ``(B, T, *bottleneck)``: one task-specific prompt per task.
+    """
+
+    def __init__(self, spatial_dims: int, feature_channels: int, num_tasks: int, kernel_size: int = 3) -> None:
+        c = feature_channels + num_tasks
+        hidden = c // 4
+        super().__init__(
+            StackedConvBlocks(spatial_dims, c, hidden, kernel_size, 1, 2),
+            conv_norm_act(spatial_dims, hidden, num_tasks, kernel_size),
+        )

@@ -2,11 +2,12 @@
 """Incremental tasks for Hermes: add a new dataset's targets to a trained model through the catalog.
 
 The new tasks are appended to the upstream catalog (same names, targets and modalities first, then the new
-tasks); :func:`extend_checkpoint` loads the upstream checkpoint and returns a Hermes for the extended catalog
-with every trained weight copied and new prior tokens (and, when needed, modality tokens and an input stem) for
-what is new. :func:`param_groups` makes the optimiser's parameter groups: with ``old_lr_scale=0`` the old
-weights are frozen (``requires_grad_(False)``, not in the optimiser, so weight decay never touches them either)
-and the old tasks' outputs stay bitwise the same; with ``0 < old_lr_scale`` they train at ``lr * old_lr_scale``.
+tasks: :func:`extended_catalog`); :func:`extend_checkpoint` loads the upstream checkpoint and returns a Hermes for
+the extended catalog with every trained weight copied and new prior tokens (and, when needed, modality tokens and an
+input stem) for what is new. :func:`param_groups` makes the optimiser's parameter groups: with ``old_lr_scale=0``
+the old weights are frozen (``requires_grad_(False)``, not in the optimiser, so weight decay never touches them
+either) and the old tasks' outputs stay bitwise the same; with ``0 < old_lr_scale`` they train at
+``lr * old_lr_scale``.
 
 Example (the bundle's ``add_tasks.json`` does the same)::
 
@@ -17,14 +18,64 @@ Example (the bundle's ``add_tasks.json`` does the same)::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .networks.hermes import Hermes
-from .tasks import TaskCatalog
+from ...checkpoints import checkpoint_catalog, load_checkpoint
+from ...distributed import unwrap
+from ...io import as_list
+from ...tasks import TaskCatalog, TaskSpec
+from .network import Hermes
 
-__all__ = ["extend_checkpoint", "extend_network", "param_groups"]
+__all__ = ["extended_catalog", "extend_checkpoint", "extend_network", "param_groups"]
+
+
+def extended_catalog(
+    upstream: TaskCatalog | str | os.PathLike,
+    catalog: TaskCatalog | str | os.PathLike,
+    new_tasks: Sequence[str] | str | None = None,
+) -> TaskCatalog:
+    """The catalog of an incremental run: the upstream model's tasks first, unchanged, then the new tasks.
+
+    The upstream tasks keep their ids, label offsets (hence their target ids) and the upstream plan; the new tasks
+    (3D tasks of ``catalog`` that the upstream model lacks, or the ones named) follow, numbered after them.
+
+    Args:
+        upstream: the upstream catalog, or the upstream checkpoint (``model.pt``) whose stored catalog is used.
+        catalog: a catalog holding the new tasks (object, JSON file or built-in name); it may also list the old ones.
+        new_tasks: names of the tasks to add (a list or a comma-separated string), default ``None`` (every 3D task
+            of ``catalog`` that the upstream model lacks).
+
+    Raises:
+        ValueError: a named task is unknown, already upstream or not 3D, or there is no task to add.
+    """
+    if isinstance(upstream, TaskCatalog):
+        old = upstream
+    elif str(upstream).endswith((".pt", ".pth")):
+        old = checkpoint_catalog(upstream)
+    else:
+        old = TaskCatalog.resolve(upstream)
+    source = TaskCatalog.resolve(catalog)
+    names = as_list(new_tasks)
+    if not names:
+        names = [t.name for t in source if t.dims == 3 and t.name not in old]
+    for n in names:
+        if n in old:
+            raise ValueError(f"task {n!r} is already a task of the upstream model (tasks {old.names}).")
+        if source[n].dims != 3:
+            raise ValueError(f"task {n!r} of catalog {source.name!r} is {source[n].dims}D; only 3D tasks can be added.")
+    if not names:
+        raise ValueError(
+            f"catalog {source.name!r} (tasks {source.names}) has no 3D task that the upstream model lacks (it has "
+            f"{old.names}); give a catalog with the new tasks."
+        )
+    # old tasks keep their ids and label offsets (hence their target ids); new ones are numbered after them
+    added = [TaskSpec(**{**source[n].to_dict(), "id": len(old) + i, "label_offset": None}) for i, n in enumerate(names)]
+    return TaskCatalog(
+        list(old) + added, name=f"{old.name}+{'+'.join(names)}", plan=old.plan, description=old.description
+    )
 
 
 def extend_network(network: Hermes, catalog: TaskCatalog | str | os.PathLike) -> Hermes:
@@ -38,7 +89,7 @@ def extend_network(network: Hermes, catalog: TaskCatalog | str | os.PathLike) ->
     Raises:
         ValueError: ``network`` is not a Hermes, or the catalog does not extend its tasks.
     """
-    network = network.module if hasattr(network, "module") else network  # type: ignore[assignment]
+    network = unwrap(network)  # type: ignore[assignment]
     if not isinstance(network, Hermes):
         raise ValueError(f"incremental tasks need a Hermes network, got {type(network).__name__}.")
     extended = network.add_tasks(TaskCatalog.resolve(catalog))
@@ -64,8 +115,6 @@ def extend_checkpoint(
         ValueError: unreadable checkpoint, not a Hermes, or a catalog that does not extend the checkpoint's tasks
             (the message names the first mismatching task).
     """
-    from .engines import load_checkpoint
-
     net, _ = load_checkpoint(ckpt_path, map_location=map_location)
     if not isinstance(net, Hermes):
         raise ValueError(f"checkpoint {str(ckpt_path)!r} holds a {type(net).__name__}; incremental tasks need Hermes.")
@@ -94,7 +143,7 @@ def param_groups(
     Raises:
         ValueError: negative ``old_lr_scale``, unknown old tasks, or no old tasks known.
     """
-    net = network.module if hasattr(network, "module") else network
+    net = unwrap(network)
     if not isinstance(net, Hermes):
         raise ValueError(f"param_groups needs a Hermes network, got {type(net).__name__}.")
     if old_lr_scale < 0:

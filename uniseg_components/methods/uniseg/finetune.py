@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tasks import TaskCatalog
+from ...checkpoints import read_checkpoint
+from ...distributed import unwrap
+from ...io import list_images
+from ...tasks import TaskCatalog
 
 __all__ = [
     "PLAN_FIELDS",
@@ -53,19 +56,11 @@ _UPSTREAM_ONLY = ("prompt", "fuse.")
 
 def _read_upstream(checkpoint: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
     if isinstance(checkpoint, Mapping):
-        obj: Any = checkpoint
+        obj: Mapping[str, Any] = checkpoint
         name = "<checkpoint dict>"
     else:
-        path = Path(checkpoint)
-        name = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"upstream checkpoint {name!r} does not exist.")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated file, foreign pickle...
-            raise ValueError(f"upstream checkpoint {name!r} could not be read ({type(e).__name__}: {e}).") from e
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"upstream checkpoint {name!r} is a {type(obj).__name__}, not a state dict.")
+        name = str(checkpoint)
+        obj = read_checkpoint(checkpoint, what="upstream checkpoint")
     state = obj.get("model", obj)
     meta = obj.get("meta") if "model" in obj else None
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
@@ -121,7 +116,7 @@ def load_upstream_weights(
         ValueError: it cannot be read, is not a UniSeg checkpoint, or its plan differs from the network's (the
             message names both plans), or a weight's shape does not fit (the message names both shapes).
     """
-    module = network.module if hasattr(network, "module") else network
+    module = unwrap(network)
     name = "<checkpoint dict>" if isinstance(checkpoint, Mapping) else str(checkpoint)
     upstream, upstream_config = _read_upstream(checkpoint)
     _check_plans(module, upstream_config, name)
@@ -219,7 +214,7 @@ def prepare_task_data(
     Returns:
         ``{"training": [...], "validation": [...]}`` with items ``{"image", "label", "task"}``.
     """
-    from .data import load_datalist, prepare
+    from ...data import load_datalist, prepare
 
     if len(catalog) != 1:
         raise ValueError(f"prepare_task_data needs a single-task catalog, got tasks {catalog.names}.")
@@ -237,7 +232,7 @@ def prepare_task_data(
     root = Path(dataset_dir)
     folder = root if (root / "dataset.json").is_file() else root / (task.dataset or task.name)
     if not (folder / "dataset.json").is_file():
-        from .demo import DEMO_CATALOG, write_demo_collection
+        from ...demo import DEMO_CATALOG, write_demo_collection
 
         if task.name not in TaskCatalog.builtin(DEMO_CATALOG).names:
             raise FileNotFoundError(
@@ -271,22 +266,9 @@ def inference_items(
         FileNotFoundError: a given path does not exist, or a folder holds no NIfTI file.
     """
     task = catalog[0].name
-    if isinstance(images, (list, tuple)):
-        paths = [str(p) for p in images]
-    elif images:
-        p = Path(images)
-        if p.is_dir():
-            paths = sorted(str(f) for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz")))
-            if not paths:
-                raise FileNotFoundError(f"folder {str(p)!r} holds no .nii/.nii.gz image.")
-        elif p.is_file():
-            paths = [str(p)]
-        else:
-            raise FileNotFoundError(f"image path {str(p)!r} does not exist.")
+    if images:
+        items = list_images(images, must_exist=True)
     else:
         data = prepare_task_data(catalog, dataset_dir=dataset_dir, output_dir=output_dir)
-        paths = [it["image"] for it in (data["validation"] or data["training"])]
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"image file(s) {missing} do not exist.")
-    return [{"image": p, "task": task} for p in paths]
+        items = list_images([it["image"] for it in (data["validation"] or data["training"])])
+    return [{"image": it["image"], "task": task} for it in items]

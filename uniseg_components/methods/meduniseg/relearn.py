@@ -2,7 +2,7 @@
 """MedUniSeg*: choose the tasks to relearn and build the relearning network from a trained checkpoint.
 
 After joint training some tasks lag behind. MedUniSeg* freezes the trained model and trains new, light modules
-(:class:`~uniseg_components.networks.MedUniSegStar`: per-task decoder adapters) for those tasks only, so every
+(:class:`~uniseg_components.methods.meduniseg.MedUniSegStar`: per-task decoder adapters) for those tasks only, so every
 other task keeps exactly its output. The bundle's ``configs/relearn.json`` calls these functions.
 
 Example::
@@ -18,9 +18,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .engines import load_checkpoint
-from .networks import MedUniSeg, MedUniSegStar
-from .tasks import TaskCatalog, read_json
+from ...checkpoints import load_checkpoint
+from ...io import as_list, read_json
+from ...tasks import TaskCatalog
+from .network import MedUniSeg
+from .star import MedUniSegStar
 
 __all__ = ["read_dice", "select_tasks", "relearn_network"]
 
@@ -82,10 +84,7 @@ def select_tasks(
     """
     catalog = TaskCatalog.resolve(catalog)
     if tasks is not None and str(tasks) != "":
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        elif isinstance(tasks, int):
-            tasks = [tasks]
+        tasks = [tasks] if isinstance(tasks, int) else as_list(tasks)
         names = {catalog[int(t) if str(t).isdigit() else t].name for t in tasks}
     elif dice is not None and threshold is not None:
         means = read_dice(dice)
@@ -105,9 +104,7 @@ def select_tasks(
     return [t.name for t in catalog if t.name in names]
 
 
-def relearn_network(
-    checkpoint: str | os.PathLike, tasks: Sequence[str | int], reduction: int = 4
-) -> MedUniSegStar:
+def relearn_network(checkpoint: str | os.PathLike, tasks: Sequence[str | int], reduction: int = 4) -> MedUniSegStar:
     """The MedUniSeg* network that relearns ``tasks`` of a trained checkpoint.
 
     Args:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import UNetBackbone
-from .plans import UNetPlan, plan_from_catalog
-from .uniseg import task_index
+from ...networks.backbone import UNetBackbone
+from ...networks.blocks import task_index
+from ...networks.plans import UNetPlan, plan_from_catalog
 
 __all__ = ["UniSegDownstream"]
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import UNetBackbone
-from .plans import UNetPlan, plan_from_catalog
+from ...networks.backbone import UNetBackbone
+from ...networks.plans import UNetPlan, plan_from_catalog
 
 __all__ = ["TwoWayAttentionBlock", "Hermes", "hermes_tables", "default_fusion_stages"]
 
@@ -438,6 +438,10 @@ class Hermes(nn.Module):
         """The modality class of a task."""
         return int(self._task(task_id)["modality"])
 
+    def task_channels(self, task_id: int) -> int:
+        """The input channel count of a task (one per modality of its modality combination)."""
+        return len(self.modality_names[self.task_modality(task_id)].split("+"))
+
     def request(self, task_ids: Sequence[int] | int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The request for samples of datasets ``task_ids`` (one per sample; an int is one sample).
 
@@ -668,7 +672,7 @@ class Hermes(nn.Module):
         new_tasks = {_key(t["name"]) for t in self.tasks if t["name"] not in set(old_tasks)}
         old_mods = {t["modality"] for t in old}
         new_mods = {_key(m) for i, m in enumerate(self.modality_names) if i not in old_mods}
-        old_channels = {len(self.modality_names[t["modality"]].split("+")) for t in old}
+        old_channels = {self.task_channels(i) for i, t in enumerate(self.tasks) if t["name"] in set(old_tasks)}
         names = []
         for name, _ in self.named_parameters():
             parts = name.split(".")

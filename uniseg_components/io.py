@@ -1,0 +1,270 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Files in and out: the one atomic writer, image listing and naming, the one label-map writer, list arguments.
+
+* :func:`atomic_path` is how every file of the project is written (JSON, text, checkpoints, label maps, release
+  zips): the content goes to a temporary file in the target's folder, which is renamed into place only when the
+  writing succeeded, so a reader (or a rerun after a crash) sees the old complete file or the new one, never half
+  of one. :func:`write_text`, :func:`write_json` and :func:`save_torch` are its everyday forms.
+* :func:`list_images` turns a folder, a file, a datalist or a list into inference items; :func:`image_stem`
+  names outputs after their input.
+* :func:`save_label_map` / :class:`SaveLabelMapd` write every label map (2D and 3D, CLI and bundles).
+* :func:`as_list` reads list arguments given as lists or comma-separated strings (CLI flags, config values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import SaveImaged
+
+__all__ = [
+    "read_json",
+    "atomic_path",
+    "write_text",
+    "write_json",
+    "save_torch",
+    "as_list",
+    "NIFTI_SUFFIXES",
+    "image_stem",
+    "list_images",
+    "save_label_map",
+    "SaveLabelMapd",
+]
+
+#: file name endings read as images when a folder is listed
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Write ``path`` atomically: yields a temporary path in the same folder to write to, renamed to ``path`` on
+    success and removed on any error.
+
+    The temporary name is ``.tmp<pid>-<name>``: hidden, unique per process, and ending like ``path`` (so writers
+    that choose the format by suffix, such as nibabel's ``.nii.gz``, write the right one). Parent folders are
+    created.
+
+    Example::
+
+        with atomic_path("models/model.pt") as tmp:
+            torch.save(state, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_json(path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
+    """Read a JSON file; every error names ``what`` and the path.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"catalog file"``, ``"datalist"``...), default ``"file"``.
+        hint: appended to the missing-file message, e.g. how to create the file, default none.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not valid UTF-8 JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{'; ' + hint if hint else ''}.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}.") from e
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> Path:
+    """Write ``obj`` as JSON (``indent`` 4, trailing newline) to ``path`` atomically; returns the path."""
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def as_list(value: Any) -> list[str]:
+    """A list of strings from a list/tuple, a comma-separated string (empty items dropped) or ``None`` (``[]``).
+
+    Example: ``as_list("a, b,,c") == ["a", "b", "c"]``; ``as_list(("x", 2)) == ["x", "2"]``.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+
+
+def list_images(
+    source: str | os.PathLike | Sequence[Any],
+    pattern: str = "*.nii*",
+    keys: Sequence[str] = ("image", "task"),
+    must_exist: bool = False,
+) -> list[dict[str, Any]]:
+    """Inference items ``[{"image": path, ...}, ...]`` from a folder, a datalist JSON file or a list.
+
+    Args:
+        source: a folder (its files matching ``pattern``, sorted), a ``.json`` file holding a list of paths or
+            items (or a dict with a ``"test"``, ``"testing"``, ``"validation"`` or ``"val"`` list), a single image
+            file, or a list of paths / item dicts (a comma-separated string of paths is a list too).
+        pattern: glob for folders, default ``"*.nii*"``.
+        keys: the entries an item keeps, default ``("image", "task")`` (a prepared datalist's items also carry
+            labels, which inference does not read; an item's own task overrides the config's default).
+        must_exist: check that every listed image file exists, default ``False`` (the reader reports it later).
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist, or (``must_exist``) listed files do not; the
+            message names them.
+        ValueError: the source holds no image, or an item has no ``"image"``.
+    """
+    if isinstance(source, (str, os.PathLike)) and not Path(source).exists() and "," in str(source):
+        source = as_list(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no image folder, image or datalist at {str(path)!r}.")
+        if path.is_dir():
+            entries: Sequence[Any] = sorted(str(p) for p in path.glob(pattern) if p.is_file())
+        elif path.suffix == ".json":
+            loaded = read_json(path, "image list")
+            if isinstance(loaded, dict):
+                key = next((k for k in ("test", "testing", "validation", "val") if k in loaded), None)
+                if key is None:
+                    raise ValueError(f"{path}: expected a list or a dict with a 'test' or 'validation' list.")
+                loaded = loaded[key]
+            entries = loaded
+        else:
+            entries = [str(path)]
+    else:
+        entries = list(source)
+    items = [
+        {k: v for k, v in e.items() if k in keys} if isinstance(e, Mapping) else {"image": str(e)} for e in entries
+    ]
+    if any("image" not in item for item in items):
+        raise ValueError(f"every item of {source!r} needs an 'image' entry.")
+    if not items:
+        raise ValueError(f"no image found in {source!r} (pattern {pattern!r}).")
+    missing = [str(it["image"]) for it in items if must_exist and not Path(str(it["image"])).exists()]
+    if missing:
+        raise FileNotFoundError(f"image file(s) {missing} do not exist.")
+    return items
+
+
+def save_label_map(label: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a ``(1, *spatial)`` label map (or ``(C, *spatial)`` masks, one per channel) as NIfTI atomically
+    (:func:`atomic_path`).
+
+    Written with nibabel directly: a 2D map gets its 2D affine embedded in a 4x4 one (MONAI's writer fails on some
+    2D maps, e.g. those of ``(X, Y, 1, C)`` RGB files). Several channels are stored channel-last, ``(X, Y, Z, C)``
+    (2D: ``(X, Y, 1, C)``, nnU-Net's layout). Values in [0, 255] are stored as ``uint8``, else ``int16``.
+
+    Args:
+        label: integer label map, a MetaTensor carrying the affine of the grid it lies on (identity otherwise).
+        path: output ``.nii.gz`` path; parent folders are created.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    arr = torch.as_tensor(label).detach().cpu().numpy()
+    if arr.shape[0] == 1:
+        arr = arr[0]
+    else:  # channel-last, with a singleton third axis for 2D maps
+        arr = np.moveaxis(arr, 0, -1)
+        arr = arr[:, :, None] if arr.ndim == 3 else arr
+    affine = np.eye(4)
+    if isinstance(label, MetaTensor):
+        a = np.asarray(label.affine.detach().cpu().numpy(), dtype=np.float64)
+        r = a.shape[0] - 1  # spatial rank of the affine
+        affine[:r, :r], affine[:r, 3] = a[:r, :r], a[:r, r]
+    dtype = np.uint8 if int(arr.max(initial=0)) < 256 and int(arr.min(initial=0)) >= 0 else np.int16
+    img = nib.Nifti1Image(np.rint(arr).astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+class SaveLabelMapd(SaveImaged):
+    """Write each ``(1, *spatial)`` label map of ``keys`` with :func:`save_label_map` (2D and 3D, atomic), named like
+    ``SaveImaged``: ``<output_dir>/[<name>/]<name>_<output_postfix><output_ext>`` with ``<name>`` the source file's
+    name without extension (``filename_or_obj`` in the label's metadata, else in ``meta_key``'s).
+
+    It is a ``SaveImaged`` (MONAI Label, for one, drops ``SaveImaged`` from a bundle's post-processing and returns
+    the label itself), with the writing replaced by :func:`save_label_map`.
+
+    Args:
+        keys: keys of the label maps, e.g. ``"pred"``.
+        output_dir: output folder, default ``"."``.
+        output_postfix: appended to the name, default ``"seg"``.
+        output_ext: default ``".nii.gz"``.
+        separate_folder: one sub-folder per input file, default ``False``.
+        meta_key: item key whose metadata names the source file when the label's does not, default ``"image"``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike = ".",
+        output_postfix: str = "seg",
+        output_ext: str = ".nii.gz",
+        separate_folder: bool = False,
+        meta_key: str = "image",
+    ) -> None:
+        super().__init__(
+            keys, output_dir=output_dir, output_postfix=output_postfix, output_ext=output_ext, resample=False
+        )
+        self.output_dir = Path(output_dir)
+        self.output_postfix, self.output_ext = str(output_postfix), str(output_ext)
+        self.separate_folder, self.meta_key = bool(separate_folder), meta_key
+
+    def output_path(self, source: str | os.PathLike) -> Path:
+        """Where the label map of the image file ``source`` is written."""
+        name = image_stem(source)
+        folder = self.output_dir / name if self.separate_folder else self.output_dir
+        return folder / f"{name}_{self.output_postfix}{self.output_ext}"
+
+    def _source(self, d: Mapping[Any, Any], label: Any) -> str:
+        for src in (label, d.get(self.meta_key)):
+            meta = getattr(src, "meta", None) or {}
+            source = meta.get("filename_or_obj")
+            if source:
+                return str(source)
+        raise ValueError("SaveLabelMapd: no 'filename_or_obj' in the label's or the image's metadata to name the file.")
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            save_label_map(d[key], self.output_path(self._source(d, d[key])))
+        return d

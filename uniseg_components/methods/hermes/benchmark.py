@@ -1,0 +1,168 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""Hermes' benchmark: parameters (fusion share, prototypes, modality head, tokens), the training-step ratio against the
+plain backbone, sliding-window throughput, and one all-targets pass against one pass per target."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...benchmark import (
+    count_parameters,
+    cpu_patch,
+    default_device,
+    environment,
+    markdown_table,
+    time_interleaved,
+    train_step,
+)
+from ...inferers import TaskSlidingWindowInferer
+from ...networks import UNetBackbone, plan_from_catalog
+from ...tasks import TaskCatalog
+from .loss import HermesLoss
+from .network import Hermes
+
+__all__ = ["run_benchmark", "format_report"]
+
+
+def run_benchmark(
+    catalog: str | TaskCatalog | None = None,
+    patch_size: Sequence[int] | None = None,
+    repeats: int = 3,
+    device: str | None = None,
+    batch_size: int = 2,
+    volume_factor: float = 2.0,
+) -> dict[str, Any]:
+    """Measure Hermes: parameters (fusion share, prototypes, modality head, tokens), the training-step time ratio
+    against the plain backbone, sliding-window throughput, and one all-targets pass against one pass per target.
+
+    Args:
+        catalog: catalog whose plan and tasks are measured, default ``"uniseg_11tasks"``; only its 3D tasks count.
+        patch_size: patch for the timed parts; default the catalog's on CUDA, halved per axis on CPU.
+        repeats: timed repetitions (median), default 3.
+        device: default CUDA when available else CPU.
+        batch_size: training batch, default 2; its samples come from different 1-channel tasks (a mixed batch).
+        volume_factor: the sliding-window volume is ``volume_factor`` times the patch per axis, default 2.
+    """
+    cat = TaskCatalog.resolve(catalog or "uniseg_11tasks")
+    if len(cat.dims) > 1 or cat.dims != [3]:
+        cat = cat.select(dims=3)
+    dev = default_device(device)
+    amp = dev.type == "cuda"
+    full_plan = plan_from_catalog(cat)
+    patch = (
+        tuple(patch_size) if patch_size is not None else cpu_patch(full_plan.patch_size, full_plan.total_stride, dev)
+    )
+    res: dict[str, Any] = {
+        "catalog": cat.name,
+        **environment(dev),
+        "patch": list(patch),
+        "catalog_patch": list(full_plan.patch_size),
+        "batch_size": batch_size,
+        "repeats": repeats,
+    }
+    torch.manual_seed(0)
+    net = Hermes.from_catalog(cat, patch_size=patch)
+    res["params_hermes"] = count_parameters(net)
+    res["params_backbone_features"] = count_parameters(net.backbone)
+    res["params_fusion"] = count_parameters(net.fusion)
+    res["fusion_share"] = res["params_fusion"] / res["params_hermes"]
+    res["params_prototype"] = count_parameters(net.prototype_norm) + count_parameters(net.prototype_mlp) + 1
+    res["params_modality_head"] = count_parameters(net.modality_norm) + count_parameters(net.modality_head)
+    res["params_tokens"] = count_parameters(net.priors)
+    res["fusion_stages"] = list(net.fusion_stages)
+    res["blocks_per_stage"] = list(net.blocks_per_stage)
+    res["num_targets"] = sum(t["num_targets"] for t in net.tasks)
+    net = net.to(dev)
+    one_channel = [t.id for t in cat if t.num_channels == 1] or [cat[0].id]
+    tasks = [one_channel[i % len(one_channel)] for i in range(batch_size)]
+    k_min = min(net.tasks[t]["num_targets"] for t in tasks)
+    plain = UNetBackbone(net.plan, in_channels=(1,), out_channels=k_min + 1).to(dev)
+
+    # (b) one training step, Hermes (mixed request, partial-label loss) vs the plain backbone, same patch and batch
+    x = torch.randn(batch_size, 1, *patch, device=dev)
+    y = torch.randint(0, k_min + 1, (batch_size, 1, *patch), device=dev).float()
+    net.train()
+    plain.train()
+    t_h, t_plain = time_interleaved(
+        [
+            train_step(net, x, y, amp, HermesLoss(), task_id=torch.tensor(tasks, device=dev)),
+            train_step(plain, x, y, amp),
+        ],
+        repeats,
+        1,
+        dev,
+    )
+    res.update(
+        train_tasks=tasks, train_step_hermes_s=t_h, train_step_backbone_s=t_plain, train_step_ratio=t_h / t_plain
+    )
+    del plain
+
+    # (c) sliding-window throughput on a volume larger than the patch (one dataset's targets per window)
+    net.eval()
+    vol = tuple(int(p * volume_factor) for p in patch)
+    inferer = TaskSlidingWindowInferer(patch, sw_batch_size=2, overlap=0.5)
+    img = torch.randn(1, 1, *vol, device=dev)
+
+    def sliding() -> None:
+        with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
+            inferer(img, net, task_id=one_channel[0])
+
+    (t_sw,) = time_interleaved([sliding], max(1, repeats - 1), 1, dev)
+    res.update(sw_volume=list(vol), sw_seconds=t_sw, sw_voxels_per_s=math.prod(vol) / t_sw)
+
+    # (d) every target of every task in one pass vs one pass per target (one patch, the first modality)
+    targets = [g for t in range(net.num_tasks) for g in net.task_targets(t)]
+    x1 = torch.randn(1, 1, *patch, device=dev)
+    mod = torch.zeros(1, dtype=torch.long, device=dev)
+    all_ids = torch.tensor([targets + [-1]], device=dev)
+    single = [torch.tensor([[g, -1]], device=dev) for g in targets]
+
+    def all_targets() -> None:
+        with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
+            net(x1, all_ids, mod)
+
+    def per_target() -> None:
+        with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
+            for ids in single:
+                net(x1, ids, mod)
+
+    t_all, t_sep = time_interleaved([all_targets, per_target], repeats, 1, dev)
+    res.update(all_targets_n=len(targets), all_targets_s=t_all, per_target_s=t_sep, all_targets_ratio=t_all / t_sep)
+    return res
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """Markdown table of a :func:`run_benchmark` result."""
+    stages = ", ".join(f"{s}x{b}" for s, b in zip(r["fusion_stages"], r["blocks_per_stage"]))
+    rows = [
+        ("catalog / device", f"{r['catalog']} / {r['device']} ({r['threads']} threads, torch {r['torch']})"),
+        ("timed patch (catalog patch)", f"{r['patch']} ({r['catalog_patch']}), batch {r['batch_size']}"),
+        ("(a) Hermes parameters", f"{r['params_hermes']:,} ({r['num_targets']} targets)"),
+        ("(a) backbone (features, stems)", f"{r['params_backbone_features']:,}"),
+        (
+            "(a) prior-fusion layers",
+            f"{r['params_fusion']:,} ({100 * r['fusion_share']:.1f}% of Hermes; blocks {stages})",
+        ),
+        (
+            "(a) prototype MLP / modality head / prior tokens",
+            (f"{r['params_prototype']:,} / {r['params_modality_head']:,} / {r['params_tokens']:,}"),
+        ),
+        (
+            "(b) training step Hermes / backbone",
+            f"{r['train_step_ratio']:.3f} ({r['train_step_hermes_s']:.2f} s / {r['train_step_backbone_s']:.2f} s; "
+            f"mixed batch of tasks {r['train_tasks']})",
+        ),
+        (
+            "(c) sliding-window throughput",
+            f"{r['sw_voxels_per_s']:,.0f} voxels/s (volume {r['sw_volume']}, {r['sw_seconds']:.2f} s)",
+        ),
+        (
+            f"(d) all {r['all_targets_n']} targets in one pass / one pass per target",
+            f"{r['all_targets_ratio']:.3f} ({r['all_targets_s']:.2f} s / {r['per_target_s']:.2f} s)",
+        ),
+    ]
+    return markdown_table(rows)

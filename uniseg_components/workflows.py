@@ -1,0 +1,411 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""One pipeline: the CLI's ``train``, ``evaluate`` and ``infer`` run the bundles' own configs.
+
+Every method is trained, evaluated and applied by its bundle's ``train.json`` / ``inference.json`` through MONAI's
+``ConfigWorkflow`` (the same recipe, resume, seeding, atomic and checksummed checkpoints as
+``python -m monai.bundle run``); the functions here only turn command-line arguments into config overrides and
+collect the results:
+
+* :func:`train`: ``<bundle>/configs/train.json`` of the method, writing ``model.pt`` (best validation Dice),
+  ``model_final.pt`` and ``checkpoint_latest.pt`` into ``output_dir``.
+* :func:`infer`: ``inference.json`` of the checkpoint's method with the checkpoint's own network and catalog, one run
+  per task set (``--task all`` groups the images by the tasks of their modality).
+* :func:`evaluate`: :func:`infer` on a datalist split, then Dice per task and class of each written label map
+  against its label file, on the file's own grid, beside an all-background baseline.
+
+Bundle folders are found by :func:`bundle_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigWorkflow
+from monai.transforms import LoadImage
+
+from .checkpoints import load_checkpoint
+from .data import load_datalist
+from .inferers import tasks_for_image
+from .io import as_list, image_stem, list_images, read_json
+from .methods import get_method, method_of
+from .metrics import TaskDiceAggregator, format_dice_table
+from .tasks import TaskCatalog
+
+__all__ = ["BUNDLES_ENV", "bundle_dir", "run_workflow", "raise_root_cause", "train", "infer", "evaluate"]
+
+logger = logging.getLogger(__name__)
+
+#: environment variable naming the folder that holds the bundles (default: ``bundles/`` of this checkout)
+BUNDLES_ENV = "UNISEG_BUNDLES"
+
+
+def bundle_dir(name: str) -> Path:
+    """The folder of bundle ``name``: ``$UNISEG_BUNDLES/<name>``, else ``bundles/<name>`` of the checkout this package
+    runs from, else the bundle this package is vendored in (a release zip).
+
+    Raises:
+        FileNotFoundError: none of them holds ``configs/metadata.json``; the message lists where it looked.
+    """
+    here = Path(__file__).resolve().parent
+    candidates = [Path(os.environ[BUNDLES_ENV]) / name] if os.environ.get(BUNDLES_ENV) else []
+    candidates += [here.parent / "bundles" / name, here.parent]
+    for c in candidates:
+        if (c / "configs" / "metadata.json").is_file() and (c.name == name or c.parent.name == "bundles"):
+            return c
+    raise FileNotFoundError(
+        f"bundle {name!r} not found (looked in {[str(c) for c in candidates]}); run from a checkout of the project or "
+        f"set {BUNDLES_ENV} to the folder holding the bundles."
+    )
+
+
+def run_workflow(
+    bundle: str, configs: Sequence[str], workflow_type: str, overrides: Mapping[str, Any], run: bool = True
+) -> ConfigWorkflow:
+    """Build, initialise and (``run``) run and finalise a bundle's workflow.
+
+    Args:
+        bundle: bundle folder name (see :func:`bundle_dir`).
+        configs: config file names in ``configs/``, merged in order (``["train.json", "evaluate.json"]``).
+        workflow_type: ``"train"`` or ``"infer"``.
+        overrides: config id -> value (any Python object; strings starting with ``$`` or ``@`` are expressions).
+        run: run and finalise it, default ``True``.
+    """
+    root = bundle_dir(bundle)
+    files = [str(root / "configs" / c) for c in configs]
+    wf = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(root / "configs" / "metadata.json"),
+        workflow_type=workflow_type,
+        **dict(overrides),
+    )
+    try:
+        wf.initialize()
+        if run:
+            try:
+                wf.run()
+            finally:
+                wf.finalize()
+    except Exception as e:
+        raise_root_cause(e)
+    return wf
+
+
+def raise_root_cause(error: BaseException) -> None:
+    """Re-raise the error behind MONAI's wrappers (``RuntimeError("Failed to evaluate ConfigExpression ...")``,
+    ``RuntimeError("applying transform ...")``), whose own message names the file, the task and what was expected;
+    ``error`` itself when it wraps nothing."""
+    cause = error
+    while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is error:
+        raise error
+    raise cause from None
+
+
+def _checked(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def train(
+    datalist: str | os.PathLike,
+    method: str = "uniseg",
+    catalog: str | os.PathLike | TaskCatalog | None = None,
+    output_dir: str | os.PathLike = "runs/uniseg",
+    epochs: int | None = None,
+    batches_per_task: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    val_interval: int | None = None,
+    augment: bool | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    num_workers: int | None = None,
+    resume: bool = False,
+    **config: Any,
+) -> dict[str, Any]:
+    """Train ``method`` on the tasks of a datalist with its bundle's ``train.json`` (the method's recipe).
+
+    Arguments left at ``None`` keep the bundle's value (UniSeg: 1000 epochs of 50 batches per task, SGD lr 1e-2...).
+
+    Args:
+        datalist: JSON written by ``prepare`` (``training`` and ``validation`` lists of ``{image, label, task}``).
+        method: registered method name, default ``"uniseg"``.
+        catalog: catalog JSON, built-in name or catalog; default the datalist's own. Tasks of a rank the method does
+            not support are left out.
+        output_dir: ``model.pt`` (best mean validation Dice, or the final model without validation data),
+            ``model_final.pt`` and ``checkpoint_latest.pt`` go here, TensorBoard logs and Dice tables to ``eval/``.
+        epochs, batches_per_task, batch_size, learning_rate, val_interval, augment, seed, num_workers: the bundle's
+            config entries of these names.
+        device: default CUDA when available, else CPU.
+        resume: continue from ``output_dir/checkpoint_latest.pt``, default ``False``.
+        config: any other entry of the bundle's config (``momentum=0.9``, ``cache_rate=0.5``...).
+
+    Returns:
+        ``{"checkpoint", "final_checkpoint", "best_metric", "best_epoch", "details", "seconds", "method"}``;
+        ``checkpoint`` is ``model.pt``.
+    """
+    t0 = time.time()
+    m = get_method(method)
+    bundle = next(iter(m.bundles.values()))
+    out = Path(output_dir)
+    overrides = _checked(
+        {
+            "bundle_root": str(out),
+            "ckpt_dir": str(out),
+            "output_dir": str(out / "eval"),
+            "datalist": str(datalist),
+            "catalog": catalog,
+            "epochs": epochs,
+            "batches_per_task": batches_per_task,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "val_interval": val_interval,
+            "augment": augment,
+            "seed": seed,
+            "num_workers": num_workers,
+            "device": None if device is None else torch.device(device),
+            "resume": bool(resume),
+        }
+    )
+    overrides.update(m.bundle_overrides("train"))
+    overrides.update(config)
+    logger.info("training %s with %s/configs/train.json into %s", m.title, bundle, out)
+    wf = run_workflow(bundle, ["train.json"], "train", overrides)
+    best = wf.parser.get_parsed_content("best_checkpoint")
+    table = out / "eval" / "val_dice_per_task.json"
+    details = read_json(table, "Dice table").get("per_task", {}) if table.is_file() else {}
+    return {
+        "method": m.name,
+        "checkpoint": str(out / "model.pt"),
+        "final_checkpoint": str(out / "model_final.pt"),
+        "best_metric": None if best.best_epoch == 0 else best.best_metric,
+        "best_epoch": None if best.best_epoch == 0 else best.best_epoch,
+        "details": details,
+        "seconds": time.time() - t0,
+    }
+
+
+def infer(
+    checkpoint: str | os.PathLike,
+    images: Any,
+    task: str | int,
+    out: str | os.PathLike = "predictions",
+    modality: Any = None,
+    mirror: bool = False,
+    catalog: str | os.PathLike | TaskCatalog | None = None,
+    device: str | torch.device | None = None,
+) -> list[Path]:
+    """Segment images with a checkpoint through its bundle's ``inference.json``: label maps on each input's grid.
+
+    Output files are ``out/<image name>_<task>.nii.gz`` (``_all`` for ``task="all"``, whose maps merge every task of the
+    image's modalities with the catalog's label offsets).
+
+    Args:
+        checkpoint: ``model.pt`` written by training.
+        images: a NIfTI file, a folder of them, a datalist JSON, or a list / comma-separated string of files.
+        task: task name or id of the checkpoint's catalog, or ``"all"``.
+        out: output folder, default ``"predictions"``.
+        modality: with ``task="all"``, the images' channel modalities (``"CT"``, ``["CT", "PET"]``) when the channel
+            count fits several modality combinations of the catalog; default: from each image.
+        mirror: mirroring test-time augmentation on every axis, default ``False``.
+        catalog: overrides the catalog stored in the checkpoint.
+        device: default CUDA when available.
+
+    Returns:
+        the written files, in input order.
+
+    Raises:
+        FileNotFoundError, ValueError: missing images, unknown task or modality, unreadable checkpoint (before any
+            output is written).
+    """
+    net, cat = load_checkpoint(checkpoint, catalog=catalog)
+    items = list_images(images, must_exist=True)
+    all_tasks = str(task).lower() == "all"
+    mods = as_list(modality) or None
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for it in items:
+        tasks = tasks_for_image(cat, it["image"], mods) if all_tasks else [cat[task]]
+        groups.setdefault(tuple(t.name for t in tasks), []).append(str(it["image"]))
+    _check_unique_outputs({i: "all" if all_tasks else cat[task].name for g in groups.values() for i in g})
+    written: dict[str, Path] = {}
+    for names, group in groups.items():
+        written.update(
+            _run_inference(net, cat, checkpoint, group, [cat[n] for n in names], all_tasks, Path(out), mirror, device)
+        )
+    return [written[str(it["image"])] for it in items]
+
+
+def _check_unique_outputs(postfix_of: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` before any work when two inputs would write the same output file."""
+    seen: dict[tuple[str, str], str] = {}
+    for image, postfix in postfix_of.items():
+        key = (image_stem(image), postfix)
+        if key in seen:
+            raise ValueError(
+                f"{seen[key]!r} and {image!r} would both be written as {key[0]}_{key[1]}.nii.gz; rename one of them or "
+                "segment them into separate output folders."
+            )
+        seen[key] = image
+
+
+def _run_inference(
+    net: torch.nn.Module,
+    cat: TaskCatalog,
+    checkpoint: str | os.PathLike,
+    images: list[str],
+    tasks: list[Any],
+    all_tasks: bool,
+    out: Path,
+    mirror: bool,
+    device: Any,
+) -> dict[str, Path]:
+    """One run of the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged)."""
+    m = method_of(net)
+    postfix = "all" if all_tasks else tasks[0].name
+    overrides = _checked(
+        {
+            "ckpt_path": str(checkpoint),
+            "network_def": net,
+            "task_catalog": cat,
+            "load_pretrain": False,  # the network holds the checkpoint's (verified) weights already
+            "datalist": [{"image": i} for i in images],
+            "images": [{"image": i} for i in images],
+            "task": "all" if all_tasks else tasks[0].name,
+            "modality": list(tasks[0].modalities),
+            "merged_tasks": tasks,
+            "output_dir": str(out),
+            "output_postfix": postfix,
+            "mirror_axes": list(range(net.plan.spatial_dims)) if mirror else [],
+            "device": None if device is None else torch.device(device),
+        }
+    )
+    overrides.update(m.bundle_overrides("inference"))
+    wf = run_workflow(m.bundle_for(net), ["inference.json"], "infer", overrides, run=False)
+    _log_progress(wf, len(images))
+    try:
+        wf.run()
+    except Exception as e:
+        raise_root_cause(e)
+    finally:
+        wf.finalize()
+    ext = wf.parser.get_parsed_content("output_ext")
+    names = {t.name for t in tasks}
+    legend = cat.merged_label_names() if all_tasks else dict(enumerate(tasks[0].labels))
+    if all_tasks:
+        legend = {v: n for v, n in legend.items() if v == 0 or n.split("/")[0] in names}
+    logger.info("%s: labels %s", ", ".join(sorted(names)), legend)
+    return {i: out / f"{image_stem(i)}_{postfix}{ext}" for i in images}
+
+
+def _log_progress(wf: ConfigWorkflow, total: int) -> None:
+    """Log ``[i/n] image (s)`` after every image of an inference workflow's evaluator."""
+    from ignite.engine import Events
+
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    t0 = [time.time()]
+
+    def log(engine: Any) -> None:
+        batch = engine.state.batch
+        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        name = (getattr(item.get("image"), "meta", None) or {}).get("filename_or_obj", "?")
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        logger.info("[%d/%d] %s (%.1f s)", engine.state.iteration, total, name, time.time() - t0[0])
+        t0[0] = time.time()
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, log)
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    datalist: str | os.PathLike,
+    split: str = "validation",
+    mirror: bool = False,
+    device: str | torch.device | None = None,
+    predictions: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Segment every case of a datalist split for its own task (:func:`infer`, the bundle's inference) and score the
+    label maps against the label files, on each file's own grid, beside an all-background baseline.
+
+    Args:
+        checkpoint: ``model.pt`` written by training.
+        datalist: ``datalist.json`` from ``prepare``.
+        split: ``"validation"`` (default) or ``"training"``.
+        mirror: mirroring TTA on every axis, default ``False``.
+        device: default CUDA when available.
+        predictions: folder that keeps the label maps (``<task>/<image>_<task>.nii.gz``), default ``None`` (a
+            temporary folder, removed afterwards).
+
+    Returns:
+        ``{"mean", "baseline_mean", "per_task", "baseline_per_task", "cases", "table"}``.
+
+    Raises:
+        ValueError: unknown split, no case of the checkpoint's tasks, or a label whose shape differs from the
+            prediction's.
+    """
+    if split not in ("validation", "training"):
+        raise ValueError(f"split must be 'validation' or 'training', got {split!r}.")
+    net, cat = load_checkpoint(checkpoint)
+    train_items, val_items, _ = load_datalist(datalist)
+    chosen = val_items if split == "validation" else train_items
+    items = [it for it in chosen if it["task"] in cat]
+    left_out = sorted({str(it["task"]) for it in chosen if it["task"] not in cat})
+    if left_out:
+        logger.warning(
+            "%s: %s case(s) of task(s) %s are not scored: the checkpoint has no such task (tasks %s)",
+            datalist,
+            len(chosen) - len(items),
+            left_out,
+            cat.names,
+        )
+    if not items:
+        raise ValueError(f"datalist {str(datalist)!r} has no {split} case of the checkpoint's tasks {cat.names}.")
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for it in items:
+        by_task.setdefault(cat[it["task"]].name, []).append(it)
+    for name, task_items in by_task.items():
+        _check_unique_outputs({str(it["image"]): name for it in task_items})
+    t0 = time.time()
+    keep = predictions is not None
+    root = Path(predictions) if keep else Path(tempfile.mkdtemp(prefix="uniseg-eval-"))
+    try:
+        model, baseline = TaskDiceAggregator(cat), TaskDiceAggregator(cat)
+        load = LoadImage(image_only=True, ensure_channel_first=True)
+        for name, task_items in by_task.items():
+            task = cat[name]
+            images = [str(it["image"]) for it in task_items]
+            paths = _run_inference(net, cat, checkpoint, images, [task], False, root / name, mirror, device)
+            for it in task_items:
+                path = paths[str(it["image"])]
+                pred = load(str(path)).round().to(torch.int16)
+                label = load(it["label"]).round().to(torch.int16)
+                if tuple(label.shape) != tuple(pred.shape):
+                    raise ValueError(
+                        f"{it['label']}: label shape {tuple(label.shape)} differs from the prediction's "
+                        f"{tuple(pred.shape)} on the image grid of {it['image']}."
+                    )
+                d = model.add(pred, label, task.id)
+                baseline.add(torch.zeros_like(label), label, task.id)
+                logger.info("%s %s Dice %s", name, Path(it["image"]).name, [round(float(v), 4) for v in d])
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    per_task, base = model.per_task(), baseline.per_task()
+    table = format_dice_table(
+        per_task, title=f"{split} Dice on {len(items)} held-out case(s), {time.time() - t0:.0f} s", baseline=base
+    )
+    return {
+        "mean": model.mean(),
+        "baseline_mean": baseline.mean(),
+        "per_task": per_task,
+        "baseline_per_task": base,
+        "cases": len(items),
+        "table": table,
+    }
