@@ -8,10 +8,6 @@ Runs the configs on a tiny demo collection (3 cases per 3D task, 1 batch per tas
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -22,7 +18,23 @@ import torch
 
 pytest.importorskip("nilearn")
 
-from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
+from conftest import (  # noqa: E402
+    BUNDLES,
+    FAST,
+    SCHEMA,
+    assert_same_training_state,
+    batch_recorder_overlay,
+    config,
+    evaluate_run,
+    interrupted_and_resumed,
+    monai_label_pipeline,
+    monai_label_training,
+    recorded_batches,
+    run,
+    run_vendored_inference,
+    torchrun_training,
+    workflow,
+)
 
 from uniseg_components.bundle import BundleData, items_of_tasks  # noqa: E402
 from uniseg_components.checkpoints import (  # noqa: E402
@@ -34,69 +46,23 @@ from uniseg_components.methods.hermes import Hermes  # noqa: E402
 from uniseg_components.methods.hermes.incremental import extended_catalog  # noqa: E402
 from uniseg_components.tasks import TaskCatalog  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "hermes_universal_segmentation"
-CONFIGS = BUNDLE / "configs"
-TRAIN = str(CONFIGS / "train.json")
-EVALUATE = str(CONFIGS / "evaluate.json")
-MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
-ADD_TASKS = str(CONFIGS / "add_tasks.json")
-INFERENCE = str(CONFIGS / "inference.json")
-METADATA = str(CONFIGS / "metadata.json")
-LOGGING = str(CONFIGS / "logging.conf")
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+BUNDLE = "hermes_universal_segmentation"
+INFERENCE, METADATA = config(BUNDLE, "inference.json"), config(BUNDLE, "metadata.json")
 TASKS = ["abdomen_ct", "brain_mr", "lesion_petct"]
-FAST = {"epochs": 1, "batches_per_task": 1, "augment": False, "sw_batch_size": 4}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="1073741824")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _workflow(config_file: str | list[str], bundle_root: Path, **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=config_file, logging_file=LOGGING, workflow_type="train", bundle_root=str(bundle_root), **override
-    )
-    wf.initialize()
-    return wf
-
-
-def _run(wf: ConfigWorkflow) -> None:
-    wf.run()
-    wf.finalize()
-
-
-def _record_batches(folder: Path) -> str:
-    """An overlay config appending a BatchRecorder (which tasks each batch held) to the training handlers."""
-    record = folder / "record_batches.json"
-    recorder = {"_target_": "uniseg_components.handlers.BatchRecorder", "output_dir": "@output_dir"}
-    record.write_text(json.dumps({"+train#handlers": [recorder]}))
-    return str(record)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _recorded_tasks(output_dir: Path, rank: int = 0) -> list[list[str]]:
-    lines = (output_dir / f"batches_rank{rank}.jsonl").read_text().splitlines()
-    return [json.loads(line)["tasks"] for line in lines]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return [b["tasks"] for b in recorded_batches(output_dir, rank)]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One training run from an absent dataset_dir (the demo is built there), mixed-task batches, validation."""
     root = tmp_path_factory.mktemp("hermes")
-    wf = _workflow([TRAIN, _record_batches(root)], root, demo_cases=3, **FAST)
+    wf = workflow(BUNDLE, ["train.json", batch_recorder_overlay(root)], root, demo_cases=3, **FAST)
     assert wf.check_properties() in (None, [])
-    _run(wf)
+    run(wf)
     return root
 
 
@@ -127,7 +93,7 @@ def test_train_writes_model_tensorboard_and_dice_table(trained):
 
 
 def test_train_recipe_and_properties(trained):
-    wf = _workflow(TRAIN, trained / "recipe", dataset_dir=str(trained / "demo_data"))
+    wf = workflow(BUNDLE, "train.json", trained / "recipe", dataset_dir=str(trained / "demo_data"))
     assert wf.check_properties() in (None, [])
     p = wf.parser
     assert p["epochs"] == 200 and p["batches_per_task"] == 40 and p["batch_size"] == 2 and p["mix_tasks"] is True
@@ -139,72 +105,40 @@ def test_train_recipe_and_properties(trained):
 
 
 def test_evaluate_prints_and_saves_per_task_dice(trained, capsys):
-    _run(_workflow([TRAIN, EVALUATE], trained))
-    out = capsys.readouterr().out
-    assert "Dice per task and class" in out and "lesion_petct" in out and "mean over tasks" in out
-    saved = json.loads((trained / "eval" / "dice_per_task.json").read_text())
-    val = json.loads((trained / "eval" / "val_dice_per_task.json").read_text())
-    assert saved["mean"] == pytest.approx(val["mean"], abs=1e-5)  # the loaded best model scores as in training
+    out = evaluate_run(BUNDLE, trained, capsys)
+    assert "Dice per task and class" in out and "lesion_petct" in out
 
 
 def test_monai_label_overrides_without_task_and_validation(trained, tmp_path):
     """MONAI Label: task-less {image, label} items, an empty validation list, its own max_epochs."""
-    items = json.loads((trained / "demo_data" / "datalist.json").read_text())["training"]
-    ct = [{"image": it["image"], "label": it["label"]} for it in items if it["task"] == "abdomen_ct"]
-    override = {
-        "dataset_dir": str(trained / "demo_data"),
-        "task": "abdomen_ct",
-        "train#dataset#data": ct,
-        "validate#dataset#data": [],
-        "train#trainer#max_epochs": 1,
-        "batches_per_task": 1,
-        "augment": False,
-    }
-    wf = ConfigWorkflow(config_file=TRAIN, logging_file=LOGGING, run_id="run", bundle_root=str(tmp_path), **override)
-    wf.initialize()
-    assert wf.parser.get_parsed_content("network") is not None
-    _run(wf)
-    net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
+    model = monai_label_training(BUNDLE, tmp_path, trained / "demo_data", "abdomen_ct", batches_per_task=1)
+    net, cat = load_checkpoint(model)
     assert cat.names == TASKS
 
 
 def test_resume_gives_the_same_weights(trained, tmp_path):
     common = {"dataset_dir": str(trained / "demo_data"), "validate#dataset#data": [], "batches_per_task": 1}
     common.update(tasks="abdomen_ct,brain_mr", augment=True)  # two mixable tasks: 2 mixed batches per epoch
-    full, part = tmp_path / "full", tmp_path / "part"
-    stop = (
-        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
-        "lambda e: e.terminate())"
-    )
-    for root, resume, extra in (
-        (full, False, {}),
-        (part, False, {"run": [stop, "$@train#trainer.run()"]}),
-        (part, True, {}),
-    ):
-        _run(_workflow(TRAIN, root, epochs=2, resume=resume, **common, **extra))
-        if extra:
-            assert torch.load(root / "models" / "checkpoint_latest.pt", weights_only=True)["trainer"]["iteration"] == 2
-    a = torch.load(full / "models" / "checkpoint_latest.pt", weights_only=True)
-    b = torch.load(part / "models" / "checkpoint_latest.pt", weights_only=True)
-    assert b["trainer"]["iteration"] == a["trainer"]["iteration"] == 4
-    for k, v in a["model"].items():
-        assert torch.allclose(v, b["model"][k], atol=1e-6), k
-    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 2
-    assert load_checkpoint(full / "models" / "model.pt")[1].names == ["abdomen_ct", "brain_mr"]
+    states = interrupted_and_resumed(BUNDLE, tmp_path, epochs=2, **common)
+    assert states["interrupted"]["trainer"]["iteration"] == 2
+    assert states["full"]["trainer"]["iteration"] == 4 and states["full"]["lr_scheduler"]["last_epoch"] == 2
+    assert_same_training_state(states["full"], states["resumed"])
+    assert load_checkpoint(tmp_path / "full" / "models" / "model.pt")[1].names == ["abdomen_ct", "brain_mr"]
 
 
 def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
     """torchrun, 2 CPU processes (gloo): DDP with unused task tokens, rank-sharded mixed sampler, rank 0 saves."""
-    record = _record_batches(tmp_path)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", str([TRAIN, MULTI_GPU, record]),
-        "--bundle_root", str(tmp_path), "--dataset_dir", str(trained / "demo_data"),
-        "--epochs", "1", "--batches_per_task", "2", "--augment", "False",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [
+        "--dataset_dir",
+        str(trained / "demo_data"),
+        "--epochs",
+        "1",
+        "--batches_per_task",
+        "2",
+        "--augment",
+        "False",
+    ]
+    torchrun_training(BUNDLE, tmp_path, *args, overlays=[batch_recorder_overlay(tmp_path)])
     seen = {r: _recorded_tasks(tmp_path / "eval", r) for r in (0, 1)}
     assert len(seen[0]) == len(seen[1]) == 3  # 3 tasks x 2 batches over 2 ranks
     net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
@@ -215,20 +149,10 @@ def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
 # ---------------------------------------------------------------------------------------------- inference
 def _infer(trained: Path, out: Path, image: Path, **override) -> list[Path]:
     """inference.json in-process (``monai.bundle run`` does the same) on one image."""
-    wf = ConfigWorkflow(
-        config_file=INFERENCE,
-        meta_file=METADATA,
-        logging_file=None,
-        workflow_type="infer",
-        bundle_root=str(trained),
-        device="cpu",
-        datalist=[str(image)],
-        output_dir=str(out),
-        **override,
-    )
-    wf.initialize()
+    wf = workflow(BUNDLE, "inference.json", trained, "infer", meta_file=METADATA, device="cpu", datalist=[str(image)],
+                  output_dir=str(out), **override)  # fmt: skip
     assert wf.check_properties() == []
-    _run(wf)
+    run(wf)
     return sorted(out.glob("*.nii.gz"))
 
 
@@ -264,15 +188,6 @@ def test_inference_all_targets_merged(trained, tmp_path):
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2}  # CT-only tasks: abdomen_ct, offset 0
 
 
-def _monai_label_parser(bundle_root: Path, **overrides: object) -> ConfigParser:
-    """Parse inference.json + metadata.json as MONAI Label's BundleInferTask does (string device, bundle_root)."""
-    parser = ConfigParser()
-    parser.read_config(INFERENCE)
-    parser.read_meta(METADATA)
-    parser.update({"bundle_root": str(bundle_root), "device": "cpu", **overrides})
-    return parser
-
-
 def test_inference_config_keys_and_metadata():
     raw = Path(INFERENCE).read_text()
     assert "@_meta_" not in raw and "_meta_#" not in raw and "_meta_::" not in raw
@@ -306,18 +221,7 @@ def test_inference_config_keys_and_metadata():
 
 def test_monai_label_style_inference(trained):
     """network_def + models/model.pt ('model' key), preprocessing, inferer(inputs, network), postprocessing."""
-    from monai.transforms import Compose, SaveImaged
-
-    parser = _monai_label_parser(trained)
-    network = parser.get_parsed_content("network_def")
-    ckpt = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
-    result = network.load_state_dict(ckpt["model"], strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
-    network.eval()
-    pre = parser.get_parsed_content("preprocessing")
-    post = parser.get_parsed_content("postprocessing")
-    post = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])  # MONAI Label drops SaveImaged
-    inferer = parser.get_parsed_content("inferer")
+    network, pre, post, inferer = monai_label_pipeline(BUNDLE, trained)
     image = _images(trained, "abdomen_ct")[0]
     data = pre({"image": str(image)})  # no task in the item: the config's default task is used
     assert data["task"] == "abdomen_ct"
@@ -345,11 +249,13 @@ def upstream_two_tasks(tmp_path_factory) -> Path:
 def test_add_tasks_trains_only_the_new_task_and_keeps_old_outputs(trained, upstream_two_tasks):
     root = upstream_two_tasks
     upstream_bytes = (root / "models" / "model.pt").read_bytes()
-    overlays = [TRAIN, ADD_TASKS, _record_batches(root)]
+    overlays = ["train.json", "add_tasks.json", batch_recorder_overlay(root)]
     # the new task's data is in the upstream's data folder: catalog "demo" names it, the datalist holds it
-    wf = _workflow(overlays, root, dataset_dir=str(trained / "demo_data"), catalog="demo", epochs=1, batches_per_task=2)
+    wf = workflow(
+        BUNDLE, overlays, root, dataset_dir=str(trained / "demo_data"), catalog="demo", epochs=1, batches_per_task=2
+    )
     assert wf.parser.get_parsed_content("added_tasks") == ["abdomen_ct"]
-    _run(wf)
+    run(wf)
     assert (root / "models" / "model.pt").read_bytes() == upstream_bytes  # the upstream model is not overwritten
     tasks = _recorded_tasks(root / "eval" / "add_tasks")
     assert tasks and all(t == ["abdomen_ct", "abdomen_ct"] for t in tasks)  # new task's data only
@@ -377,11 +283,11 @@ def test_add_tasks_default_adds_the_held_out_demo_task(trained, tmp_path):
     """Defaults: catalog ``demo_new_tasks`` adds kidney_ct, whose demo data is written into ``demo_data_new``;
     ``--validate_all_tasks`` scores the old tasks on the upstream's data folder as well."""
     root = tmp_path / "bundle"
-    overlays = [TRAIN, ADD_TASKS, _record_batches(tmp_path)]
+    overlays = ["train.json", "add_tasks.json", batch_recorder_overlay(tmp_path)]
     override = dict(pretrained=str(trained / "models" / "model.pt"), upstream_dataset_dir=str(trained / "demo_data"))
-    wf = _workflow(overlays, root, demo_cases=3, validate_all_tasks=True, **override, **FAST)
+    wf = workflow(BUNDLE, overlays, root, demo_cases=3, validate_all_tasks=True, **override, **FAST)
     assert wf.parser.get_parsed_content("added_tasks") == ["kidney_ct"]
-    _run(wf)
+    run(wf)
     written = sorted(p.name for p in (root / "demo_data_new").iterdir())
     assert written == ["Demo07_KidneyCT", "datalist.json", "tasks.json"]
     assert not (root / "demo_data").exists()  # the upstream data is read where it is
@@ -397,7 +303,8 @@ def test_add_tasks_default_adds_the_held_out_demo_task(trained, tmp_path):
     with torch.no_grad():  # frozen by default: abdomen_ct's outputs are the upstream's
         assert torch.equal(new(x, task_id=0), old(x, task_id=0))
     # without validate_all_tasks the upstream data is not read at all
-    wf = _workflow([TRAIN, ADD_TASKS], root / "again", **{**override, "upstream_dataset_dir": str(tmp_path / "no")})
+    again = {**override, "upstream_dataset_dir": str(tmp_path / "no")}
+    wf = workflow(BUNDLE, ["train.json", "add_tasks.json"], root / "again", **again)
     assert wf.parser.get_parsed_content("upstream_data") is None
     assert wf.parser.get_parsed_content("added_tasks") == ["kidney_ct"]
 
@@ -437,42 +344,23 @@ def test_release_zip_runs_inference_without_the_installed_package(trained, tmp_p
 
     from uniseg_components.packaging import package
 
-    src = tmp_path / "src" / BUNDLE.name
-    shutil.copytree(BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
+    src = tmp_path / "src" / BUNDLE
+    shutil.copytree(BUNDLES / BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
     (src / "models").mkdir()
     shutil.copy(trained / "models" / "model.pt", src / "models" / "model.pt")
     zip_path = package(src, out=tmp_path / "dist")
     version = json.loads(Path(METADATA).read_text())["version"]
-    assert zip_path.name == f"{BUNDLE.name}_v{version}.zip"
+    assert zip_path.name == f"{BUNDLE}_v{version}.zip"
     names = zipfile.ZipFile(zip_path).namelist()
     for required in ("LICENSE", "configs/add_tasks.json", "configs/inference.json", "models/model.pt"):
-        assert f"{BUNDLE.name}/{required}" in names
-    assert f"{BUNDLE.name}/uniseg_components/methods/hermes/network.py" in names
+        assert f"{BUNDLE}/{required}" in names
+    assert f"{BUNDLE}/uniseg_components/methods/hermes/network.py" in names
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(tmp_path / "unzipped")
-    root = tmp_path / "unzipped" / BUNDLE.name
+    root = tmp_path / "unzipped" / BUNDLE
     image = _images(trained, "lesion_petct")[0]
     out_dir = tmp_path / "pred"
-    code = textwrap.dedent(f"""
-        import importlib.util, os, sys
-        repo, root = {str(REPO)!r}, {str(root)!r}
-        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) not in (repo, root, os.getcwd())]
-        assert importlib.util.find_spec("uniseg_components") is None, "the installed package is still importable"
-        sys.path.insert(0, root)
-        import uniseg_components
-        assert uniseg_components.__file__.startswith(root), uniseg_components.__file__
-        from monai.bundle import run
-        run(run_id="run", config_file="configs/inference.json", meta_file="configs/metadata.json",
-            logging_file="configs/logging.conf", datalist=[{str(image)!r}], task="lesion_petct",
-            output_dir={str(out_dir)!r}, device="cpu")
-        print("VENDORED_OK")
-        """)
-    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(root)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "VENDORED_OK" in proc.stdout
+    run_vendored_inference(root, datalist=[str(image)], task="lesion_petct", output_dir=str(out_dir), device="cpu")
     (pred,) = out_dir.glob("*.nii.gz")
     assert nib.load(str(pred)).shape == nib.load(str(image)).shape[:3]
     assert set(np.unique(np.asarray(nib.load(str(pred)).dataobj)).tolist()) <= {0, 1}

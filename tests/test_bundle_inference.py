@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import reference_all_tasks, reference_prediction
+from conftest import REPO, config, monai_label_pipeline, reference_all_tasks, reference_prediction, subprocess_env
 
 from uniseg_components.checkpoints import load_checkpoint
 from uniseg_components.data import prepare
@@ -21,10 +20,8 @@ from uniseg_components.demo import write_demo_collection
 from uniseg_components.tasks import TaskCatalog
 from uniseg_components.workflows import train
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "uniseg_universal_segmentation"
-INFERENCE = BUNDLE / "configs" / "inference.json"
-METADATA = BUNDLE / "configs" / "metadata.json"
+BUNDLE = "uniseg_universal_segmentation"
+INFERENCE, METADATA = Path(config(BUNDLE, "inference.json")), Path(config(BUNDLE, "metadata.json"))
 TASKS = ["abdomen_ct", "brain_mr", "lesion_petct"]
 
 
@@ -45,7 +42,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         batches_per_task=2,
         augment=False,
         device="cpu",
-        log_every=100,
+        config={"log_every": 100},
     )
     bundle_root = root / "bundle"
     (bundle_root / "models").mkdir(parents=True)
@@ -56,17 +53,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _images(data: Path, task: str) -> list[Path]:
     folder = next(p for p in data.iterdir() if p.is_dir() and p.name == TaskCatalog.builtin("demo")[task].dataset)
     return sorted((folder / "imagesTr").glob("*.nii.gz"))
-
-
-def _monai_label_parser(bundle_root: Path, **overrides: object):
-    """Parse inference.json + metadata.json as MONAI Label's BundleInferTask does (string device, bundle_root)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(INFERENCE))
-    parser.read_meta(str(METADATA))
-    parser.update({"bundle_root": str(bundle_root), "device": "cpu", **overrides})
-    return parser
 
 
 def test_inference_config_has_monai_label_keys_and_no_meta_refs() -> None:
@@ -86,19 +72,7 @@ def test_inference_config_has_monai_label_keys_and_no_meta_refs() -> None:
 
 def test_monai_label_style_inference(trained: dict) -> None:
     """network_def + models/model.pt ('model' key), preprocessing, inferer(inputs, network), postprocessing."""
-    from monai.transforms import Compose, SaveImaged
-
-    parser = _monai_label_parser(trained["bundle_root"])
-    network = parser.get_parsed_content("network_def")
-    ckpt = torch.load(trained["bundle_root"] / "models" / "model.pt", map_location="cpu", weights_only=True)
-    result = network.load_state_dict(ckpt["model"], strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
-    network.eval()
-
-    pre = parser.get_parsed_content("preprocessing")
-    post = parser.get_parsed_content("postprocessing")
-    post = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])  # MONAI Label drops SaveImaged
-    inferer = parser.get_parsed_content("inferer")
+    network, pre, post, inferer = monai_label_pipeline(BUNDLE, trained["bundle_root"])
     image = _images(trained["data"], "abdomen_ct")[0]
 
     data = pre({"image": str(image)})  # no task in the item: the config's default task is used
@@ -124,8 +98,7 @@ def _run_bundle(bundle_root: Path, out: Path, *args: str) -> subprocess.Complete
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--meta_file", str(METADATA),
         "--logging_file", "False", "--bundle_root", str(bundle_root), "--output_dir", str(out), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

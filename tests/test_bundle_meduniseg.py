@@ -8,9 +8,6 @@ Runs the configs on a tiny demo collection (2 cases per task, 1 batch per task p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -21,64 +18,42 @@ import torch
 
 pytest.importorskip("nilearn")
 
-from conftest import reference_all_tasks, reference_prediction  # noqa: E402
-from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
+from conftest import (  # noqa: E402
+    BUNDLES,
+    FAST,
+    SCHEMA,
+    assert_same_training_state,
+    batch_recorder_overlay,
+    config,
+    evaluate_run,
+    interrupted_and_resumed,
+    monai_label_pipeline,
+    monai_label_training,
+    recorded_batches,
+    reference_all_tasks,
+    reference_prediction,
+    run,
+    torchrun_training,
+    workflow,
+)
 
 from uniseg_components.checkpoints import load_checkpoint  # noqa: E402
 from uniseg_components.methods.meduniseg import MedUniSeg, MedUniSegStar  # noqa: E402
 from uniseg_components.tasks import TaskCatalog  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "meduniseg_universal_segmentation"
-CONFIGS = BUNDLE / "configs"
-TRAIN = str(CONFIGS / "train.json")
-EVALUATE = str(CONFIGS / "evaluate.json")
-INFERENCE = str(CONFIGS / "inference.json")
-MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
-RELEARN = str(CONFIGS / "relearn.json")
-METADATA = str(CONFIGS / "metadata.json")
-LOGGING = str(CONFIGS / "logging.conf")
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
-FAST = {"epochs": 1, "batches_per_task": 1, "augment": False, "sw_batch_size": 4}
+BUNDLE = "meduniseg_universal_segmentation"
+INFERENCE, METADATA = config(BUNDLE, "inference.json"), config(BUNDLE, "metadata.json")
 DEMO = TaskCatalog.builtin("demo")
 TASKS_2D = [t.name for t in DEMO if t.dims == 2]
 TASKS_3D = [t.name for t in DEMO if t.dims == 3]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="1073741824")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _run(config_file: str | list[str], bundle_root: Path, workflow_type: str = "train", **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=config_file,
-        logging_file=LOGGING,
-        workflow_type=workflow_type,
-        bundle_root=str(bundle_root),
-        **override,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One training run from an absent dataset_dir (every demo task, 2D and 3D, is built there) with validation."""
     root = tmp_path_factory.mktemp("meduniseg")
-    _run(TRAIN, root, demo_cases=2, val_fraction=0.5, **FAST)
+    run(workflow(BUNDLE, "train.json", root, demo_cases=2, val_fraction=0.5, **FAST))
     return root
 
 
@@ -103,14 +78,7 @@ def test_train_on_2d_and_3d_tasks_writes_model_tensorboard_and_dice(trained):
 
 
 def test_train_properties_and_recipe(trained, tmp_path):
-    wf = ConfigWorkflow(
-        config_file=TRAIN,
-        logging_file=LOGGING,
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(trained / "demo_data"),
-    )
-    wf.initialize()
+    wf = workflow(BUNDLE, "train.json", tmp_path, dataset_dir=str(trained / "demo_data"))
     assert wf.check_properties() in (None, [])
     p = wf.parser
     assert p["epochs"] == 1000 and p["batches_per_task"] == 50 and p["batch_size"] == 2
@@ -122,16 +90,16 @@ def test_train_properties_and_recipe(trained, tmp_path):
 
 
 def test_evaluate_rebuilds_the_network_from_the_checkpoint(trained, capsys):
-    _run([TRAIN, EVALUATE], trained)
-    out = capsys.readouterr().out
-    assert "fetal_us" in out and "abdomen_ct" in out and "mean over tasks" in out
-    saved = json.loads((trained / "eval" / "dice_per_task.json").read_text())
-    val = json.loads((trained / "eval" / "val_dice_per_task.json").read_text())
-    assert saved["mean"] == pytest.approx(val["mean"], abs=1e-5)
+    out = evaluate_run(BUNDLE, trained, capsys)
+    assert "fetal_us" in out and "abdomen_ct" in out
 
 
 def _infer(root: Path, out: Path, **override) -> list[Path]:
-    _run(INFERENCE, root, workflow_type="infer", meta_file=METADATA, output_dir=str(out), device="cpu", **override)
+    run(
+        workflow(
+            BUNDLE, "inference.json", root, "infer", meta_file=METADATA, output_dir=str(out), device="cpu", **override
+        )
+    )
     return sorted(out.glob("*.nii.gz"))
 
 
@@ -167,8 +135,6 @@ def test_inference_all_tasks_of_a_2d_modality(trained, tmp_path):
 
 def test_monai_label_style_inference_and_metadata(trained):
     """inference.json parsed as MONAI Label does: network_def + models/model.pt, preprocessing, inferer, post."""
-    from monai.transforms import Compose, SaveImaged
-
     raw = Path(INFERENCE).read_text()
     assert "_meta_" not in raw
     meta = json.loads(Path(METADATA).read_text())
@@ -181,18 +147,7 @@ def test_monai_label_style_inference_and_metadata(trained):
 
         verify_metadata(meta_file=METADATA, filepath=str(SCHEMA), create_dir=False)
 
-    parser = ConfigParser()
-    parser.read_config(INFERENCE)
-    parser.read_meta(METADATA)
-    parser.update({"bundle_root": str(trained), "device": "cpu", "task": "chest_xr"})
-    network = parser.get_parsed_content("network_def")
-    ckpt = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
-    result = network.load_state_dict(ckpt["model"], strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
-    network.eval()
-    pre = parser.get_parsed_content("preprocessing")
-    post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
-    inferer = parser.get_parsed_content("inferer")
+    network, pre, post, inferer = monai_label_pipeline(BUNDLE, trained, task="chest_xr")
     image = _items(trained, "validation", "chest_xr")[0]["image"]
     data = pre({"image": image})
     assert data["task"] == "chest_xr" and data["image"].ndim == 3
@@ -204,67 +159,27 @@ def test_monai_label_style_inference_and_metadata(trained):
 
 
 def test_monai_label_train_overrides_without_task_and_validation(trained, tmp_path):
-    items = [{"image": it["image"], "label": it["label"]} for it in _items(trained, "training", "fetal_us")]
-    override = {
-        "dataset_dir": str(trained / "demo_data"),
-        "task": "fetal_us",
-        "train#dataset#data": items,
-        "validate#dataset#data": [],
-        "train#trainer#max_epochs": 1,
-        "batches_per_task": 2,
-        "augment": False,
-    }
-    wf = ConfigWorkflow(config_file=TRAIN, logging_file=LOGGING, run_id="run", bundle_root=str(tmp_path), **override)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
+    model = monai_label_training(BUNDLE, tmp_path, trained / "demo_data", "fetal_us", batches_per_task=2)
+    net, cat = load_checkpoint(model)
     assert isinstance(net, MedUniSeg) and cat.names == DEMO.names
 
 
 def test_resume_gives_the_same_weights(trained, tmp_path):
     common = {"dataset_dir": str(trained / "demo_data"), "tasks": "fetal_us,lesion_petct", "batches_per_task": 1}
-    common.update({"validate#dataset#data": [], "augment": True})
-    full, part = tmp_path / "full", tmp_path / "part"
-    stop = (
-        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
-        "lambda e: e.terminate())"
+    states = interrupted_and_resumed(
+        BUNDLE, tmp_path, epochs=2, augment=True, **common, **{"validate#dataset#data": []}
     )
-    for root, resume, extra in (
-        (full, False, {}),
-        (part, False, {"run": [stop, "$@train#trainer.run()"]}),
-        (part, True, {}),
-    ):
-        _run(TRAIN, root, epochs=2, resume=resume, **common, **extra)
-    a = torch.load(full / "models" / "checkpoint_latest.pt", weights_only=True)
-    b = torch.load(part / "models" / "checkpoint_latest.pt", weights_only=True)
-    assert b["trainer"]["iteration"] == a["trainer"]["iteration"] == 4  # 2 tasks (one 2D, one 3D) x 2 epochs
-    for k, v in a["model"].items():
-        assert torch.allclose(v, b["model"][k], atol=1e-6), k
+    assert states["full"]["trainer"]["iteration"] == 4  # 2 tasks (one 2D, one 3D) x 2 epochs
+    assert_same_training_state(states["full"], states["resumed"])
 
 
 def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
     """torchrun, 2 CPU processes (gloo): DDP over a 2D and a 3D task, rank-sharded batches, rank 0 saves."""
-    record = tmp_path / "record.json"
-    record.write_text(
-        json.dumps(
-            {"+train#handlers": [{"_target_": "uniseg_components.handlers.BatchRecorder", "output_dir": "@output_dir"}]}
-        )
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", str([TRAIN, MULTI_GPU, str(record)]),
-        "--bundle_root", str(tmp_path), "--dataset_dir", str(trained / "demo_data"), "--tasks", "fetal_us,brain_mr",
-        "--epochs", "1", "--batches_per_task", "2", "--augment", "False",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = {}
-    for r in (0, 1):
-        lines = (tmp_path / "eval" / f"batches_rank{r}.jsonl").read_text().splitlines()
-        seen[r] = [tuple(json.loads(line)["files"]) for line in lines]
-        assert len(seen[r]) == 2  # 2 tasks x 2 batches over 2 ranks
+    args = ["--dataset_dir", str(trained / "demo_data"), "--tasks", "fetal_us,brain_mr", "--epochs", "1"]
+    args += ["--batches_per_task", "2", "--augment", "False"]
+    torchrun_training(BUNDLE, tmp_path, *args, overlays=[batch_recorder_overlay(tmp_path)])
+    seen = {r: [tuple(b["files"]) for b in recorded_batches(tmp_path / "eval", r)] for r in (0, 1)}
+    assert len(seen[0]) == len(seen[1]) == 2  # 2 tasks x 2 batches over 2 ranks
     assert seen[0] != seen[1]
     net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
     assert cat.names == ["brain_mr", "fetal_us"]
@@ -272,8 +187,9 @@ def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
 
 def test_relearn_trains_only_adapters_and_keeps_other_tasks(trained, tmp_path):
     root = tmp_path / "relearn"
-    wf = _run(
-        [TRAIN, RELEARN],
+    wf = workflow(
+        BUNDLE,
+        ["train.json", "relearn.json"],
         root,
         upstream_ckpt=str(trained / "models" / "model.pt"),
         dataset_dir=str(trained / "demo_data"),
@@ -283,6 +199,7 @@ def test_relearn_trains_only_adapters_and_keeps_other_tasks(trained, tmp_path):
         augment=False,
         sw_batch_size=4,
     )
+    run(wf)
     assert {it["task"] for it in wf.parser.get_parsed_content("train#dataset#data")} == {"fetal_us"}
     assert not (root / "models" / "model.pt").exists()  # never the upstream file
     ckpt = root / "models" / "relearn" / "model.pt"
@@ -310,17 +227,15 @@ def test_relearn_trains_only_adapters_and_keeps_other_tasks(trained, tmp_path):
 
 
 def test_relearn_needs_a_task_or_a_threshold(trained, tmp_path):
-    wf = ConfigWorkflow(
-        config_file=[TRAIN, RELEARN],
-        logging_file=LOGGING,
-        workflow_type="train",
-        bundle_root=str(tmp_path),
+    wf = workflow(
+        BUNDLE,
+        ["train.json", "relearn.json"],
+        tmp_path,
         upstream_ckpt=str(trained / "models" / "model.pt"),
         dataset_dir=str(trained / "demo_data"),
         relearn_dice=str(trained / "eval" / "val_dice_per_task.json"),
         relearn_threshold=1.01,
     )
-    wf.initialize()
     assert wf.parser.get_parsed_content("relearn_task_names") == DEMO.names  # every task is below a Dice of 1.01
     wf.parser.update({"relearn_tasks": "nothing_like_this"})
     with pytest.raises(Exception) as err:
@@ -337,13 +252,13 @@ def test_release_zip(trained, tmp_path):
 
     from uniseg_components.packaging import package
 
-    src = tmp_path / BUNDLE.name
-    shutil.copytree(BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
+    src = tmp_path / BUNDLE
+    shutil.copytree(BUNDLES / BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
     (src / "models").mkdir()
     shutil.copy(trained / "models" / "model.pt", src / "models" / "model.pt")
     zip_path = package(src, out=tmp_path / "dist")
     version = json.loads(Path(METADATA).read_text())["version"]
-    assert zip_path.name == f"{BUNDLE.name}_v{version}.zip"
+    assert zip_path.name == f"{BUNDLE}_v{version}.zip"
     names = set(zipfile.ZipFile(zip_path).namelist())
     for required in (
         "LICENSE",
@@ -353,4 +268,4 @@ def test_release_zip(trained, tmp_path):
     ) + tuple(
         f"configs/{c}" for c in ("metadata.json", "train.json", "evaluate.json", "inference.json", "relearn.json")
     ):
-        assert f"{BUNDLE.name}/{required}" in names, required
+        assert f"{BUNDLE}/{required}" in names, required

@@ -7,9 +7,6 @@ Runs the configs on a tiny demo collection (3 cases per 3D task, 1 batch per tas
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,52 +14,34 @@ import torch
 
 pytest.importorskip("nilearn")
 
-from monai.bundle import ConfigWorkflow  # noqa: E402
+from conftest import (  # noqa: E402
+    FAST,
+    assert_same_training_state,
+    batch_recorder_overlay,
+    evaluate_run,
+    interrupted_and_resumed,
+    monai_label_training,
+    recorded_batches,
+    run,
+    torchrun_training,
+    workflow,
+)
 
 from uniseg_components.checkpoints import load_checkpoint  # noqa: E402
 from uniseg_components.handlers import epoch_seed, resume_path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "uniseg_universal_segmentation"
-CONFIGS = BUNDLE / "configs"
-TRAIN = str(CONFIGS / "train.json")
-EVALUATE = str(CONFIGS / "evaluate.json")
-MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
-LOGGING = str(CONFIGS / "logging.conf")
-FAST = {"epochs": 1, "batches_per_task": 1, "augment": False, "sw_batch_size": 4}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="1073741824")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _workflow(config_file: str | list[str], bundle_root: Path, **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=config_file, logging_file=LOGGING, workflow_type="train", bundle_root=str(bundle_root), **override
-    )
-    wf.initialize()
-    return wf
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+BUNDLE = "uniseg_universal_segmentation"
+TASKS = ["abdomen_ct", "brain_mr", "lesion_petct"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One training run from an absent dataset_dir (the demo is built there) with validation."""
     root = tmp_path_factory.mktemp("upstream")
-    wf = _workflow(TRAIN, root, demo_cases=3, **FAST)
+    wf = workflow(BUNDLE, "train.json", root, demo_cases=3, **FAST)
     assert wf.check_properties() in (None, [])
-    wf.run()
-    wf.finalize()
+    run(wf)
     return root
 
 
@@ -85,7 +64,7 @@ def test_train_builds_demo_and_writes_model_and_tensorboard(trained):
 
 
 def test_train_properties_and_recipe(tmp_path):
-    wf = _workflow(TRAIN, tmp_path, demo_cases=2)
+    wf = workflow(BUNDLE, "train.json", tmp_path, demo_cases=2)
     assert wf.check_properties() in (None, [])
     p = wf.parser
     assert p["epochs"] == 1000 and p["batches_per_task"] == 50 and p["batch_size"] == 2
@@ -96,63 +75,25 @@ def test_train_properties_and_recipe(tmp_path):
 
 
 def test_evaluate_prints_and_saves_per_task_dice(trained, capsys):
-    wf = _workflow([TRAIN, EVALUATE], trained)
-    wf.run()
-    wf.finalize()
-    out = capsys.readouterr().out
-    assert "Dice per task and class" in out and "brain_mr" in out and "mean over tasks" in out
-    saved = json.loads((trained / "eval" / "dice_per_task.json").read_text())
-    val = json.loads((trained / "eval" / "val_dice_per_task.json").read_text())
-    assert saved["mean"] == pytest.approx(val["mean"], abs=1e-5)  # the loaded best model scores as in training
+    out = evaluate_run(BUNDLE, trained, capsys)
+    assert "Dice per task and class" in out and "brain_mr" in out
 
 
 def test_monai_label_overrides_without_task_and_validation(trained, tmp_path):
     """MONAI Label: task-less {image, label} items, an empty validation list, its own max_epochs."""
-    items = json.loads((trained / "demo_data" / "datalist.json").read_text())["training"]
-    ct = [{"image": it["image"], "label": it["label"]} for it in items if it["task"] == "abdomen_ct"]
-    override = {
-        "dataset_dir": str(trained / "demo_data"),
-        "task": "abdomen_ct",
-        "train#dataset#data": ct,
-        "validate#dataset#data": [],
-        "train#trainer#max_epochs": 1,
-        "batches_per_task": 2,
-        "augment": False,
-    }
-    wf = ConfigWorkflow(config_file=TRAIN, logging_file=LOGGING, run_id="run", bundle_root=str(tmp_path), **override)
-    wf.initialize()
-    assert wf.parser.get_parsed_content("network") is not None
-    wf.run()
-    wf.finalize()
-    net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
+    model = monai_label_training(BUNDLE, tmp_path, trained / "demo_data", "abdomen_ct", batches_per_task=2)
+    net, cat = load_checkpoint(model)
     assert len(cat) == 3
 
 
 def test_resume_gives_the_same_weights(trained, tmp_path):
+    """a 2-epoch run stopped after its first epoch and resumed ends where the uninterrupted run ends (the per-epoch
+    reseed makes the augmentation repeatable too)."""
     common = {"dataset_dir": str(trained / "demo_data"), "validate#dataset#data": [], "batches_per_task": 1}
-    common["augment"] = True  # the per-epoch reseed makes the augmentation repeatable too
-    full, part = tmp_path / "full", tmp_path / "part"
-    # the interrupted run: a 2-epoch run stopped after its first epoch (the schedule depends on max_epochs)
-    stop = (
-        "$@train#trainer.add_event_handler(monai.engines.workflow.Events.EPOCH_COMPLETED(once=1), "
-        "lambda e: e.terminate())"
-    )
-    for root, resume, extra in (
-        (full, False, {}),
-        (part, False, {"run": [stop, "$@train#trainer.run()"]}),
-        (part, True, {}),
-    ):
-        wf = _workflow(TRAIN, root, epochs=2, resume=resume, **common, **extra)
-        wf.run()
-        wf.finalize()
-        if extra:
-            assert torch.load(root / "models" / "checkpoint_latest.pt", weights_only=True)["trainer"]["iteration"] == 3
-    a = torch.load(full / "models" / "checkpoint_latest.pt", weights_only=True)
-    b = torch.load(part / "models" / "checkpoint_latest.pt", weights_only=True)
-    assert b["trainer"]["iteration"] == a["trainer"]["iteration"] == 6
-    for k, v in a["model"].items():
-        assert torch.allclose(v, b["model"][k], atol=1e-6), k
-    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 2
+    states = interrupted_and_resumed(BUNDLE, tmp_path, epochs=2, augment=True, **common)
+    assert states["interrupted"]["trainer"]["iteration"] == 3
+    assert states["full"]["trainer"]["iteration"] == 6 and states["full"]["lr_scheduler"]["last_epoch"] == 2
+    assert_same_training_state(states["full"], states["resumed"])
 
 
 def test_resume_without_checkpoint_fails_clearly(tmp_path):
@@ -171,7 +112,9 @@ def _error_chain(e: BaseException) -> str:
 
 
 def test_bad_catalog_and_unknown_task_fail_clearly(trained, tmp_path):
-    wf = _workflow(TRAIN, tmp_path / "a", dataset_dir=str(trained / "demo_data"), catalog="no_such_catalog")
+    wf = workflow(
+        BUNDLE, "train.json", tmp_path / "a", dataset_dir=str(trained / "demo_data"), catalog="no_such_catalog"
+    )
     with pytest.raises(Exception) as err:
         wf.run()
     assert "no_such_catalog" in _error_chain(err.value)
@@ -181,7 +124,7 @@ def test_bad_catalog_and_unknown_task_fail_clearly(trained, tmp_path):
     d["training"][0] = dict(d["training"][0], task="liver_mystery")
     bad = tmp_path / "bad_datalist.json"
     bad.write_text(json.dumps(d))
-    wf = _workflow(TRAIN, tmp_path / "b", datalist=str(bad))
+    wf = workflow(BUNDLE, "train.json", tmp_path / "b", datalist=str(bad))
     with pytest.raises(Exception) as err:
         wf.run()
     msg = _error_chain(err.value)
@@ -190,48 +133,38 @@ def test_bad_catalog_and_unknown_task_fail_clearly(trained, tmp_path):
 
 def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
     """torchrun, 2 CPU processes (gloo): DDP, rank-sharded sampler, sharded validation, rank 0 saves."""
-    record = tmp_path / "record.json"
-    record.write_text(
-        json.dumps(
-            {"+train#handlers": [{"_target_": "uniseg_components.handlers.BatchRecorder", "output_dir": "@output_dir"}]}
-        )
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", str([TRAIN, MULTI_GPU, str(record)]),
-        "--bundle_root", str(tmp_path), "--dataset_dir", str(trained / "demo_data"),
-        "--epochs", "1", "--batches_per_task", "2", "--augment", "False",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = {}
-    for r in (0, 1):
-        lines = (tmp_path / "eval" / f"batches_rank{r}.jsonl").read_text().splitlines()
-        seen[r] = [tuple(json.loads(line)["files"]) for line in lines]
-        assert len(seen[r]) == 3  # 3 tasks x 2 batches over 2 ranks
+    args = [
+        "--dataset_dir",
+        str(trained / "demo_data"),
+        "--epochs",
+        "1",
+        "--batches_per_task",
+        "2",
+        "--augment",
+        "False",
+    ]
+    torchrun_training(BUNDLE, tmp_path, *args, overlays=[batch_recorder_overlay(tmp_path)])
+    seen = {r: [tuple(b["files"]) for b in recorded_batches(tmp_path / "eval", r)] for r in (0, 1)}
+    assert len(seen[0]) == len(seen[1]) == 3  # 3 tasks x 2 batches over 2 ranks
     assert seen[0] != seen[1]
     net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
-    assert cat.names == ["abdomen_ct", "brain_mr", "lesion_petct"]
+    assert cat.names == TASKS
     assert (tmp_path / "models" / "checkpoint_latest.pt").is_file()
 
 
 def test_mlflow_tracking(trained, tmp_path):
     pytest.importorskip("mlflow")
     out = tmp_path / "eval"
-    wf = ConfigWorkflow(
-        config_file=TRAIN,
-        logging_file=LOGGING,
-        workflow_type="train",
+    wf = workflow(
+        BUNDLE,
+        "train.json",
+        tmp_path,
         tracking="mlflow",
-        bundle_root=str(tmp_path),
         dataset_dir=str(trained / "demo_data"),
         output_dir=str(out),
         **FAST,
     )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run(wf)
     assert (out / "mlruns.db").is_file() or (out / "mlruns").exists()
     assert list(out.glob("config_*.json"))
 

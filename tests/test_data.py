@@ -12,49 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import mixed_catalog
 from monai.data import DataLoader, Dataset
 
 from uniseg_components.data import TaskBalancedBatchSampler, load_datalist, prepare, read_msd_dataset
 from uniseg_components.tasks import TaskCatalog
 from uniseg_components.transforms import train_transforms
 
-CATALOG = TaskCatalog.from_dict(
-    {
-        "name": "test",
-        "tasks": [
-            {
-                "name": "organ_ct",
-                "id": 0,
-                "dims": 3,
-                "modalities": ["CT"],
-                "labels": ["background", "organ", "tumour"],
-                "spacing": [2.0, 2.0, 2.0],
-                "patch_size": [16, 16, 12],
-                "dataset": "Test01_CT",
-            },
-            {
-                "name": "lesion_petct",
-                "id": 1,
-                "dims": 3,
-                "modalities": ["CT", "PET"],
-                "labels": ["background", "lesion"],
-                "spacing": [2.0, 2.0, 2.0],
-                "patch_size": [16, 16, 12],
-                "dataset": "Test02_PETCT",
-            },
-            {
-                "name": "head_us",
-                "id": 2,
-                "dims": 2,
-                "modalities": ["US"],
-                "labels": ["background", "head"],
-                "spacing": [1.0, 1.0],
-                "patch_size": [24, 20],
-                "dataset": "Test03_US2D",
-            },
-        ],
-    }
-)
+CATALOG = mixed_catalog()
 
 
 def make_msd(root: Path, name: str, n: int, channels: int = 1, dims: int = 3, num_classes: int = 2, seed: int = 0):

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import task_dict, tiny_plan
 
 from uniseg_components.checkpoints import build_network, save_checkpoint
 from uniseg_components.data import TaskBalancedBatchSampler
@@ -25,35 +26,12 @@ from uniseg_components.methods.hermes import (
 from uniseg_components.methods.hermes.incremental import extend_checkpoint, extend_network, param_groups
 from uniseg_components.tasks import TaskCatalog
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-PLAN = {
-    "patch_size": [16, 16, 16],
-    "features": [8, 16, 16, 16],
-    "kernel_sizes": [[3, 3, 3]] * 4,
-    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-    "n_conv_per_stage": 1,
-    "n_conv_per_stage_decoder": 1,
-}
+pytestmark = pytest.mark.usefixtures("single_thread")
+PLAN = tiny_plan((8, 16, 16, 16))
 
 
 def task(name, tid, modalities, labels, patch=(16, 16, 16), dims=3):
-    return {
-        "name": name,
-        "id": tid,
-        "dims": dims,
-        "modalities": modalities,
-        "labels": ["background", *labels],
-        "spacing": [1.0] * dims,
-        "patch_size": list(patch[:dims]),
-    }
+    return task_dict(name, tid, ["background", *labels], dims=dims, modalities=modalities, patch=patch[:dims])
 
 
 def make_catalog(tasks, name="hermes_test"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reference_prediction
+from conftest import reference_prediction, task_dict
 from torch import nn
 
 from uniseg_components.checkpoints import build_network, load_checkpoint, save_checkpoint
@@ -18,13 +18,7 @@ from uniseg_components.methods.meduniseg.network import twin_tensors
 from uniseg_components.networks import UNetBackbone, plan_from_catalog
 from uniseg_components.tasks import TaskCatalog
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def n_params(module: nn.Module) -> int:
@@ -32,15 +26,7 @@ def n_params(module: nn.Module) -> int:
 
 
 def _task(name, i, dims, modalities, labels, patch):
-    return {
-        "name": name,
-        "id": i,
-        "dims": dims,
-        "modalities": modalities,
-        "labels": labels,
-        "spacing": [1.0] * dims,
-        "patch_size": patch,
-    }
+    return task_dict(name, i, labels, dims=dims, modalities=modalities, patch=patch)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from torch import nn
 
 from uniseg_components import cli
 from uniseg_components.checkpoints import build_network, load_checkpoint
-from uniseg_components.export import TaskInputs, class_mask, mask_classes, onnx_export, task_tensor, trace
+from uniseg_components.export import TaskInputs, class_mask, mask_classes, task_tensor, trace
 from uniseg_components.losses import TaskDiceCELoss
 from uniseg_components.methods import METHODS, Method, get_method, method_of, register_method, unregister_method
 from uniseg_components.networks import UNetBackbone, UNetPlan, plan_from_catalog, task_index
@@ -41,7 +41,7 @@ class DummyNet(nn.Module):
         self.backbone = UNetBackbone(plan, in_channels, max(self.num_classes))
 
     @classmethod
-    def from_catalog(cls, catalog: TaskCatalog) -> DummyNet:
+    def from_catalog(cls, catalog: TaskCatalog, **kwargs: Any) -> DummyNet:
         return cls(plan_from_catalog(catalog), catalog.num_classes, catalog.channel_counts)
 
     @property
@@ -83,12 +83,7 @@ class DummyMethod(Method):
     bundles = {"DummyNet": "uniseg_universal_segmentation"}
     output = "softmax"
     dims = (3,)
-
-    def build(self, catalog: TaskCatalog, **kwargs: Any) -> DummyNet:
-        return DummyNet.from_catalog(catalog)
-
-    def loss(self, **kwargs: Any) -> nn.Module:
-        return TaskDiceCELoss(**kwargs)
+    loss_class = TaskDiceCELoss
 
     def bundle_overrides(self, job: str) -> dict[str, Any]:
         if job != "train":
@@ -99,11 +94,9 @@ class DummyMethod(Method):
         exp = _Exportable(network.eval())
         return trace(TaskInputs(exp), (torch.rand(1, 1, *network.plan.patch_size), torch.tensor([0])))
 
-    def onnx(self, network, filepath, catalog=None, channels=None, default_task=None, opset_version=18) -> Path:
-        x = torch.rand(1, channels or 1, *network.plan.patch_size)
-        tid = torch.tensor([default_task or 0])
-        axes = {"image": {0: "batch"}, "pred": {0: "batch"}}
-        return onnx_export(TaskInputs(_Exportable(network)), (x, tid), filepath, ["image", "task_id"], axes)
+    def onnx_example(self, network, catalog, channels, default_task) -> tuple:
+        inputs = (torch.rand(1, channels or 1, *network.plan.patch_size), torch.tensor([default_task or 0]))
+        return TaskInputs(_Exportable(network)), inputs, ["image", "task_id"], {"image": {0: "batch"}}
 
     def run_benchmark(self, catalog=None, patch_size=None, repeats=3, device=None) -> dict[str, Any]:
         cat = TaskCatalog.resolve(catalog or "demo").select(dims=3)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import task_dict, tiny_plan
 from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 from torch import nn
@@ -20,35 +21,11 @@ from uniseg_components.methods.uniseg import UniSeg
 from uniseg_components.metrics import TaskDice, TaskDiceAggregator, case_dice, format_dice_table
 from uniseg_components.tasks import TaskCatalog
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _task(name: str, id: int, labels: list[str]) -> dict:
-    return {
-        "name": name,
-        "id": id,
-        "dims": 3,
-        "modalities": ["CT"],
-        "labels": labels,
-        "spacing": [1.0, 1.0, 1.0],
-        "patch_size": [16, 16, 16],
-    }
-
-
-TINY_PLAN = {
-    "patch_size": [16, 16, 16],
-    "features": [4, 8, 8],
-    "kernel_sizes": [[3, 3, 3]] * 3,
-    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-    "n_conv_per_stage": 1,
-    "n_conv_per_stage_decoder": 1,
-}
+_task = task_dict
+TINY_PLAN = tiny_plan((4, 8, 8))
 
 
 @pytest.fixture(scope="module")

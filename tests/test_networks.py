@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_PLAN
 from torch import nn
 
 from uniseg_components.losses import TaskDiceCELoss
@@ -18,23 +19,7 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest (and deterministically) on one thread, even on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-TINY_PLAN = {
-    "patch_size": [16, 16, 16],
-    "features": [4, 8, 16, 16],
-    "kernel_sizes": [[3, 3, 3]] * 4,
-    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-    "n_conv_per_stage": 1,
-    "n_conv_per_stage_decoder": 1,
-}
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_uniseg(num_classes=(3, 2), in_channels=(1,), **plan_kw) -> UniSeg:

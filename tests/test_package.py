@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLES, run_vendored_inference
 
 from uniseg_components import cli
 from uniseg_components.checkpoints import CheckpointMeta
@@ -23,9 +20,8 @@ from uniseg_components.methods.uniseg import UniSegDownstream
 from uniseg_components.methods.uniseg.finetune import task_catalog
 from uniseg_components.packaging import bundle_files, package, sha1sum
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "uniseg_finetune_segmentation"
-NAME = BUNDLE.name
+NAME = "uniseg_finetune_segmentation"
+BUNDLE = BUNDLES / NAME
 
 
 def _bundle_copy(tmp_path: Path) -> Path:
@@ -86,34 +82,8 @@ def test_unzipped_bundle_runs_inference_without_the_installed_package(tmp_path):
     demo = write_demo_collection(tmp_path / "demo", tasks=["abdomen_ct"], num_cases=1)
     image = sorted((demo / "Demo01_AbdomenCT" / "imagesTr").glob("*.nii.gz"))[0]
     out_dir = tmp_path / "pred"
-    code = textwrap.dedent(f"""
-        import importlib.util, os, sys
-        repo, root = {str(REPO)!r}, {str(root)!r}
-        # hide the editable install of this repository and anything on sys.path that is not the bundle
-        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
-        sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) not in (repo, root, os.getcwd())]
-        assert importlib.util.find_spec("uniseg_components") is None, "the installed package is still importable"
-        sys.path.insert(0, root)  # what PYTHONPATH=<bundle root> or MONAI Label does
-        import uniseg_components
-        assert uniseg_components.__file__.startswith(root), uniseg_components.__file__
-        from monai.bundle import run
-        run(
-            run_id="run",
-            config_file="configs/inference.json",
-            meta_file="configs/metadata.json",
-            logging_file="configs/logging.conf",
-            images={str(image)!r},
-            output_dir={str(out_dir)!r},
-            device="cpu",
-        )
-        assert all(m.__file__.startswith(root) for n, m in sys.modules.items() if n.startswith("uniseg_components"))
-        print("VENDORED_OK", uniseg_components.__file__)
-        """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "VENDORED_OK" in proc.stdout
+    out = run_vendored_inference(root, images=str(image), output_dir=str(out_dir), device="cpu")
+    assert str(root) in out  # the vendored package
     outputs = list(out_dir.glob("*.nii.gz"))
     assert len(outputs) == 1
     pred, img = nib.load(str(outputs[0])), nib.load(str(image))

@@ -6,23 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import task_dict
 
 from uniseg_components.networks.plans import plan_from_catalog
 from uniseg_components.tasks import TaskCatalog, TaskSpec, UnknownTaskError, normalization_of
 
 
 def _task(name: str, id: int, **kw) -> dict:
-    d = {
-        "name": name,
-        "id": id,
-        "dims": 3,
-        "modalities": ["CT"],
-        "labels": ["background", "fg"],
-        "spacing": [1.0, 1.0, 1.0],
-        "patch_size": [32, 32, 32],
-    }
-    d.update(kw)
-    return d
+    return {**task_dict(name, id, patch=(32, 32, 32)), **kw}
 
 
 @pytest.fixture(scope="module")

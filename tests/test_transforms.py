@@ -10,49 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import mixed_catalog
 from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
 
 from uniseg_components import transforms as T
 from uniseg_components.tasks import TaskCatalog, UnknownTaskError
 
-CATALOG = TaskCatalog.from_dict(
-    {
-        "name": "test",
-        "tasks": [
-            {
-                "name": "organ_ct",
-                "id": 0,
-                "dims": 3,
-                "modalities": ["CT"],
-                "labels": ["background", "organ", "tumour"],
-                "spacing": [2.0, 2.0, 3.0],
-                "patch_size": [16, 16, 12],
-                "dataset": "Test01_CT",
-            },
-            {
-                "name": "lesion_petct",
-                "id": 1,
-                "dims": 3,
-                "modalities": ["CT", "PET"],
-                "labels": ["background", "lesion"],
-                "spacing": [3.0, 3.0, 3.0],
-                "patch_size": [16, 16, 16],
-                "dataset": "Test02_PETCT",
-            },
-            {
-                "name": "head_us",
-                "id": 2,
-                "dims": 2,
-                "modalities": ["US"],
-                "labels": ["background", "head"],
-                "spacing": [1.0, 1.0],
-                "patch_size": [24, 20],
-                "dataset": "Test03_US2D",
-            },
-        ],
-    }
-)
+CATALOG = mixed_catalog(ct_spacing=(2.0, 2.0, 3.0), petct_spacing=(3.0, 3.0, 3.0), petct_patch=(16, 16, 16))
 
 
 def save(path, array, affine=None):

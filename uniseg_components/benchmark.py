@@ -27,6 +27,8 @@ __all__ = [
     "default_device",
     "cpu_patch",
     "environment",
+    "prepare_run",
+    "sliding_window_throughput",
     "run_benchmarks",
 ]
 
@@ -114,6 +116,75 @@ def environment(dev: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "amp": dev.type == "cuda",
     }
+
+
+def prepare_run(
+    catalog: Any,
+    default_catalog: str,
+    patch_size: Sequence[int] | None,
+    device: str | torch.device | None,
+    batch_size: int,
+    repeats: int,
+    dims: int | None = 3,
+) -> tuple[Any, torch.device, bool, Any, tuple[int, ...], dict[str, Any]]:
+    """What every method's benchmark starts with: the catalog (``default_catalog`` when ``None``; only its ``dims``-D
+    tasks), the device and AMP (on CUDA), the catalog's plan, the timed patch (:func:`cpu_patch` unless given) and the
+    head of the result (catalog, :func:`environment`, patches, batch, repeats).
+
+    Returns:
+        ``(catalog, device, amp, plan, patch, result)``.
+    """
+    from .networks import plan_from_catalog
+    from .tasks import TaskCatalog
+
+    cat = TaskCatalog.resolve(catalog or default_catalog)
+    if dims is not None and cat.dims != [dims]:
+        cat = cat.select(dims=dims)
+    dev = default_device(device)
+    plan = plan_from_catalog(cat)
+    patch = tuple(patch_size) if patch_size is not None else cpu_patch(plan.patch_size, plan.total_stride, dev)
+    res: dict[str, Any] = {
+        "catalog": cat.name,
+        **environment(dev),
+        "patch": list(patch),
+        "catalog_patch": list(plan.patch_size),
+        "batch_size": batch_size,
+        "repeats": repeats,
+    }
+    return cat, dev, dev.type == "cuda", plan, patch, res
+
+
+def sliding_window_throughput(
+    network: torch.nn.Module,
+    patch: Sequence[int],
+    channels: int,
+    task_id: int,
+    device: torch.device,
+    repeats: int = 3,
+    volume_factor: float = 2.0,
+) -> dict[str, Any]:
+    """Seconds and voxels (pixels) per second of task-aware sliding-window inference (windows of ``patch``, 2 per
+    pass, 50% overlap) of one image ``volume_factor`` times the patch per axis; AMP on CUDA.
+
+    Returns:
+        ``{"size": image size, "seconds", "per_s"}``.
+    """
+    from .inferers import TaskSlidingWindowInferer
+
+    size = tuple(int(p * volume_factor) for p in patch)
+    inferer = TaskSlidingWindowInferer(tuple(patch), sw_batch_size=2, overlap=0.5)
+    img = torch.randn(1, channels, *size, device=device)
+    network.eval()
+
+    def sliding() -> None:
+        with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            inferer(img, network, task_id=task_id)
+
+    (seconds,) = time_interleaved([sliding], max(1, repeats - 1), 1, device)
+    voxels = 1
+    for v in size:
+        voxels *= v
+    return {"size": list(size), "seconds": seconds, "per_s": voxels / seconds}
 
 
 def run_benchmarks(

@@ -7,6 +7,7 @@ Verbs: ``demo-data``, ``prepare``, ``train``, ``evaluate``, ``infer``, ``benchma
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import workflows as _workflows
 from .io import as_list, write_json
 
 __all__ = ["demo_data", "prepare", "train", "evaluate", "infer", "benchmark", "package", "export", "main"]
@@ -123,70 +125,12 @@ def prepare(
     return str(path)
 
 
-def train(
-    datalist: str,
-    method: str = "uniseg",
-    catalog: str = "",
-    output_dir: str = "runs/uniseg",
-    epochs: int | None = None,
-    batches_per_task: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    val_interval: int | None = None,
-    augment: bool | None = None,
-    device: str = "",
-    seed: int | None = None,
-    num_workers: int | None = None,
-    resume: bool = False,
-    config: dict[str, Any] | None = None,
-) -> str:
-    """Train a method jointly on the tasks of a datalist with its bundle's train.json (the method's recipe).
-
-    UniSeg's recipe by default: SGD Nesterov (momentum 0.99, weight decay 3e-5), lr 1e-2 with poly decay (0.9), 1000
-    epochs of 50 single-task batches of 2 per task, gradient clipping at 12, Dice + CE with deep supervision, AMP on
-    CUDA. OUTPUT_DIR gets model.pt (best mean validation Dice over tasks), model_final.pt and checkpoint_latest.pt,
-    each with the network config and catalog inside, so `infer` and `evaluate` need nothing else.
-
-    Args:
-        datalist: datalist.json from `prepare`.
-        method: uniseg (default), meduniseg or hermes: which method and bundle recipe.
-        catalog: catalog JSON or built-in name; default the datalist's own.
-        output_dir: default "runs/uniseg".
-        epochs: training epochs; default the bundle's (UniSeg 1000); the demo uses far fewer.
-        batches_per_task: batches of each task per epoch; default the bundle's (50).
-        batch_size: default the bundle's (2).
-        learning_rate: default the bundle's (UniSeg 1e-2).
-        val_interval: validate every N epochs; default the bundle's (1).
-        augment: nnU-Net-style augmentation; default the bundle's (True).
-        device: "cuda", "cpu", ...; default CUDA when available.
-        seed: default the bundle's (0).
-        num_workers: data-loader workers; default the bundle's (0).
-        resume: continue from OUTPUT_DIR/checkpoint_latest.pt, default False.
-        config: other entries of the bundle's train.json, e.g. --config '{"momentum": 0.9, "cache_rate": 0.5}'.
-    Returns:
-        the checkpoint path.
-    """
+@functools.wraps(_workflows.train)
+def train(*args: Any, **kwargs: Any) -> str:
     from .metrics import format_dice_table
-    from .workflows import train as run_training
 
     _setup_logging()
-    res = run_training(
-        datalist,
-        method=method,
-        catalog=catalog or None,
-        output_dir=output_dir,
-        epochs=epochs,
-        batches_per_task=batches_per_task,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        val_interval=val_interval,
-        augment=augment,
-        device=device or None,
-        seed=seed,
-        num_workers=num_workers,
-        resume=resume,
-        **(config or {}),
-    )
+    res = _workflows.train(*args, **kwargs)
     if res["details"]:
         print(format_dice_table(res["details"], title=f"last validation (best mean {res['best_metric']:.4f})"))
     logger.info("training finished in %.0f s; checkpoint %s", res["seconds"], res["checkpoint"])

@@ -78,6 +78,7 @@ __all__ = [
     "CT_WINDOW",
     "nonzero",
     "AttachTaskd",
+    "TaskMapTransform",
     "Squeeze2Dd",
     "CheckTaskInputd",
     "TaskOrientationd",
@@ -173,16 +174,12 @@ class AttachTaskd(MapTransform):
         return d
 
 
-class Squeeze2Dd(MapTransform):
-    """For 2D tasks, drop a trailing singleton spatial axis: ``(C, X, Y, 1) -> (C, X, Y)``.
-
-    nnU-Net and many MSD-style 2D collections store 2D images as ``(X, Y, 1)`` (or ``(X, Y, 1, C)``) NIfTI.
-    Items of 3D tasks, and 2D items that are already 2D, pass unchanged. The affine is reduced accordingly
-    (``SqueezeDim(update_meta=True)``). Not invertible: a prediction of such a file comes back as ``(X, Y)``.
-    Run after ``EnsureChannelFirstd`` and before :class:`CheckTaskInputd`.
+class TaskMapTransform(MapTransform):
+    """Base of the dictionary transforms that act by the item's task: holds the catalog and the task key, and
+    :meth:`task_of` looks the item's task up (an unknown or missing task raises ``UnknownTaskError`` naming the file).
 
     Args:
-        keys: keys to squeeze (image and label).
+        keys: keys to transform.
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
         task_key: key of the task, default ``"task"``.
         allow_missing_keys: don't raise when a key is missing, default ``False``.
@@ -198,11 +195,32 @@ class Squeeze2Dd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.catalog = TaskCatalog.resolve(catalog)
         self.task_key = task_key
-        self.squeeze = SqueezeDim(dim=-1, update_meta=True)
+
+    def task_of(self, d: Mapping[Hashable, Any]) -> TaskSpec:
+        """The task of item ``d``."""
+        return _task_of(self.catalog, d, self.task_key, self.first_key(d) or "image")
+
+
+class Squeeze2Dd(TaskMapTransform):
+    """For 2D tasks, drop a trailing singleton spatial axis: ``(C, X, Y, 1) -> (C, X, Y)``.
+
+    nnU-Net and many MSD-style 2D collections store 2D images as ``(X, Y, 1)`` (or ``(X, Y, 1, C)``) NIfTI.
+    Items of 3D tasks, and 2D items that are already 2D, pass unchanged. The affine is reduced accordingly
+    (``SqueezeDim(update_meta=True)``). Not invertible: a prediction of such a file comes back as ``(X, Y)``.
+    Run after ``EnsureChannelFirstd`` and before :class:`CheckTaskInputd`.
+
+    Args:
+        keys: keys to squeeze (image and label).
+        catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
+        task_key: key of the task, default ``"task"``.
+        allow_missing_keys: don't raise when a key is missing, default ``False``.
+    """
+
+    squeeze = SqueezeDim(dim=-1, update_meta=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        task = _task_of(self.catalog, d, self.task_key, self.first_key(d) or "image")
+        task = self.task_of(d)
         if task.dims != 2:
             return d
         for key in self.key_iterator(d):
@@ -294,7 +312,7 @@ class CheckTaskInputd(MapTransform):
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-class _PerTaskInvertibled(MapTransform, InvertibleTransform):
+class _PerTaskInvertibled(TaskMapTransform, InvertibleTransform):
     """Base of invertible transforms that hold one MONAI dictionary transform per task and delegate to it.
 
     ``__call__`` applies ``self.per_task[task_name]``. ``inverse`` (and so ``Invertd``, which gives it only the
@@ -306,18 +324,7 @@ class _PerTaskInvertibled(MapTransform, InvertibleTransform):
     """
 
     trace_class: str = ""
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        catalog: TaskCatalog | str | os.PathLike,
-        task_key: str = "task",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.catalog = TaskCatalog.resolve(catalog)
-        self.task_key = task_key
-        self.per_task: dict[str, MapTransform] = {}
+    per_task: dict[str, MapTransform]
 
     @staticmethod
     def _traced(t: Any) -> Any:
@@ -326,7 +333,7 @@ class _PerTaskInvertibled(MapTransform, InvertibleTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        task = _task_of(self.catalog, d, self.task_key, self.first_key(d) or "image")
+        task = self.task_of(d)
         list(self.key_iterator(d))  # raises for a missing key unless allow_missing_keys
         return self.per_task[task.name](d)
 

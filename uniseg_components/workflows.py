@@ -129,24 +129,33 @@ def train(
     seed: int | None = None,
     num_workers: int | None = None,
     resume: bool = False,
-    **config: Any,
+    config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` on the tasks of a datalist with its bundle's ``train.json`` (the method's recipe).
+    """Train a method on the tasks of a datalist with its bundle's train.json (the method's recipe).
 
-    Arguments left at ``None`` keep the bundle's value (UniSeg: 1000 epochs of 50 batches per task, SGD lr 1e-2...).
+    Arguments left out keep the bundle's value. UniSeg's recipe: SGD Nesterov (momentum 0.99, weight decay 3e-5), lr
+    1e-2 with poly decay (0.9), 1000 epochs of 50 single-task batches of 2 per task, gradient clipping at 12, Dice +
+    CE with deep supervision, AMP on CUDA. OUTPUT_DIR gets model.pt (best mean validation Dice over tasks, or the
+    final model without validation data), model_final.pt and checkpoint_latest.pt, each with the network config and
+    the catalog inside (infer and evaluate need nothing else), and eval/ the TensorBoard logs and Dice tables.
 
     Args:
-        datalist: JSON written by ``prepare`` (``training`` and ``validation`` lists of ``{image, label, task}``).
-        method: registered method name, default ``"uniseg"``.
+        datalist: datalist.json from prepare (training and validation lists of {image, label, task}).
+        method: uniseg (default), meduniseg or hermes: which method and bundle recipe.
         catalog: catalog JSON, built-in name or catalog; default the datalist's own. Tasks of a rank the method does
             not support are left out.
-        output_dir: ``model.pt`` (best mean validation Dice, or the final model without validation data),
-            ``model_final.pt`` and ``checkpoint_latest.pt`` go here, TensorBoard logs and Dice tables to ``eval/``.
-        epochs, batches_per_task, batch_size, learning_rate, val_interval, augment, seed, num_workers: the bundle's
-            config entries of these names.
-        device: default CUDA when available, else CPU.
-        resume: continue from ``output_dir/checkpoint_latest.pt``, default ``False``.
-        config: any other entry of the bundle's config (``momentum=0.9``, ``cache_rate=0.5``...).
+        output_dir: default "runs/uniseg".
+        epochs: training epochs; default the bundle's (UniSeg 1000); the demo uses far fewer.
+        batches_per_task: batches of each task per epoch; default the bundle's (50).
+        batch_size: default the bundle's (2).
+        learning_rate: default the bundle's (UniSeg 1e-2).
+        val_interval: validate every N epochs; default the bundle's (1).
+        augment: nnU-Net-style augmentation; default the bundle's (True).
+        device: "cuda", "cpu", ...; default CUDA when available.
+        seed: default the bundle's (0).
+        num_workers: data-loader workers; default the bundle's (0).
+        resume: continue from OUTPUT_DIR/checkpoint_latest.pt, default False.
+        config: other entries of the bundle's train.json, e.g. --config '{"momentum": 0.9, "cache_rate": 0.5}'.
 
     Returns:
         ``{"checkpoint", "final_checkpoint", "best_metric", "best_epoch", "details", "seconds", "method"}``;
@@ -176,7 +185,7 @@ def train(
         }
     )
     overrides.update(m.bundle_overrides("train"))
-    overrides.update(config)
+    overrides.update(config or {})
     logger.info("training %s with %s/configs/train.json into %s", m.title, bundle, out)
     wf = run_workflow(bundle, ["train.json"], "train", overrides)
     best = wf.parser.get_parsed_content("best_checkpoint")

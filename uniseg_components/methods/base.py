@@ -20,7 +20,8 @@ logits -> labels               :attr:`Method.output` (``"softmax"``: one softmax
                                :meth:`Method.label_map`
 training                       :meth:`Method.loss`; the recipe itself is the bundle's ``train.json``
                                (:meth:`Method.bundle_for`, :meth:`Method.bundle_overrides`)
-export                         :meth:`Method.torchscript`, :meth:`Method.onnx`, :meth:`Method.onnx_graphs`
+export                         :meth:`Method.torchscript`, :meth:`Method.onnx` (from :meth:`Method.onnx_example`),
+                               :meth:`Method.onnx_graphs`
 benchmark                      :meth:`Method.run_benchmark`, :meth:`Method.format_benchmark`
 =============================  =======================================================================================
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -57,6 +59,9 @@ class Method:
         output: ``"softmax"`` (logits over each task's classes, background included) or ``"sigmoid"`` (one logit
             map per requested target, no background channel).
         dims: the spatial ranks of the tasks it segments, ``(3,)`` or ``(2, 3)``.
+        loss_class: the training loss (:meth:`loss` builds it), default ``None``.
+        benchmark: the unit's benchmark module, with ``run_benchmark(catalog, patch_size=, repeats=, device=)`` and
+            ``format_report(result)``; default ``None``.
     """
 
     name: ClassVar[str] = ""
@@ -65,11 +70,14 @@ class Method:
     bundles: ClassVar[Mapping[str, str]] = {}
     output: ClassVar[str] = "softmax"
     dims: ClassVar[tuple[int, ...]] = (3,)
+    loss_class: ClassVar[type[nn.Module] | None] = None
+    benchmark: ClassVar[ModuleType | None] = None
 
     # ------------------------------------------------------------------ building
     def build(self, catalog: TaskCatalog, **kwargs: Any) -> nn.Module:
-        """The method's main network for every task of ``catalog`` it supports (``Network.from_catalog``)."""
-        raise NotImplementedError
+        """The method's main network (the first of :attr:`networks`) for the tasks of ``catalog``:
+        ``from_catalog(catalog, **kwargs)``."""
+        return self.networks[0].from_catalog(catalog, **kwargs)  # type: ignore[attr-defined]
 
     def network_class(self, name: str) -> type[nn.Module] | None:
         """The class of this method called ``name``, or ``None``."""
@@ -113,8 +121,10 @@ class Method:
 
     # ------------------------------------------------------------------ training
     def loss(self, **kwargs: Any) -> nn.Module:
-        """The training loss the method's networks' training outputs go into."""
-        raise NotImplementedError
+        """The training loss the method's networks' training outputs go into: :attr:`loss_class` ``(**kwargs)``."""
+        if self.loss_class is None:
+            raise NotImplementedError(f"{self.title} names no loss_class.")
+        return self.loss_class(**kwargs)
 
     def bundle_for(self, network: nn.Module | Mapping[str, Any]) -> str:
         """The bundle folder name whose configs train and serve ``network`` (a module or its config)."""
@@ -144,7 +154,19 @@ class Method:
         default_task: int | None = None,
         opset_version: int = 18,
     ) -> Path:
-        """One ONNX graph of ``network`` for one input kind (channel count, patch), written to ``filepath``."""
+        """One ONNX graph of ``network`` for one input kind (channel count, patch), written to ``filepath``: the
+        module, example inputs, input names and dynamic axes of :meth:`onnx_example` through
+        :func:`uniseg_components.export.onnx_export` (output ``pred``)."""
+        from ..export import onnx_export
+
+        module, inputs, names, axes = self.onnx_example(unwrap(network), catalog, channels, default_task)
+        return onnx_export(module, inputs, filepath, names, axes, opset_version)
+
+    def onnx_example(
+        self, network: nn.Module, catalog: TaskCatalog | None, channels: int | None, default_task: int | None
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], dict[str, dict[int, str]]]:
+        """What :meth:`onnx` exports for one input kind (``channels``, or ``default_task``'s): ``(module, example
+        inputs, input names, dynamic axes)``."""
         raise NotImplementedError
 
     def onnx_graphs(self, network: nn.Module, catalog: TaskCatalog) -> dict[str, dict[str, Any]]:
@@ -163,12 +185,18 @@ class Method:
         repeats: int = 3,
         device: str | None = None,
     ) -> dict[str, Any]:
-        """Measure the method on this machine (``python -m uniseg_components benchmark``); returns plain data."""
-        raise NotImplementedError
+        """Measure the method on this machine (``python -m uniseg_components benchmark``); returns plain data.
+        Default: ``run_benchmark`` of the unit's :attr:`benchmark` module."""
+        if self.benchmark is None:
+            raise NotImplementedError(f"{self.title} has no benchmark.")
+        return self.benchmark.run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device)
 
     def format_benchmark(self, result: Mapping[str, Any]) -> str:
-        """A markdown table of :meth:`run_benchmark`'s result."""
-        raise NotImplementedError
+        """A markdown table of :meth:`run_benchmark`'s result (default: the :attr:`benchmark` module's
+        ``format_report``)."""
+        if self.benchmark is None:
+            raise NotImplementedError(f"{self.title} has no benchmark.")
+        return self.benchmark.format_report(dict(result))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, networks={self.network_names})"

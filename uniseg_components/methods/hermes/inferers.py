@@ -94,29 +94,18 @@ class HermesMergedInferer(MergedTasksInferer):
         roi_size: window size, normally the training patch.
         tasks: the tasks to segment (``TaskSpec`` with ``label_offset``, all with the same modalities, e.g.
             ``catalog.tasks_for_channels(["CT"])``); at least one.
-        sw_batch_size: windows per forward pass, default 1.
-        overlap: window overlap, default 0.5.
-        mode: ``"gaussian"`` (default) or ``"constant"``.
-        mirror_axes: mirroring TTA axes, default ``()``.
         threshold: probability threshold, default 0.5.
-        kwargs: other :class:`monai.inferers.SlidingWindowInferer` arguments.
+        kwargs: the other :class:`~uniseg_components.inferers.MergedTasksInferer` arguments (``sw_batch_size``,
+            ``overlap``, ``mode``, ``mirror_axes``...).
 
     Returns (when called):
         float32 merged label map ``(B, 1, *spatial)``.
     """
 
     def __init__(
-        self,
-        roi_size: Sequence[int] | int,
-        tasks: Sequence[TaskSpec],
-        sw_batch_size: int = 1,
-        overlap: float = 0.5,
-        mode: str = "gaussian",
-        mirror_axes: Sequence[int] = (),
-        threshold: float = 0.5,
-        **kwargs: Any,
+        self, roi_size: Sequence[int] | int, tasks: Sequence[TaskSpec], threshold: float = 0.5, **kwargs: Any
     ) -> None:
-        super().__init__(roi_size, tasks, sw_batch_size, overlap, mode, mirror_axes, **kwargs)
+        super().__init__(roi_size, tasks, **kwargs)
         mods = {tuple(t.modalities) for t in self.tasks}
         if len(mods) != 1:
             raise ValueError(

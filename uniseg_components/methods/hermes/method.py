@@ -3,17 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from ...distributed import unwrap
-from ...export import onnx_export
 from ...tasks import TaskCatalog
 from ..base import Method
+from . import benchmark
 from .export import HermesExportable, hermes_example_inputs, scriptable_hermes
 from .loss import HermesLoss
 from .network import Hermes
@@ -32,12 +28,8 @@ class HermesMethod(Method):
     bundles = {"Hermes": "hermes_universal_segmentation"}
     output = "sigmoid"
     dims = (3,)
-
-    def build(self, catalog: TaskCatalog, **kwargs: Any) -> Hermes:
-        return Hermes.from_catalog(catalog, **kwargs)
-
-    def loss(self, **kwargs: Any) -> nn.Module:
-        return HermesLoss(**kwargs)
+    loss_class = HermesLoss
+    benchmark = benchmark
 
     def torchscript(
         self, network: nn.Module, catalog: TaskCatalog | None = None, default_task: int | None = None
@@ -46,36 +38,12 @@ class HermesMethod(Method):
         with torch.no_grad():
             return torch.jit.script(scriptable_hermes(unwrap(network)))
 
-    def onnx(
-        self,
-        network: nn.Module,
-        filepath: str | Path,
-        catalog: TaskCatalog | None = None,
-        channels: int | None = None,
-        default_task: int | None = None,
-        opset_version: int = 18,
-    ) -> Path:
+    def onnx_example(
+        self, network: nn.Module, catalog: TaskCatalog | None, channels: int | None, default_task: int | None
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], dict[str, dict[int, str]]]:
         """Inputs ``image`` ``(B, C, *patch)``, ``task_ids`` ``(1, n)`` int64 (dynamic ``n``) and ``modality_id``
         ``(1,)`` int64; output ``pred`` ``(B, n, *patch)``. The example request is ``default_task``'s targets."""
-        net = unwrap(network).eval()
-        inputs = hermes_example_inputs(net, channels, default_task)
+        network = network.eval()
+        inputs = hermes_example_inputs(network, channels, default_task)
         axes = {"image": {0: "batch"}, "task_ids": {1: "targets"}, "pred": {0: "batch", 1: "targets"}}
-        return onnx_export(
-            HermesExportable(net), inputs, filepath, ["image", "task_ids", "modality_id"], axes, opset_version
-        )
-
-    def run_benchmark(
-        self,
-        catalog: TaskCatalog | str | None = None,
-        patch_size: Sequence[int] | None = None,
-        repeats: int = 3,
-        device: str | None = None,
-    ) -> dict[str, Any]:
-        from .benchmark import run_benchmark
-
-        return run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device)
-
-    def format_benchmark(self, result: Mapping[str, Any]) -> str:
-        from .benchmark import format_report
-
-        return format_report(dict(result))
+        return HermesExportable(network), inputs, ["image", "task_ids", "modality_id"], axes

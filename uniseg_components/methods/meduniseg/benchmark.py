@@ -4,7 +4,6 @@ for a 3D and a 2D task, and 2D and 3D sliding-window throughput."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,13 +12,12 @@ import torch
 from ...benchmark import (
     count_parameters,
     cpu_patch,
-    default_device,
-    environment,
     markdown_table,
+    prepare_run,
+    sliding_window_throughput,
     time_interleaved,
     train_step,
 )
-from ...inferers import TaskSlidingWindowInferer
 from ...networks import UNetBackbone
 from ...tasks import TaskCatalog
 from .network import MedUniSeg, flat_plan
@@ -28,7 +26,7 @@ __all__ = ["run_benchmark", "format_report"]
 
 
 def run_benchmark(
-    catalog: str | None = None,
+    catalog: str | TaskCatalog | None = None,
     patch_size: Sequence[int] | None = None,
     repeats: int = 3,
     device: str | None = None,
@@ -47,12 +45,10 @@ def run_benchmark(
         batch_size: training batch, default 2.
         volume_factor: the sliding-window image is ``volume_factor`` times the patch per axis, default 2.
     """
-    cat = TaskCatalog.resolve(catalog or "meduniseg_17tasks")
-    dev = default_device(device)
-    amp = dev.type == "cuda"
+    cat, dev, amp, plan, p3, res = prepare_run(
+        catalog, "meduniseg_17tasks", patch_size, device, batch_size, repeats, dims=None
+    )
     full = MedUniSeg.from_catalog(cat)
-    plan = full.plan
-    res: dict[str, Any] = {"catalog": cat.name, **environment(dev), "batch_size": batch_size, "repeats": repeats}
     # (a) one model against one nnU-Net of the same plan per task (its own input channels and classes)
     res["params_meduniseg"] = count_parameters(full)
     res["params_single_models"] = sum(
@@ -71,9 +67,8 @@ def run_benchmark(
     t3 = next((t for t in cat if t.dims == 3), None)
     t2 = next((t for t in cat if t.dims == 2), None)
     if patch_size is not None:
-        p3, p2 = tuple(patch_size), tuple(patch_size)[:2]
+        p2 = p3[:2]
     else:
-        p3 = cpu_patch(plan.patch_size, plan.total_stride, dev)
         p2 = cpu_patch(t2.patch_size, plan.total_stride[:2], dev) if t2 is not None else None
     res.update(patch_3d=list(p3), patch_2d=None if p2 is None else list(p2))
     torch.manual_seed(0)
@@ -95,17 +90,7 @@ def run_benchmark(
             [train_step(net, x, y, amp, task_id=task.id), train_step(plain, xp, y, amp)], repeats, 1, dev
         )
         res[f"train_step_{name}"] = {"task": task.name, "meduniseg_s": t_med, "backbone_s": t_plain}
-        net.eval()
-        vol = tuple(int(v * volume_factor) for v in patch)
-        inferer = TaskSlidingWindowInferer(patch, sw_batch_size=2, overlap=0.5)
-        img = torch.randn(1, c, *vol, device=dev)
-
-        def sliding(img: torch.Tensor = img, inferer: Any = inferer, tid: int = task.id) -> None:
-            with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
-                inferer(img, net, task_id=tid)
-
-        (t_sw,) = time_interleaved([sliding], max(1, repeats - 1), 1, dev)
-        res[f"sliding_{name}"] = {"size": list(vol), "seconds": t_sw, "per_s": math.prod(vol) / t_sw}
+        res[f"sliding_{name}"] = sliding_window_throughput(net, patch, c, task.id, dev, repeats, volume_factor)
     return res
 
 

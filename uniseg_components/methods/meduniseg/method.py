@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...distributed import unwrap
-from ...export import TaskInputs, onnx_export
+from ...export import TaskInputs
 from ...losses import TaskDiceCELoss
 from ...tasks import TaskCatalog
 from ..base import Method
+from . import benchmark
 from .export import MedUniSegExportable, scriptable_meduniseg
 from .network import MedUniSeg
 from .star import MedUniSegStar
@@ -37,12 +36,8 @@ class MedUniSegMethod(Method):
     bundles = {"MedUniSeg": "meduniseg_universal_segmentation", "MedUniSegStar": "meduniseg_universal_segmentation"}
     output = "softmax"
     dims = (2, 3)
-
-    def build(self, catalog: TaskCatalog, **kwargs: Any) -> MedUniSeg:
-        return MedUniSeg.from_catalog(catalog, **kwargs)
-
-    def loss(self, **kwargs: Any) -> nn.Module:
-        return TaskDiceCELoss(**kwargs)
+    loss_class = TaskDiceCELoss
+    benchmark = benchmark
 
     def _exportable(
         self, network: nn.Module, catalog: TaskCatalog | None, default_task: int | None
@@ -57,41 +52,18 @@ class MedUniSegMethod(Method):
         with torch.no_grad():
             return torch.jit.script(scriptable_meduniseg(self._exportable(network, catalog, default_task)))
 
-    def onnx(
-        self,
-        network: nn.Module,
-        filepath: str | Path,
-        catalog: TaskCatalog | None = None,
-        channels: int | None = None,
-        default_task: int | None = None,
-        opset_version: int = 18,
-    ) -> Path:
+    def onnx_example(
+        self, network: nn.Module, catalog: TaskCatalog | None, channels: int | None, default_task: int | None
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], dict[str, dict[int, str]]]:
         """Inputs ``image`` ``(B, C, *patch)`` and ``task_id`` ``(1,)`` int64 for the channel count and patch of
         ``default_task`` (default the first task with ``channels`` inputs), output ``pred``."""
-        net = unwrap(network)
         if default_task is None and channels is not None:
-            default_task = next(t for t, mods in enumerate(net.task_modalities) if len(mods) == int(channels))
-        exp = self._exportable(net, catalog, default_task).eval()
+            default_task = next(t for t, mods in enumerate(network.task_modalities) if len(mods) == int(channels))
+        exp = self._exportable(network, catalog, default_task).eval()
         axes = {"image": {0: "batch"}, "pred": {0: "batch"}}
-        return onnx_export(TaskInputs(exp), exp.example_inputs(), filepath, ["image", "task_id"], axes, opset_version)
+        return TaskInputs(exp), exp.example_inputs(), ["image", "task_id"], axes
 
     def onnx_graphs(self, network: nn.Module, catalog: TaskCatalog) -> dict[str, dict[str, Any]]:
         """One graph per channel count and task patch: ``c<C>_<patch>`` (2D and 3D tasks)."""
         kinds = self._exportable(network, catalog, 0).input_kinds()
         return {f"c{c}_{'x'.join(map(str, patch))}": {"default_task": task} for c, patch, task in kinds}
-
-    def run_benchmark(
-        self,
-        catalog: TaskCatalog | str | None = None,
-        patch_size: Sequence[int] | None = None,
-        repeats: int = 3,
-        device: str | None = None,
-    ) -> dict[str, Any]:
-        from .benchmark import run_benchmark
-
-        return run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device)
-
-    def format_benchmark(self, result: Mapping[str, Any]) -> str:
-        from .benchmark import format_report
-
-        return format_report(dict(result))

@@ -11,15 +11,13 @@ import torch
 
 from ...benchmark import (
     count_parameters,
-    cpu_patch,
-    default_device,
-    environment,
     markdown_table,
+    prepare_run,
+    sliding_window_throughput,
     time_interleaved,
     train_step,
 )
-from ...inferers import TaskSlidingWindowInferer
-from ...networks import UNetBackbone, plan_from_catalog
+from ...networks import UNetBackbone
 from ...tasks import TaskCatalog
 from .network import UniSeg
 
@@ -46,23 +44,9 @@ def run_benchmark(
         batch_size: training batch, default 2.
         volume_factor: the sliding-window volume is ``volume_factor`` times the patch per axis, default 2.
     """
-    cat = TaskCatalog.resolve(catalog or "uniseg_11tasks")
-    if len(cat.dims) > 1:  # UniSeg is 3D: measure the catalog's 3D tasks
-        cat = cat.select(dims=3)
-    dev = default_device(device)
-    amp = dev.type == "cuda"
-    full_plan = plan_from_catalog(cat)
-    patch = (
-        tuple(patch_size) if patch_size is not None else cpu_patch(full_plan.patch_size, full_plan.total_stride, dev)
+    cat, dev, amp, full_plan, patch, res = prepare_run(
+        catalog, "uniseg_11tasks", patch_size, device, batch_size, repeats
     )
-    res: dict[str, Any] = {
-        "catalog": cat.name,
-        **environment(dev),
-        "patch": list(patch),
-        "catalog_patch": list(full_plan.patch_size),
-        "batch_size": batch_size,
-        "repeats": repeats,
-    }
     torch.manual_seed(0)
     uniseg = UniSeg.from_catalog(cat, patch_size=patch).to(dev)
     plain = UNetBackbone(uniseg.plan, in_channels=(1,), out_channels=cat[0].num_classes).to(dev)
@@ -101,19 +85,8 @@ def run_benchmark(
     res["all_tasks_flop_bound"] = _all_tasks_flop_bound(uniseg, x1, len(ids))
 
     # (d) sliding-window throughput on a volume larger than the patch
-    vol = tuple(int(p * volume_factor) for p in patch)
-    inferer = TaskSlidingWindowInferer(patch, sw_batch_size=2, overlap=0.5)
-    img = torch.randn(1, 1, *vol, device=dev)
-
-    def sliding() -> None:
-        with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
-            inferer(img, uniseg, task_id=0)
-
-    (t_sw,) = time_interleaved([sliding], max(1, repeats - 1), 1, dev)
-    nvox = 1
-    for v in vol:
-        nvox *= v
-    res.update(sw_volume=list(vol), sw_seconds=t_sw, sw_voxels_per_s=nvox / t_sw)
+    sw = sliding_window_throughput(uniseg, patch, 1, 0, dev, repeats, volume_factor)
+    res.update(sw_volume=sw["size"], sw_seconds=sw["seconds"], sw_voxels_per_s=sw["per_s"])
     return res
 
 

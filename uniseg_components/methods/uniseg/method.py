@@ -4,18 +4,15 @@ and benchmark."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from ...distributed import unwrap
-from ...export import TaskInputs, onnx_export
+from ...export import TaskInputs
 from ...losses import TaskDiceCELoss
 from ...tasks import TaskCatalog
 from ..base import Method
+from . import benchmark
 from .downstream import UniSegDownstream
 from .export import UniSegExportable
 from .network import UniSeg
@@ -34,12 +31,8 @@ class UniSegMethod(Method):
     bundles = {"UniSeg": "uniseg_universal_segmentation", "UniSegDownstream": "uniseg_finetune_segmentation"}
     output = "softmax"
     dims = (3,)
-
-    def build(self, catalog: TaskCatalog, **kwargs: Any) -> UniSeg:
-        return UniSeg.from_catalog(catalog, **kwargs)
-
-    def loss(self, **kwargs: Any) -> nn.Module:
-        return TaskDiceCELoss(**kwargs)
+    loss_class = TaskDiceCELoss
+    benchmark = benchmark
 
     def torchscript(
         self, network: nn.Module, catalog: TaskCatalog | None = None, default_task: int | None = None
@@ -52,41 +45,15 @@ class UniSegMethod(Method):
                 return torch.jit.script(net.eval())
             return torch.jit.script(UniSegExportable.from_uniseg(net, int(default_task or 0)).eval())
 
-    def onnx(
-        self,
-        network: nn.Module,
-        filepath: str | Path,
-        catalog: TaskCatalog | None = None,
-        channels: int | None = None,
-        default_task: int | None = None,
-        opset_version: int = 18,
-    ) -> Path:
+    def onnx_example(
+        self, network: nn.Module, catalog: TaskCatalog | None, channels: int | None, default_task: int | None
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], dict[str, dict[int, str]]]:
         """Inputs ``image`` ``(B, C, *patch)`` and ``task_id`` ``(1,)`` int64 (a downstream model: ``image`` only),
         output ``pred`` ``(B, max(num_classes), *patch)``, dynamic batch."""
-        net = unwrap(network)
         axes = {"image": {0: "batch"}, "pred": {0: "batch"}}
-        if isinstance(net, UniSegDownstream):
-            x = net.example_input(channels)
-            return onnx_export(net, (x,), filepath, ["image"], axes, opset_version)
+        if isinstance(network, UniSegDownstream):
+            return network.eval(), (network.example_input(channels),), ["image"], axes
         if default_task is None and channels is not None and catalog is not None:
             default_task = next(t.id for t in catalog if t.num_channels == int(channels))
-        exp = UniSegExportable.from_uniseg(net, int(default_task or 0)).eval()
-        return onnx_export(
-            TaskInputs(exp), exp.example_inputs(channels=channels), filepath, ["image", "task_id"], axes, opset_version
-        )
-
-    def run_benchmark(
-        self,
-        catalog: TaskCatalog | str | None = None,
-        patch_size: Sequence[int] | None = None,
-        repeats: int = 3,
-        device: str | None = None,
-    ) -> dict[str, Any]:
-        from .benchmark import run_benchmark
-
-        return run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device)
-
-    def format_benchmark(self, result: Mapping[str, Any]) -> str:
-        from .benchmark import format_report
-
-        return format_report(dict(result))
+        exp = UniSegExportable.from_uniseg(network, int(default_task or 0)).eval()
+        return TaskInputs(exp), exp.example_inputs(channels=channels), ["image", "task_id"], axes
