@@ -132,6 +132,16 @@ def monai_label_parser(bundle: str, bundle_root: Path, **overrides: Any) -> Conf
     return parser
 
 
+def error_chain(error: BaseException) -> str:
+    """The messages of ``error`` and every error behind it (MONAI wraps config and transform errors), one per line."""
+    parts: list[str] = []
+    e: BaseException | None = error
+    while e is not None:
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
 def latest_state(bundle_root: Path) -> dict[str, Any]:
     """The training state ``models/checkpoint_latest.pt`` of a bundle run."""
     return torch.load(bundle_root / "models" / "checkpoint_latest.pt", weights_only=True)

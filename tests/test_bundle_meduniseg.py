@@ -25,6 +25,7 @@ from conftest import (  # noqa: E402
     assert_same_training_state,
     batch_recorder_overlay,
     config,
+    error_chain,
     evaluate_run,
     interrupted_and_resumed,
     monai_label_pipeline,
@@ -240,11 +241,8 @@ def test_relearn_needs_a_task_or_a_threshold(trained, tmp_path):
     wf.parser.update({"relearn_tasks": "nothing_like_this"})
     with pytest.raises(Exception) as err:
         wf.parser.get_parsed_content("relearn_task_names", lazy=False)
-    chain, e = [], err.value
-    while e is not None:
-        chain.append(str(e))
-        e = e.__cause__ or e.__context__
-    assert "nothing_like_this" in "\n".join(chain) and "fetal_us" in "\n".join(chain)
+    chain = error_chain(err.value)
+    assert "nothing_like_this" in chain and "fetal_us" in chain
 
 
 def test_release_zip(trained, tmp_path):

@@ -18,6 +18,7 @@ from conftest import (  # noqa: E402
     FAST,
     assert_same_training_state,
     batch_recorder_overlay,
+    error_chain,
     evaluate_run,
     interrupted_and_resumed,
     monai_label_training,
@@ -103,21 +104,13 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path):
     assert epoch_seed(0, 1) != epoch_seed(0, 2) != epoch_seed(0, 2, rank=1)
 
 
-def _error_chain(e: BaseException) -> str:
-    parts = []
-    while e is not None:
-        parts.append(str(e))
-        e = e.__cause__ or e.__context__
-    return "\n".join(parts)
-
-
 def test_bad_catalog_and_unknown_task_fail_clearly(trained, tmp_path):
     wf = workflow(
         BUNDLE, "train.json", tmp_path / "a", dataset_dir=str(trained / "demo_data"), catalog="no_such_catalog"
     )
     with pytest.raises(Exception) as err:
         wf.run()
-    assert "no_such_catalog" in _error_chain(err.value)
+    assert "no_such_catalog" in error_chain(err.value)
 
     d = json.loads((trained / "demo_data" / "datalist.json").read_text())
     d["catalog"] = str(trained / "demo_data" / "tasks.json")
@@ -127,7 +120,7 @@ def test_bad_catalog_and_unknown_task_fail_clearly(trained, tmp_path):
     wf = workflow(BUNDLE, "train.json", tmp_path / "b", datalist=str(bad))
     with pytest.raises(Exception) as err:
         wf.run()
-    msg = _error_chain(err.value)
+    msg = error_chain(err.value)
     assert "liver_mystery" in msg and "abdomen_ct" in msg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import STOP_AFTER_FIRST_EPOCH, error_chain
 
 from uniseg_components.checkpoints import build_network, load_checkpoint, with_checksum
 from uniseg_components.data import prepare
@@ -290,17 +292,18 @@ def test_task_data_from_datalist_and_dataset_dir(upstream, tmp_path):
 
 
 def test_bundle_resumes_from_the_latest_full_state(upstream):
-    """Every epoch writes models/checkpoint_latest.pt (weights, optimiser, scheduler, trainer); --resume continues."""
+    """Every epoch writes models/checkpoint_latest.pt (weights, optimiser, scheduler, trainer); --resume continues an
+    interrupted run; extending a finished run past its learning-rate schedule is refused with a clear error."""
     torch.set_num_threads(1)
     ov = _overrides(upstream, "ft_resume")
 
-    def run(epochs: int, resume: bool):
-        wf = _train_workflow({**ov, "epochs": epochs, "resume": resume})
+    def run(epochs: int, resume: bool, **extra):
+        wf = _train_workflow({**ov, "epochs": epochs, "resume": resume, **extra})
         wf.run()
         wf.finalize()
         return wf
 
-    run(1, False)
+    run(2, False, run=STOP_AFTER_FIRST_EPOCH)  # a 2-epoch run interrupted after its first epoch
     latest = Path(ov["ckpt_dir"]) / "checkpoint_latest.pt"
     state = torch.load(latest, weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer", "meta"} <= set(state)
@@ -312,6 +315,9 @@ def test_bundle_resumes_from_the_latest_full_state(upstream):
     wf = run(1, True)
     net = wf.parser.get_parsed_content("network")
     assert torch.all(net.state_dict()[key] == 0.123)
-    wf = run(2, True)  # one more epoch on top of the saved state
+    wf = run(2, True)  # the second epoch on top of the saved state
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
     assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 4
+    with pytest.raises(Exception) as err:  # its poly decay reached 0 at epoch 2
+        run(3, True)
+    assert re.search(r"schedule .* ends at epoch 2.*--epochs 2", error_chain(err.value))

@@ -19,13 +19,13 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from uniseg_components import cli
+from uniseg_components.bundle import bundle_dir
 from uniseg_components.checkpoints import build_network, load_checkpoint
 from uniseg_components.export import TaskInputs, class_mask, mask_classes, task_tensor, trace
 from uniseg_components.losses import TaskDiceCELoss
 from uniseg_components.methods import METHODS, Method, get_method, method_of, register_method, unregister_method
 from uniseg_components.networks import UNetBackbone, UNetPlan, plan_from_catalog, task_index
 from uniseg_components.tasks import TaskCatalog
-from uniseg_components.workflows import bundle_dir
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ to find their data and folders:
   datalist given, a ``dataset_dir`` that holds nothing is filled with the embedded demo collection and prepared; a
   ``dataset_dir`` holding MSD folders is prepared; a ``datalist.json`` in it is used as is.
 * :func:`items_of_tasks`: the items of some tasks (the new tasks of an incremental run, relearned tasks).
-* :func:`find_bundle_root`, :func:`channels_last_kwargs`.
+* :func:`bundle_dir`, :func:`find_bundle_root`, :func:`channels_last_kwargs`.
 
 The handlers are in :mod:`uniseg_components.handlers`, the distributed set-up in
 :mod:`uniseg_components.distributed`, the pipelines in :mod:`uniseg_components.transforms`.
@@ -30,6 +30,8 @@ from .io import as_list
 from .tasks import TaskCatalog
 
 __all__ = [
+    "BUNDLES_ENV",
+    "bundle_dir",
     "DEMO_3D_TASKS",
     "BundleData",
     "items_of_tasks",
@@ -49,14 +51,39 @@ def channels_last_kwargs(device: str | torch.device) -> dict[str, Any]:
     return {"memory_format": torch.channels_last_3d} if torch.device(device).type == "cpu" else {}
 
 
+#: environment variable naming the folder that holds the bundles (default: ``bundles/`` of this checkout)
+BUNDLES_ENV = "UNISEG_BUNDLES"
+
+
+def bundle_dir(name: str) -> Path:
+    """The folder of bundle ``name``: ``$UNISEG_BUNDLES/<name>``, else ``bundles/<name>`` of the checkout this package
+    runs from, else the bundle this package is vendored in (a release zip).
+
+    Raises:
+        FileNotFoundError: none of them holds ``configs/metadata.json``; the message lists where it looked.
+    """
+    here = Path(__file__).resolve().parent
+    candidates = [Path(os.environ[BUNDLES_ENV]) / name] if os.environ.get(BUNDLES_ENV) else []
+    candidates += [here.parent / "bundles" / name, here.parent]
+    for c in candidates:
+        if (c / "configs" / "metadata.json").is_file() and (c.name == name or c.parent.name == "bundles"):
+            return c
+    raise FileNotFoundError(
+        f"bundle {name!r} not found (looked in {[str(c) for c in candidates]}); run from a checkout of the project or "
+        f"set {BUNDLES_ENV} to the folder holding the bundles."
+    )
+
+
 def find_bundle_root(name: str, default: str = ".") -> str:
-    """The bundle folder as seen from the working directory: ``"."`` inside it, ``bundles/<name>`` from the
-    repository root, else ``default``. Lets ``python -m monai.bundle run ... --config_file bundles/<name>/...``
-    write ``models/``, ``eval/`` and the demo data into the bundle folder without ``--bundle_root``.
+    """The bundle folder for a config's ``bundle_root``: ``"."`` inside it, ``bundles/<name>`` from the repository root,
+    else the bundle's own folder wherever the command runs (:func:`bundle_dir`: this checkout's ``bundles/<name>``, or
+    the bundle a release zip vendors the package into), else ``default``. So ``python -m monai.bundle run ...
+    --config_file <path>/configs/...`` writes ``models/``, ``eval/`` and the demo data into the bundle folder, never
+    into the working directory of an unrelated folder.
 
     Args:
         name: the bundle's folder name, e.g. ``"uniseg_universal_segmentation"``.
-        default: returned when neither matches, default ``"."``.
+        default: returned when the bundle folder is not found, default ``"."``.
     """
     cwd = Path.cwd()
     if cwd.name == name and (cwd / "configs").is_dir():
@@ -64,7 +91,10 @@ def find_bundle_root(name: str, default: str = ".") -> str:
     candidate = Path("bundles") / name
     if (candidate / "configs").is_dir():
         return str(candidate)
-    return default
+    try:
+        return str(bundle_dir(name))
+    except FileNotFoundError:
+        return default
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -77,6 +107,7 @@ def ensure_datalist(
     seed: int = 0,
     demo_tasks: Sequence[str] | None = None,
     demo_catalog: TaskCatalog | str | os.PathLike | None = None,
+    demo_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, TaskCatalog]:
     """The datalist and catalog of a bundle run; builds them when they are absent.
 
@@ -84,8 +115,9 @@ def ensure_datalist(
     * else ``<dataset_dir>/datalist.json`` exists: it is used.
     * else ``dataset_dir`` holds MSD-format folders (``*/dataset.json``): they are checked and prepared into
       ``dataset_dir`` with ``catalog`` or ``<dataset_dir>/tasks.json``.
-    * else ``dataset_dir`` is absent or empty: the embedded demo collection (``demo_tasks``) is written there and
-      prepared.
+    * else ``dataset_dir`` is absent or empty: when it is ``demo_dir`` (the bundle's default data folder), the
+      embedded demo collection (``demo_tasks``) is written there and prepared; any other folder is an error (a typo in
+      ``--dataset_dir`` must not train on demo data).
 
     Under ``torch.distributed`` only rank 0 writes; the other ranks wait for the datalist file to appear.
 
@@ -100,12 +132,14 @@ def ensure_datalist(
             MedUniSeg's bundle writes every demo task, 2D ones included).
         demo_catalog: the catalog the demo tasks are taken from, default ``None`` (the built-in ``"demo"``); e.g.
             ``"demo_new_tasks"`` for the new dataset of the incremental-learning demo.
+        demo_dir: the only folder the demo collection may be written into, default ``None`` (``dataset_dir``
+            itself: the Python API's choice; the bundles pass their default ``<bundle_root>/demo_data``).
 
     Returns:
         ``(datalist_path, catalog)`` with the full catalog (not yet restricted to 3D tasks).
 
     Raises:
-        FileNotFoundError: a given datalist does not exist.
+        FileNotFoundError: a given datalist does not exist; ``dataset_dir`` is absent or empty and not ``demo_dir``.
         ValueError: ``dataset_dir`` holds files but neither a datalist nor MSD folders; no catalog can be found.
     """
     root = Path(dataset_dir)
@@ -117,7 +151,8 @@ def ensure_datalist(
         path = root / DATALIST_NAME
         if not path.is_file():
             if get_rank() == 0:
-                _build_datalist(root, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog)
+                demo = root if demo_dir is None else Path(demo_dir)
+                _build_datalist(root, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog, demo)
             else:
                 wait_for_file(path)
     if catalog is None:
@@ -136,6 +171,7 @@ def _build_datalist(
     seed: int,
     demo_tasks: Sequence[str] | None = None,
     demo_catalog: TaskCatalog | str | os.PathLike | None = None,
+    demo_dir: Path | None = None,
 ) -> Path:
     if root.exists() and not root.is_dir():
         raise ValueError(f"dataset_dir {str(root)!r} is not a folder.")
@@ -145,6 +181,12 @@ def _build_datalist(
             raise ValueError(
                 f"dataset_dir {str(root)!r} holds neither a datalist.json nor MSD-format task folders "
                 "(<task>/dataset.json); give --datalist, or an empty/absent --dataset_dir to build the demo data."
+            )
+        if demo_dir is None or root.resolve() != demo_dir.resolve():
+            state = "is empty" if root.is_dir() else "does not exist"
+            raise FileNotFoundError(
+                f"dataset_dir {str(root)!r} {state}: give a folder of MSD-format datasets (or --datalist); the demo "
+                f"data is written only into the default data folder {str(demo_dir)!r}."
             )
         from .demo import DEMO_CATALOG, write_demo_collection
 
@@ -190,6 +232,8 @@ class BundleData:
         seed: default 0.
         demo_tasks: demo tasks written when the demo is built, default ``None`` (:data:`DEMO_3D_TASKS`).
         demo_catalog: the catalog of ``demo_tasks``, default ``None`` (the built-in ``"demo"``).
+        demo_dir: the only folder the demo may be written into, default ``None`` (``dataset_dir``; see
+            :func:`ensure_datalist`).
 
     Attributes:
         datalist: path of the datalist used.
@@ -213,9 +257,10 @@ class BundleData:
         tasks: Sequence[str] | str | None = None,
         demo_tasks: Sequence[str] | None = None,
         demo_catalog: TaskCatalog | str | os.PathLike | None = None,
+        demo_dir: str | os.PathLike | None = None,
     ) -> None:
         path, full = ensure_datalist(
-            dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog
+            dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog, demo_dir
         )
         names = as_list(tasks) or None
         train, val, _ = load_datalist(path)

@@ -172,6 +172,8 @@ def evaluate(
     print(res["table"])
     if output:
         write_json(output, {k: v for k, v in res.items() if k != "table"}, indent=2)
+    if res["failed"]:
+        raise _workflows.ImagesFailed({}, res["failed"])
     return float(res["mean"])
 
 
@@ -323,8 +325,38 @@ COMMANDS = {
 }
 
 
+#: set to 1 (or pass --debug) for full tracebacks instead of one-line error messages
+DEBUG_ENV = "UNISEG_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m uniseg_components`` and the ``uniseg`` script."""
+    """Entry point of ``python -m uniseg_components`` and the ``uniseg`` script.
+
+    An error ends the command with its message on stderr and exit status 1 (2 for a wrong command line); the full
+    traceback with ``--debug`` or ``UNISEG_DEBUG=1``. Images that could not be segmented are listed after the others
+    are done.
+    """
+    import os
+
     import fire
 
-    fire.Fire(COMMANDS, command=list(argv) if argv is not None else None, name="uniseg")
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        fire.Fire(COMMANDS, command=args, name="uniseg")
+    except (Exception, KeyboardInterrupt) as e:
+        if debug or isinstance(e, fire.core.FireExit):
+            raise
+        from .workflows import raise_root_cause
+
+        try:
+            raise_root_cause(e)
+        except BaseException as cause:  # noqa: BLE001 - the message is what the user needs
+            e = cause
+        if isinstance(e, KeyboardInterrupt):
+            print(f"uniseg {args[0] if args else ''}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        print(f"uniseg {args[0] if args else ''}: error: {e}", file=sys.stderr)
+        print(f"(run with --debug or {DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)
+        raise SystemExit(1) from None

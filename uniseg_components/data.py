@@ -27,7 +27,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .io import read_json, write_json
+from .io import load_nifti, read_json, write_json
 from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
@@ -96,16 +96,16 @@ def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _load_array(path: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-    """Load a NIfTI file completely (so truncated / corrupt gzip is caught); return (array, affine, problem)."""
-    import nibabel as nib
-
+    """Load a NIfTI file completely, gzip CRC and length verified (:func:`uniseg_components.io.load_nifti`);
+    return (array, affine, problem)."""
     if not os.path.isfile(path):
         return None, None, "file does not exist"
     try:
-        img = nib.load(path)
-        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=float), None
-    except Exception as e:  # any failure to decode is a problem to report (gzip, zlib, header, size errors)
-        return None, None, f"cannot be read ({type(e).__name__}: {e})"
+        array, affine = load_nifti(path)
+        return array, affine, None
+    except ValueError as e:  # damaged gzip, header or size errors
+        cause = e.__cause__ or e
+        return None, None, f"cannot be read ({type(cause).__name__}: {cause})"
 
 
 def _split_image_shape(shape: tuple[int, ...], dims: int) -> tuple[tuple[int, ...], int] | None:

@@ -879,7 +879,7 @@ def _install(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
     try:
         for child in sorted(tmp.iterdir()):
             if child.name == DEMO_TASKS_FILE:
@@ -891,6 +891,28 @@ def _install(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp / DEMO_TASKS_FILE, out_dir / DEMO_TASKS_FILE)
     finally:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporary folders (``.<name>.tmp-<pid>-*``, ``.<name>.old-*``) that a killed earlier run of
+    :func:`write_demo_collection` for ``out_dir`` left beside it; those of a process still running are kept."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.*"):
+        parts = path.name[len(out_dir.name) + 2 :].split("-")
+        if not path.is_dir() or parts[0] not in ("tmp", "old"):
+            continue
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)  # the writer is still running
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # another user's running process
+                continue
+        if pid == os.getpid():
+            continue
+        logger.info("removing %s, left by an interrupted demo-data run", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_demo_collection(
@@ -949,7 +971,8 @@ def write_demo_collection(
         _load_mni152()  # raises the ImportError before any work
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     ctx: dict[str, Any] = {}
     try:
         with torch.no_grad():

@@ -35,6 +35,8 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "image_stem",
     "list_images",
+    "verify_image",
+    "load_nifti",
     "save_label_map",
     "SaveLabelMapd",
 ]
@@ -179,6 +181,69 @@ def list_images(
     if missing:
         raise FileNotFoundError(f"image file(s) {missing} do not exist.")
     return items
+
+
+def _gzip_bytes(path: Path) -> bytes:
+    """The decompressed content of a ``.gz`` file, read to its end so that the CRC and length are verified."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile, CRC mismatch, truncation
+        raise ValueError(f"{str(path)!r} is damaged or truncated ({type(e).__name__}: {e}).") from e
+
+
+def verify_image(path: str | os.PathLike) -> None:
+    """Check that an image file can be read completely: it exists, a gzip-compressed file (``.nii.gz``...) decompresses
+    to its end with a matching CRC and length (nibabel reads only the bytes it needs and never checks them), and its
+    header loads.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it is damaged, truncated or not a readable image; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist.")
+    if path.suffix == ".gz":
+        _gzip_bytes(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            nib.load(str(path))
+        except Exception as e:  # header errors of any kind
+            raise ValueError(f"{str(path)!r} is not a readable NIfTI image ({type(e).__name__}: {e}).") from e
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[Any, Any]:
+    """The array and affine of a NIfTI file read completely with integrity checks (see :func:`verify_image`): a
+    ``.nii.gz`` file is decompressed once, to its end, with its CRC verified.
+
+    Returns:
+        ``(array, affine)`` as numpy arrays.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`verify_image`; the message names the file.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist.")
+    raw = _gzip_bytes(path) if path.suffix == ".gz" else None
+    try:
+        if raw is not None:
+            nifti2 = raw[:4] == (540).to_bytes(4, "little")  # sizeof_hdr of a NIfTI-2 header
+            img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+        else:
+            img = nib.load(str(path))
+        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=float)
+    except Exception as e:  # header and size errors of any kind
+        raise ValueError(f"{str(path)!r} is not a readable NIfTI image ({type(e).__name__}: {e}).") from e
 
 
 def save_label_map(label: torch.Tensor, path: str | os.PathLike) -> Path:

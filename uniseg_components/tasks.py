@@ -227,6 +227,7 @@ class TaskCatalog:
             )
         if self.plan is not None and not isinstance(self.plan, dict):
             raise ValueError(f"catalog {self.name!r}: plan must be a JSON object, got {type(self.plan).__name__}.")
+        self._check_patches()
         # explicit label offsets must not make two tasks share a merged label value
         used: dict[int, str] = {}
         for t in self._with_offsets(sorted(self.tasks, key=lambda t: t.id)):
@@ -238,6 +239,27 @@ class TaskCatalog:
                         f"{t.name}/{t.labels[c]}; fix the label_offset values."
                     )
                 used[v] = f"{t.name}/{t.labels[c]}"
+
+    def _check_patches(self) -> None:
+        """Every task's patch must be divisible by the plan's total stride (its in-plane part for 2D tasks), or the
+        network cannot take it: raise ``ValueError`` naming the task, the stride and the nearest valid patch."""
+        strides = (self.plan or {}).get("strides") if isinstance(self.plan, dict) else None
+        if not strides:
+            return
+        total = [1] * len(strides[0])
+        for st in strides:
+            total = [t * int(s) for t, s in zip(total, st)]
+        for t in self.tasks:
+            if t.dims > len(total):
+                raise ValueError(f"catalog {self.name!r}: task {t.name!r} is {t.dims}D but the plan is {len(total)}D.")
+            ts = total[: t.dims]
+            if any(p % s for p, s in zip(t.patch_size, ts)):
+                fix = [max(s, (p // s) * s) for p, s in zip(t.patch_size, ts)]
+                part = "in-plane total stride" if t.dims < len(total) else "total stride"
+                raise ValueError(
+                    f"catalog {self.name!r}: task {t.name!r} has patch_size {list(t.patch_size)}, which is not "
+                    f"divisible by the plan's {part} {ts} (the product of its strides per axis); use e.g. {fix}."
+                )
 
     @staticmethod
     def _with_offsets(tasks: list[TaskSpec]) -> list[TaskSpec]:

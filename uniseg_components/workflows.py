@@ -13,7 +13,7 @@ collect the results:
 * :func:`evaluate`: :func:`infer` on a datalist split, then Dice per task and class of each written label map
   against its label file, on the file's own grid, beside an all-background baseline.
 
-Bundle folders are found by :func:`bundle_dir`.
+Bundle folders are found by :func:`uniseg_components.bundle.bundle_dir`.
 """
 
 from __future__ import annotations
@@ -31,39 +31,29 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
 
+from .bundle import bundle_dir
 from .checkpoints import load_checkpoint
 from .data import load_datalist
 from .inferers import tasks_for_image
-from .io import as_list, image_stem, list_images, read_json
+from .io import as_list, image_stem, list_images, read_json, verify_image
 from .methods import get_method, method_of
 from .metrics import TaskDiceAggregator, format_dice_table
 from .tasks import TaskCatalog
 
-__all__ = ["BUNDLES_ENV", "bundle_dir", "run_workflow", "raise_root_cause", "train", "infer", "evaluate"]
+__all__ = [
+    "ImagesFailed",
+    "bundle_dir",
+    "run_workflow",
+    "raise_root_cause",
+    "check_device",
+    "check_writable",
+    "verify_images",
+    "train",
+    "infer",
+    "evaluate",
+]
 
 logger = logging.getLogger(__name__)
-
-#: environment variable naming the folder that holds the bundles (default: ``bundles/`` of this checkout)
-BUNDLES_ENV = "UNISEG_BUNDLES"
-
-
-def bundle_dir(name: str) -> Path:
-    """The folder of bundle ``name``: ``$UNISEG_BUNDLES/<name>``, else ``bundles/<name>`` of the checkout this package
-    runs from, else the bundle this package is vendored in (a release zip).
-
-    Raises:
-        FileNotFoundError: none of them holds ``configs/metadata.json``; the message lists where it looked.
-    """
-    here = Path(__file__).resolve().parent
-    candidates = [Path(os.environ[BUNDLES_ENV]) / name] if os.environ.get(BUNDLES_ENV) else []
-    candidates += [here.parent / "bundles" / name, here.parent]
-    for c in candidates:
-        if (c / "configs" / "metadata.json").is_file() and (c.name == name or c.parent.name == "bundles"):
-            return c
-    raise FileNotFoundError(
-        f"bundle {name!r} not found (looked in {[str(c) for c in candidates]}); run from a checkout of the project or "
-        f"set {BUNDLES_ENV} to the folder holding the bundles."
-    )
 
 
 def run_workflow(
@@ -72,7 +62,7 @@ def run_workflow(
     """Build, initialise and (``run``) run and finalise a bundle's workflow.
 
     Args:
-        bundle: bundle folder name (see :func:`bundle_dir`).
+        bundle: bundle folder name (see :func:`uniseg_components.bundle.bundle_dir`).
         configs: config file names in ``configs/``, merged in order (``["train.json", "evaluate.json"]``).
         workflow_type: ``"train"`` or ``"infer"``.
         overrides: config id -> value (any Python object; strings starting with ``$`` or ``@`` are expressions).
@@ -235,21 +225,100 @@ def infer(
         FileNotFoundError, ValueError: missing images, unknown task or modality, unreadable checkpoint (before any
             output is written).
     """
+    device = check_device(device)
     net, cat = load_checkpoint(checkpoint, catalog=catalog)
-    items = list_images(images, must_exist=True)
+    items = list_images(images)
     all_tasks = str(task).lower() == "all"
     mods = as_list(modality) or None
+    fixed = None if all_tasks else [cat[task]]
+    if all_tasks and mods is not None:
+        fixed = cat.tasks_for_channels(mods)  # the same tasks for every image unless they mix 2D and 3D
+        if not fixed:
+            tasks_for_image(cat, None, mods)  # raises the error naming the catalog's modality combinations
+        fixed = None if len({t.dims for t in fixed}) > 1 else fixed
+    out = check_writable(out)
+    failed = verify_images([str(it["image"]) for it in items])
     groups: dict[tuple[str, ...], list[str]] = {}
     for it in items:
-        tasks = tasks_for_image(cat, it["image"], mods) if all_tasks else [cat[task]]
-        groups.setdefault(tuple(t.name for t in tasks), []).append(str(it["image"]))
+        image = str(it["image"])
+        if image in failed:
+            continue
+        try:
+            tasks = fixed or tasks_for_image(cat, image, mods)
+        except ValueError as e:
+            failed[image] = str(e)
+            continue
+        groups.setdefault(tuple(t.name for t in tasks), []).append(image)
     _check_unique_outputs({i: "all" if all_tasks else cat[task].name for g in groups.values() for i in g})
     written: dict[str, Path] = {}
     for names, group in groups.items():
-        written.update(
-            _run_inference(net, cat, checkpoint, group, [cat[n] for n in names], all_tasks, Path(out), mirror, device)
+        done, errors = _run_inference(
+            net, cat, checkpoint, group, [cat[n] for n in names], all_tasks, out, mirror, device
         )
+        written.update(done)
+        failed.update(errors)
+    if failed:
+        raise ImagesFailed(written, failed)
     return [written[str(it["image"])] for it in items]
+
+
+class ImagesFailed(ValueError):
+    """Some images could not be segmented (the others were): ``written`` maps each done image to its output,
+    ``failed`` each failed image to the reason; the message lists the failures."""
+
+    def __init__(self, written: Mapping[str, Path], failed: Mapping[str, str]) -> None:
+        self.written, self.failed = dict(written), dict(failed)
+        lines = "\n".join(f"  - {image}: {reason}" for image, reason in self.failed.items())
+        total = len(self.written) + len(self.failed)
+        super().__init__(f"{len(self.failed)} of {total} image(s) could not be segmented:\n{lines}")
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``: the bundle's choice).
+
+    Raises:
+        ValueError: a CUDA device is asked for and none is available.
+    """
+    if device is None or device == "":
+        return None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r}: no CUDA device is available (torch {torch.__version__}, "
+            f"{'a CPU-only build' if torch.version.cuda is None else 'CUDA ' + torch.version.cuda}); use --device cpu."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are available.")
+    return dev
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that files can be written there, before any work.
+
+    Raises:
+        PermissionError: the folder cannot be created or written to; the message names it.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"output folder {str(folder)!r} is not writable ({e.strerror or e}).") from e
+    return folder
+
+
+def verify_images(paths: Sequence[str]) -> dict[str, str]:
+    """Check every image up front (:func:`uniseg_components.io.verify_image`: present, gzip CRC and length, header);
+    returns ``{path: reason}`` of those that fail, each logged."""
+    failed = {}
+    for path in paths:
+        try:
+            verify_image(path)
+        except (FileNotFoundError, ValueError) as e:
+            failed[path] = str(e)
+            logger.error("%s", e)
+    return failed
 
 
 def _check_unique_outputs(postfix_of: Mapping[str, str]) -> None:
@@ -275,8 +344,13 @@ def _run_inference(
     out: Path,
     mirror: bool,
     device: Any,
-) -> dict[str, Path]:
-    """One run of the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged)."""
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Run the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged). When the run stops on
+    an image, the images it did not reach run one by one, so that one bad image never stops the others.
+
+    Returns:
+        ``({image: output}, {image: reason})`` of the images done and failed.
+    """
     m = method_of(net)
     postfix = "all" if all_tasks else tasks[0].name
     overrides = _checked(
@@ -285,51 +359,75 @@ def _run_inference(
             "network_def": net,
             "task_catalog": cat,
             "load_pretrain": False,  # the network holds the checkpoint's (verified) weights already
-            "datalist": [{"image": i} for i in images],
-            "images": [{"image": i} for i in images],
             "task": "all" if all_tasks else tasks[0].name,
             "modality": list(tasks[0].modalities),
             "merged_tasks": tasks,
             "output_dir": str(out),
             "output_postfix": postfix,
             "mirror_axes": list(range(net.plan.spatial_dims)) if mirror else [],
-            "device": None if device is None else torch.device(device),
+            "device": device,
         }
     )
     overrides.update(m.bundle_overrides("inference"))
-    wf = run_workflow(m.bundle_for(net), ["inference.json"], "infer", overrides, run=False)
-    _log_progress(wf, len(images))
-    try:
-        wf.run()
-    except Exception as e:
-        raise_root_cause(e)
-    finally:
-        wf.finalize()
-    ext = wf.parser.get_parsed_content("output_ext")
+    written: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+
+    def run(batch: list[str]) -> None:
+        items = [{"image": i} for i in batch]
+        wf = run_workflow(
+            m.bundle_for(net), ["inference.json"], "infer", {**overrides, "datalist": items, "images": items}, run=False
+        )
+        ext = wf.parser.get_parsed_content("output_ext")
+        done = _log_progress(wf, len(batch))
+        error: Exception | None = None
+        try:
+            wf.run()
+        except Exception as e:  # noqa: BLE001 - one image's failure is reported, the others go on
+            error = e
+        finally:
+            wf.finalize()
+        if error is None:
+            written.update({i: out / f"{image_stem(i)}_{postfix}{ext}" for i in batch})
+        elif len(batch) > 1:  # the images before the failing one are done; the rest run one by one
+            written.update({i: out / f"{image_stem(i)}_{postfix}{ext}" for i in batch[: len(done)]})
+            for i in batch[len(done) :]:
+                run([i])
+        else:
+            try:
+                raise_root_cause(error)
+            except Exception as cause:  # noqa: BLE001
+                failed[batch[0]] = str(cause)
+                logger.error("%s: %s", batch[0], cause)
+
+    run(list(images))
     names = {t.name for t in tasks}
     legend = cat.merged_label_names() if all_tasks else dict(enumerate(tasks[0].labels))
     if all_tasks:
         legend = {v: n for v, n in legend.items() if v == 0 or n.split("/")[0] in names}
     logger.info("%s: labels %s", ", ".join(sorted(names)), legend)
-    return {i: out / f"{image_stem(i)}_{postfix}{ext}" for i in images}
+    return written, failed
 
 
-def _log_progress(wf: ConfigWorkflow, total: int) -> None:
-    """Log ``[i/n] image (s)`` after every image of an inference workflow's evaluator."""
+def _log_progress(wf: ConfigWorkflow, total: int) -> list[str]:
+    """Log ``[i/n] image (s)`` after every image of an inference workflow's evaluator; returns the list the handler
+    appends each finished image to."""
     from ignite.engine import Events
 
     evaluator = wf.parser.get_parsed_content("evaluator")
     t0 = [time.time()]
+    done: list[str] = []
 
     def log(engine: Any) -> None:
         batch = engine.state.batch
         item = batch[0] if isinstance(batch, (list, tuple)) else batch
         name = (getattr(item.get("image"), "meta", None) or {}).get("filename_or_obj", "?")
         name = name[0] if isinstance(name, (list, tuple)) else name
-        logger.info("[%d/%d] %s (%.1f s)", engine.state.iteration, total, name, time.time() - t0[0])
+        done.append(str(name))
+        logger.info("[%d/%d] %s (%.1f s)", len(done), total, name, time.time() - t0[0])
         t0[0] = time.time()
 
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, log)
+    return done
 
 
 def evaluate(
@@ -352,12 +450,15 @@ def evaluate(
         predictions: folder that keeps the label maps (``<task>/<image>_<task>.nii.gz``), default ``None`` (a
             temporary folder, removed afterwards).
 
+    A case whose image or label is missing, damaged or does not fit is reported by name and left out; the others are
+    scored (``"failed"`` lists the files and reasons).
+
     Returns:
-        ``{"mean", "baseline_mean", "per_task", "baseline_per_task", "cases", "table"}``.
+        ``{"mean", "baseline_mean", "per_task", "baseline_per_task", "cases" (scored), "failed", "table"}``.
 
     Raises:
-        ValueError: unknown split, no case of the checkpoint's tasks, or a label whose shape differs from the
-            prediction's.
+        ValueError: unknown split or no case of the checkpoint's tasks; ``ImagesFailed`` when no case could be
+            scored.
     """
     if split not in ("validation", "training"):
         raise ValueError(f"split must be 'validation' or 'training', got {split!r}.")
@@ -381,40 +482,55 @@ def evaluate(
         by_task.setdefault(cat[it["task"]].name, []).append(it)
     for name, task_items in by_task.items():
         _check_unique_outputs({str(it["image"]): name for it in task_items})
+    device = check_device(device)
     t0 = time.time()
     keep = predictions is not None
-    root = Path(predictions) if keep else Path(tempfile.mkdtemp(prefix="uniseg-eval-"))
+    root = check_writable(predictions) if keep else Path(tempfile.mkdtemp(prefix="uniseg-eval-"))
+    failed = verify_images([str(it[k]) for it in items for k in ("image", "label")])
+    scored = 0
     try:
         model, baseline = TaskDiceAggregator(cat), TaskDiceAggregator(cat)
         load = LoadImage(image_only=True, ensure_channel_first=True)
         for name, task_items in by_task.items():
             task = cat[name]
+            task_items = [it for it in task_items if str(it["image"]) not in failed and str(it["label"]) not in failed]
             images = [str(it["image"]) for it in task_items]
-            paths = _run_inference(net, cat, checkpoint, images, [task], False, root / name, mirror, device)
+            if not images:
+                continue
+            paths, errors = _run_inference(net, cat, checkpoint, images, [task], False, root / name, mirror, device)
+            failed.update(errors)
             for it in task_items:
-                path = paths[str(it["image"])]
-                pred = load(str(path)).round().to(torch.int16)
+                if str(it["image"]) not in paths:
+                    continue
+                pred = load(str(paths[str(it["image"])])).round().to(torch.int16)
                 label = load(it["label"]).round().to(torch.int16)
                 if tuple(label.shape) != tuple(pred.shape):
-                    raise ValueError(
-                        f"{it['label']}: label shape {tuple(label.shape)} differs from the prediction's "
-                        f"{tuple(pred.shape)} on the image grid of {it['image']}."
+                    failed[str(it["label"])] = (
+                        f"label shape {tuple(label.shape)} differs from the prediction's {tuple(pred.shape)} on the "
+                        f"image grid of {it['image']}."
                     )
+                    logger.error("%s: %s", it["label"], failed[str(it["label"])])
+                    continue
                 d = model.add(pred, label, task.id)
                 baseline.add(torch.zeros_like(label), label, task.id)
+                scored += 1
                 logger.info("%s %s Dice %s", name, Path(it["image"]).name, [round(float(v), 4) for v in d])
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+    if not scored:
+        raise ImagesFailed({}, failed)
     per_task, base = model.per_task(), baseline.per_task()
-    table = format_dice_table(
-        per_task, title=f"{split} Dice on {len(items)} held-out case(s), {time.time() - t0:.0f} s", baseline=base
-    )
+    title = f"{split} Dice on {scored} held-out case(s), {time.time() - t0:.0f} s"
+    if failed:
+        title += f"; {len(failed)} file(s) failed and were not scored"
+    table = format_dice_table(per_task, title=title, baseline=base)
     return {
         "mean": model.mean(),
         "baseline_mean": baseline.mean(),
         "per_task": per_task,
         "baseline_per_task": base,
-        "cases": len(items),
+        "cases": scored,
+        "failed": failed,
         "table": table,
     }

@@ -40,7 +40,9 @@ class CheckpointLoader:
 
     Raises (when it runs):
         FileNotFoundError, ValueError: the file is missing, unreadable or damaged (naming it); the checkpoint lacks
-            an entry of ``load_dict``; its epoch count is beyond the engine's ``max_epochs``.
+            an entry of ``load_dict``; its epoch count is beyond the engine's ``max_epochs``; a restored epoch-level
+            learning-rate schedule (``total_iters``) ends before the engine's ``max_epochs`` (the extra epochs would
+            train at learning rate 0).
     """
 
     def __init__(
@@ -82,6 +84,15 @@ class CheckpointLoader:
                     f"checkpoint {str(self.load_path)!r} is at epoch {engine.state.epoch}, beyond --epochs "
                     f"{max_epochs}; give --epochs larger than {engine.state.epoch} to train further."
                 )
+            for name, obj in self.load_dict.items():
+                ends = getattr(obj, "total_iters", None)  # PolynomialLR, LinearLR...: an epoch-level schedule's length
+                if isinstance(ends, int) and ends < max_epochs:
+                    raise ValueError(
+                        f"checkpoint {str(self.load_path)!r}: its learning-rate schedule ({name}, "
+                        f"{type(obj).__name__}) ends at epoch {ends}, but this run goes to epoch {max_epochs}: the "
+                        f"extra epochs would train at the schedule's final learning rate (0 for a poly decay). Resume "
+                        f"with --epochs {ends}, or start a new run (e.g. fine-tune from models/model.pt)."
+                    )
             engine.state.max_epochs = max_epochs
         logger.info("restored %s from %s", sorted(to_load), self.load_path)
 

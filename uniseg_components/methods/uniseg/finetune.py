@@ -193,6 +193,7 @@ def prepare_task_data(
     val_fraction: float = 0.2,
     seed: int = 0,
     num_cases: int | None = None,
+    demo_dir: str | os.PathLike | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Training and validation items of the single task of ``catalog``.
 
@@ -210,6 +211,8 @@ def prepare_task_data(
         val_fraction: validation fraction of the generated split, default 0.2.
         seed: split seed, default 0.
         num_cases: cases written when the demo collection is built, default ``None`` (the demo's default).
+        demo_dir: the only folder the demo collection may be written into, default ``None`` (``dataset_dir``; the
+            bundle passes its default ``<bundle_root>/demo_data``, so a mistyped ``--dataset_dir`` is an error).
 
     Returns:
         ``{"training": [...], "validation": [...]}`` with items ``{"image", "label", "task"}``.
@@ -234,9 +237,12 @@ def prepare_task_data(
     if not (folder / "dataset.json").is_file():
         from ...demo import DEMO_CATALOG, write_demo_collection
 
-        if task.name not in TaskCatalog.builtin(DEMO_CATALOG).names:
+        demo_here = demo_dir is None or root.resolve() == Path(demo_dir).resolve()
+        if task.name not in TaskCatalog.builtin(DEMO_CATALOG).names or not demo_here:
             raise FileNotFoundError(
-                f"no MSD folder for task {task.name!r} at {str(folder)!r} (expected dataset.json there)."
+                f"no MSD folder for task {task.name!r} at {str(folder)!r} (expected dataset.json there)"
+                + ("" if demo_here else f"; the demo data is written only into {str(demo_dir)!r}")
+                + "."
             )
         logger.info("writing the demo collection for task %s into %s", task.name, root)
         write_demo_collection(root, tasks=[task.name], num_cases=num_cases)
@@ -251,6 +257,7 @@ def inference_items(
     catalog: TaskCatalog,
     dataset_dir: str | os.PathLike | None = None,
     output_dir: str | os.PathLike = "eval",
+    demo_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Inference items ``{"image": path, "task": name}`` of the single task of ``catalog``.
 
@@ -261,6 +268,7 @@ def inference_items(
         catalog: the single-task catalog.
         dataset_dir: used when ``images`` is empty, default ``None``.
         output_dir: where a generated datalist goes, default ``"eval"``.
+        demo_dir: see :func:`prepare_task_data`, default ``None``.
 
     Raises:
         FileNotFoundError: a given path does not exist, or a folder holds no NIfTI file.
@@ -269,6 +277,6 @@ def inference_items(
     if images:
         items = list_images(images, must_exist=True)
     else:
-        data = prepare_task_data(catalog, dataset_dir=dataset_dir, output_dir=output_dir)
+        data = prepare_task_data(catalog, dataset_dir=dataset_dir, output_dir=output_dir, demo_dir=demo_dir)
         items = list_images([it["image"] for it in (data["validation"] or data["training"])])
     return [{"image": it["image"], "task": task} for it in items]
