@@ -75,7 +75,8 @@ def test_monai_label_style_inference(trained: dict) -> None:
     network, pre, post, inferer = monai_label_pipeline(BUNDLE, trained["bundle_root"])
     image = _images(trained["data"], "abdomen_ct")[0]
 
-    data = pre({"image": str(image)})  # no task in the item: the config's default task is used
+    # MONAI Label's request: no task (the config's default is used), and "image_path" beside "image"
+    data = pre({"image": str(image), "image_path": str(image)})
     assert data["task"] == "abdomen_ct"
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], network)[0]

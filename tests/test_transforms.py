@@ -300,6 +300,10 @@ def test_task_spacing_resamples_and_inverts():
     assert set(torch.unique(d["label"]).tolist()) <= {0.0, 1.0}  # nearest
     d2 = T.TaskSpacingd("image", CATALOG)({"image": MetaTensor(torch.rand(1, 20, 30), affine=torch.eye(3)), "task": 2})
     assert d2["image"].shape == (1, 20, 30)
+    # MONAI Label's request carries the string "image_path" beside "image"; MONAI's Spacingd would call .update on it
+    nifti = MetaTensor(torch.rand(1, 20, 30, 12), affine=affine, meta={"filename_or_obj": "case.nii.gz"})
+    d3 = T.TaskSpacingd("image", CATALOG)({"image": nifti, "image_path": "case.nii.gz", "task": "organ_ct"})
+    assert d3["image_path"] == "case.nii.gz" and d3["image"].shape == (1, 15, 16, 8)
     d["pred"] = d["label"].clone()
     inv = Invertd("pred", spacing, orig_keys="label", nearest_interp=True)(d)
     assert inv["pred"].shape == (1, 20, 30, 12)

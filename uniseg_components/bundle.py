@@ -16,6 +16,7 @@ The handlers are in :mod:`uniseg_components.handlers`, the distributed set-up in
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -240,7 +241,11 @@ class BundleData:
         catalog: the catalog restricted to ``dims`` (ids renumbered densely, as the network is built).
         train, val: items of the catalog's tasks (items of left-out tasks of other ranks are dropped).
 
-    Raises:
+    The data is found (or built) on first use of ``datalist``, ``train`` or ``val``; with an explicit ``catalog``,
+    ``catalog`` and ``task`` need no data. So a run that brings its own items (MONAI Label overrides
+    ``train#dataset#data`` and ``validate#dataset#data``) never touches ``dataset_dir``.
+
+    Raises (on first use):
         ValueError: a datalist item names a task that the catalog does not have, or an unknown ``task``.
     """
 
@@ -259,33 +264,58 @@ class BundleData:
         demo_catalog: TaskCatalog | str | os.PathLike | None = None,
         demo_dir: str | os.PathLike | None = None,
     ) -> None:
-        path, full = ensure_datalist(
-            dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog, demo_dir
-        )
-        names = as_list(tasks) or None
-        train, val, _ = load_datalist(path)
-        for section, items in (("training", train), ("validation", val)):
-            _check_items(items, full, f"datalist {str(path)!r} ({section})", task)
-        cat = full.select(names=names, dims=dims) if (dims is not None or names is not None) else full
+        self._args = (dataset_dir, datalist, catalog, num_cases, val_fraction, seed, demo_tasks, demo_catalog, demo_dir)
+        self._catalog_arg, self._dims, self._task = catalog, dims, task
+        self._names = as_list(tasks) or None
+
+    def _select(self, full: TaskCatalog) -> TaskCatalog:
+        cat = full.select(names=self._names, dims=self._dims) if (self._dims is not None or self._names) else full
         if len(cat) == 0:
-            raise ValueError(f"catalog {full.name!r} has no {dims}D task (tasks {full.names}).")
-        self.task = None if task is None else cat[task].name
+            raise ValueError(f"catalog {full.name!r} has no {self._dims}D task (tasks {full.names}).")
         dropped = [t.name for t in full if t.name not in cat]
         if dropped:
-            logger.info("leaving out task(s) %s (not %sD)", dropped, dims)
+            logger.info("leaving out task(s) %s (not %sD)", dropped, self._dims)
+        return cat
+
+    @functools.cached_property
+    def catalog(self) -> TaskCatalog:
+        if self._catalog_arg is not None:
+            return self._select(TaskCatalog.resolve(self._catalog_arg))
+        return self._data[0]
+
+    @functools.cached_property
+    def task(self) -> str | None:
+        return None if self._task is None else self.catalog[self._task].name
+
+    @property
+    def datalist(self) -> Path:
+        return self._data[1]
+
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        return self._data[2]
+
+    @property
+    def val(self) -> list[dict[str, Any]]:
+        return self._data[3]
+
+    @functools.cached_property
+    def _data(self) -> tuple[TaskCatalog, Path, list[dict[str, Any]], list[dict[str, Any]]]:
+        path, full = ensure_datalist(*self._args)
+        train, val, _ = load_datalist(path)
+        for section, items in (("training", train), ("validation", val)):
+            _check_items(items, full, f"datalist {str(path)!r} ({section})", self._task)
+        cat = self.catalog if self._catalog_arg is not None else self._select(full)
+        task = None if self._task is None else cat[self._task].name
 
         def keep(it: Mapping[str, Any]) -> bool:
-            return it.get("task", self.task) in cat
+            return it.get("task", task) in cat
 
-        self.datalist = path
-        self.catalog = cat
-        self.train = [it for it in train if keep(it)]
-        self.val = [it for it in val if keep(it)]
-        if not self.train:
+        train, val = [it for it in train if keep(it)], [it for it in val if keep(it)]
+        if not train:
             raise ValueError(f"datalist {str(path)!r} has no training item of the tasks {cat.names}.")
-        logger.info(
-            "data: %s, %d training and %d validation item(s), tasks %s", path, len(self.train), len(self.val), cat.names
-        )
+        logger.info("data: %s, %d training and %d validation item(s), tasks %s", path, len(train), len(val), cat.names)
+        return cat, path, train, val
 
 
 def items_of_tasks(

@@ -35,6 +35,7 @@ __all__ = [
     "save_checkpoint",
     "build_network",
     "load_checkpoint",
+    "described_network",
     "checkpoint_catalog",
 ]
 
@@ -197,7 +198,10 @@ def load_checkpoint(
             or its weights do not fit the network.
     """
     path = Path(path)
-    obj = read_checkpoint(path, map_location)
+    return _load(read_checkpoint(path, map_location), path, catalog)
+
+
+def _load(obj: Mapping[str, Any], path: Path, catalog: TaskCatalog | str | None) -> tuple[nn.Module, TaskCatalog]:
     meta = _meta(obj, path)
     cat = TaskCatalog.resolve(catalog) if catalog is not None else meta.catalog
     if cat is None:
@@ -211,6 +215,24 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {str(path)!r} has {net.num_tasks} tasks but the catalog has {len(cat)}.")
     logger.info("loaded %s (%s, %d tasks)", path, meta.network_config.get("name"), len(cat))
     return net.eval(), cat
+
+
+def described_network(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, TaskCatalog] | None:
+    """The network (weights loaded, eval mode) and catalog that a checkpoint of this package describes, or ``None``
+    when ``path`` does not exist or holds a plain state dict (the model zoo's and MONAI Label's weights: the
+    config's own ``network_def`` then describes the network). What an inference config that serves any checkpoint
+    of its method reads (MedUniSeg's, for MedUniSeg* checkpoints).
+
+    Raises:
+        ValueError: the file exists but cannot be read, is damaged, or its weights do not fit its network config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    obj = read_checkpoint(path, map_location)
+    return _load(obj, path, None) if "meta" in obj and "model" in obj else None
 
 
 def checkpoint_catalog(checkpoint: str | os.PathLike) -> TaskCatalog:

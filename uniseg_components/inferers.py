@@ -19,6 +19,7 @@ __all__ = [
     "MirroredPredictor",
     "TaskSlidingWindowInferer",
     "MergedTasksInferer",
+    "requested_tasks",
     "merge_task_labels",
     "tasks_for_image",
 ]
@@ -233,6 +234,39 @@ def merge_task_labels(label_maps: Sequence[torch.Tensor], tasks: Sequence[TaskSp
     return merged
 
 
+def requested_tasks(
+    catalog: Any, task: str | int, modalities: Sequence[str] | None = None, images: Any = None
+) -> list[TaskSpec]:
+    """The tasks one inference run segments (an inference config's ``merged_tasks``): ``[catalog[task]]``, or for
+    ``task="all"`` those :func:`tasks_for_image` picks for the first image of ``images``.
+
+    ``images`` (a file, folder, list or datalist, as :func:`uniseg_components.io.list_images` takes) is listed only
+    when the channel count or rank of an image decides, so a config may name a data folder that does not exist
+    when it is not needed (MONAI Label parses the config without data).
+
+    Args:
+        catalog: the network's :class:`~uniseg_components.tasks.TaskCatalog`.
+        task: a task name or id, or ``"all"``.
+        modalities: the image's channel modalities, default ``None``.
+        images: the run's images, default ``None``.
+
+    Raises:
+        KeyError: unknown task (the message lists the catalog's tasks).
+        ValueError: see :func:`tasks_for_image`.
+    """
+    if str(task).lower() != "all":
+        return [catalog[task]]
+
+    def first_image() -> Any:
+        from .io import list_images
+
+        if images is None:
+            raise ValueError("task 'all' on a catalog mixing 2D and 3D tasks needs the images to pick the rank.")
+        return list_images(images)[0]["image"]
+
+    return tasks_for_image(catalog, first_image, modalities)
+
+
 def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None = None) -> list[TaskSpec]:
     """The tasks ``--task all`` segments for one image: those of the catalog with the given ``modalities`` (or,
     when not given, with the only modality combination of the catalog that has the image's channel count), and,
@@ -240,7 +274,8 @@ def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None =
 
     Args:
         catalog: the network's :class:`~uniseg_components.tasks.TaskCatalog`.
-        image: a file path (or anything ``LoadImage`` reads); loaded only when the channel count or rank is needed.
+        image: a file path (or anything ``LoadImage`` reads, or a function returning one); loaded (and the function
+            called) only when the channel count or rank is needed.
         modalities: the image's channel modalities (e.g. ``["CT", "PET"]``), default ``None``.
 
     Raises:
@@ -250,6 +285,8 @@ def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None =
 
     def load() -> Any:
         if not loaded:
+            nonlocal image
+            image = image() if callable(image) else image
             loaded.append(LoadImage(image_only=True, ensure_channel_first=True)(image))
         return loaded[0]
 

@@ -455,6 +455,22 @@ class TaskSpacingd(_PerTaskInvertibled):
             for t in self.catalog
         }
 
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        # MONAI's Spacingd updates every entry named "<key>_*" with the resampled image's metadata (meant for
+        # "<key>_meta_dict"), and fails on other values such as the "image_path" string MONAI Label sends: hand it
+        # only the entries it may update
+        d = dict(data)
+        aside = {
+            k: d.pop(k)
+            for k in list(d)
+            if isinstance(k, str)
+            and not isinstance(d[k], Mapping)
+            and any(k.startswith(f"{key}_") for key in self.keys if isinstance(key, str))
+        }
+        out = super().__call__(d)
+        out.update(aside)
+        return out
+
     @staticmethod
     def _traced(t: Spacingd) -> Any:
         return t.spacing_transform.sp_resample

@@ -8,7 +8,15 @@ The methods' own networks (UniSeg, MedUniSeg, Hermes...) live in their units und
 from __future__ import annotations
 
 from .backbone import UNetBackbone
-from .blocks import FusePromptModule, task_index
+from .blocks import DefaultTask, FusePromptModule, task_index
 from .plans import UNetPlan, auto_plan, plan_from_catalog
 
-__all__ = ["UNetBackbone", "UNetPlan", "auto_plan", "plan_from_catalog", "FusePromptModule", "task_index"]
+__all__ = [
+    "UNetBackbone",
+    "UNetPlan",
+    "auto_plan",
+    "plan_from_catalog",
+    "FusePromptModule",
+    "task_index",
+    "DefaultTask",
+]

@@ -19,6 +19,7 @@ __all__ = [
     "init_he",
     "FusePromptModule",
     "task_index",
+    "DefaultTask",
 ]
 
 
@@ -128,6 +129,28 @@ def task_index(task_id: int | torch.Tensor, num_tasks: int, batch_size: int | No
     if not 0 <= task_id < num_tasks:
         raise ValueError(f"task_id {task_id} is out of range: this network has {num_tasks} tasks (0..{num_tasks - 1}).")
     return task_id
+
+
+class DefaultTask:
+    """Mixin of the prompt-driven networks: the task ``forward`` segments when it is called with the image alone.
+
+    MONAI's generic tools call a bundle's ``network_def`` with one input (``verify_net_in_out``, ``ckpt_export``,
+    ``onnx_export``, the model zoo's checks, MONAI Label's ``SimpleInferer``): the task then comes from
+    :attr:`default_task`, which a bundle config binds with ``from_catalog(catalog, default_task=NAME)``. It is a
+    plain attribute: not part of the network's ``config`` nor of its state dict, so checkpoints do not change.
+    """
+
+    #: the task id ``forward`` uses when it gets none, default ``0``
+    default_task: int = 0
+    num_tasks: int
+
+    def bind_task(self, task_id: int) -> DefaultTask:
+        """Set :attr:`default_task` to ``task_id`` (checked against ``num_tasks``) and return the network."""
+        try:
+            self.default_task = task_index(task_id, self.num_tasks)
+        except ValueError as e:
+            raise ValueError(f"default_task: {e}") from None
+        return self
 
 
 class FusePromptModule(nn.Sequential):

@@ -46,18 +46,35 @@ class HermesExportable(nn.Module):
 
 
 class HermesByStem(nn.Module):
-    """Scripted dispatch over one trace per input stem, by the input's channel count."""
+    """Scripted dispatch over one trace per input stem, by the input's channel count.
 
-    def __init__(self, traced: Sequence[nn.Module], channels: Sequence[int]) -> None:
+    ``forward(x, task_ids=None, modality_id=None)``: without a request, the default one (``default_request``, the
+    network's default task's targets and modality), so the TorchScript model also runs on the image alone.
+
+    Args:
+        traced: the traces, each taking ``(x, task_ids, modality_id)``.
+        channels: the input channel count of each trace.
+        default_request: ``(task_ids (1, n), modality_id (1,))`` used when ``forward`` gets no request.
+    """
+
+    def __init__(
+        self, traced: Sequence[nn.Module], channels: Sequence[int], default_request: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         super().__init__()
         self.traced = nn.ModuleList(traced)
         self.channels: list[int] = [int(c) for c in channels]
+        self.register_buffer("default_ids", default_request[0].reshape(1, -1).long().clone())
+        self.register_buffer("default_modality", default_request[1].reshape(-1).long().clone())
 
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, task_ids: torch.Tensor | None = None, modality_id: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        ids = self.default_ids if task_ids is None else task_ids
+        mod = self.default_modality if modality_id is None else modality_id
         i = 0
         for m in self.traced:
             if self.channels[i] == x.shape[1]:
-                return m(x, task_ids, modality_id)
+                return m(x, ids, mod)
             i += 1
         raise ValueError("input channel count does not match any stem of the network")
 
@@ -65,12 +82,17 @@ class HermesByStem(nn.Module):
 def scriptable_hermes(network: Hermes) -> HermesByStem:
     """TorchScript form of a :class:`Hermes`: one ``torch.jit.trace`` per input stem at the plan's patch in eval mode.
 
-    ``forward(x, task_ids, modality_id)``: ``x`` ``(B, C, *patch)``, ``task_ids`` ``(1, n)`` or ``(B, n)`` long global
-    target ids (``-1`` padding), ``modality_id`` ``(1,)`` or ``(B,)``; returns the eval logits ``(B, n, *patch)`` as
-    the eager network. The request's length ``n`` may differ from the traced one. The input checks of the eager
-    network are not part of the trace.
+    ``forward(x, task_ids=None, modality_id=None)``: ``x`` ``(B, C, *patch)``, ``task_ids`` ``(1, n)`` or ``(B, n)``
+    long global target ids (``-1`` padding), ``modality_id`` ``(1,)`` or ``(B,)``, default the request of the
+    network's :attr:`~Hermes.default_task`; returns the eval logits ``(B, n, *patch)`` as the eager network. The
+    request's length ``n`` may differ from the traced one. The input checks of the eager network are not part of
+    the trace. The network's training mode is restored afterwards.
     """
-    network = network.eval()
-    channels = network.backbone.in_channels
-    traced = [trace(HermesExportable(network), hermes_example_inputs(network, c)) for c in channels]
-    return HermesByStem(traced, channels)
+    was_training = network.training
+    try:
+        network = network.eval()
+        channels = network.backbone.in_channels
+        traced = [trace(HermesExportable(network), hermes_example_inputs(network, c)) for c in channels]
+        return HermesByStem(traced, channels, network.request([network.default_task]))
+    finally:
+        network.train(was_training)

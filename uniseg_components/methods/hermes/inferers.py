@@ -55,7 +55,8 @@ def targets_to_label(
 class TargetsToLabeld(MapTransform):
     """Dictionary transform for bundle post-processing: per-target logits ``(n, *spatial)`` -> label map
     ``(1, *spatial)`` with :func:`targets_to_label` (0 where no target reaches ``threshold``, else the most
-    probable target's channel + 1).
+    probable target's channel + 1), as float32 like MONAI's ``AsDiscreted`` (MONAI Label's ITK writer has no
+    64-bit integer images).
 
     Args:
         keys: keys to convert.
@@ -74,7 +75,7 @@ class TargetsToLabeld(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            label = targets_to_label(torch.as_tensor(img), self.threshold, self.sigmoid)
+            label = targets_to_label(torch.as_tensor(img), self.threshold, self.sigmoid).float()
             if isinstance(img, MetaTensor):
                 label = MetaTensor(label, meta=img.meta, applied_operations=img.applied_operations)
             d[key] = label

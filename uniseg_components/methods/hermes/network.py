@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...networks.backbone import UNetBackbone
+from ...networks.blocks import DefaultTask
 from ...networks.plans import UNetPlan, plan_from_catalog
 
 __all__ = ["TwoWayAttentionBlock", "Hermes", "hermes_tables", "default_fusion_stages"]
@@ -205,7 +206,7 @@ class _StagePriors(nn.Module):
         return torch.stack([self.modalities[k] for k in self.modality_keys], dim=0)
 
 
-class Hermes(nn.Module):
+class Hermes(DefaultTask, nn.Module):
     """Hermes on the shared plan-driven backbone: context priors, two-way prior fusion, posterior prototypes.
 
     **Request.** ``forward(x, task_ids, modality_id)`` with ``task_ids`` ``(B, n)`` global target ids (``-1`` is
@@ -360,12 +361,15 @@ class Hermes(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_catalog(cls, catalog: Any, patch_size: Sequence[int] | None = None, **kwargs: Any) -> Hermes:
+    def from_catalog(
+        cls, catalog: Any, patch_size: Sequence[int] | None = None, default_task: int | str = 0, **kwargs: Any
+    ) -> Hermes:
         """Build Hermes for a :class:`~uniseg_components.tasks.TaskCatalog` with the catalog's plan.
 
         Args:
             catalog: the task catalog (3D tasks only; use ``catalog.select(dims=3)``).
             patch_size: replaces the plan's training patch, default ``None``.
+            default_task: name or id of the dataset whose targets ``forward(x)`` segments, default ``0``.
             kwargs: ``fusion_stages``, ``blocks_per_stage``, ``modality_tokens``, ``head_dim``, ``mlp_ratio``;
                 any other keyword replaces a plan field (``features``...).
 
@@ -377,7 +381,7 @@ class Hermes(nn.Module):
         plan_kw = {k: v for k, v in kwargs.items() if k not in own}
         tasks, modalities = hermes_tables(catalog)
         plan = plan_from_catalog(catalog, patch_size=patch_size, **plan_kw)
-        return cls(plan, tasks, modalities, catalog.channel_counts, **net_kw)
+        return cls(plan, tasks, modalities, catalog.channel_counts, **net_kw).bind_task(catalog[default_task].id)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -544,7 +548,8 @@ class Hermes(nn.Module):
                 stride.
             task_ids: ``(B, n)`` or ``(1, n)`` long global target ids, ``-1`` for padding.
             modality_id: ``(B,)`` or ``(1,)`` long modality class.
-            task_id: instead of the two above, a dataset id (int or ``(B,)``): its targets and modality.
+            task_id: instead of the two above, a dataset id (int or ``(B,)``): its targets and modality. With none
+                of the three: :attr:`default_task`'s targets and modality.
 
         Returns:
             eval: logits ``(B, n, *spatial)`` (``task_id=``: only the dataset's own targets); training: a dict
@@ -558,6 +563,8 @@ class Hermes(nn.Module):
                 f"Hermes is a 3D model and expects input (B, C, X, Y, Z), got a {x.ndim - 2}D input of shape "
                 f"{tuple(x.shape)}."
             )
+        if task_id is None and task_ids is None and modality_id is None:
+            task_id = self.default_task
         req, mod, own = self._resolve(x, task_ids, modality_id, task_id)
         self._check_request(x, req, mod)
         b = x.shape[0]
@@ -595,6 +602,14 @@ class Hermes(nn.Module):
                 keep = torch.arange(k, device=x.device)[None] < torch.tensor(own, device=x.device)[:, None]
                 logits = logits.masked_fill(~keep.reshape(b, k, 1, 1, 1), -1e4)
         return logits
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` (MONAI's ``ckpt_export network_def``): one trace per input stem taking
+        ``(x, task_ids=None, modality_id=None)``, the request defaulting to :attr:`default_task`'s (see
+        :func:`~uniseg_components.methods.hermes.export.scriptable_hermes`)."""
+        from .export import scriptable_hermes
+
+        return scriptable_hermes(self)
 
     def modality_logits(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor) -> torch.Tensor:
         """Modality classification ``(B, M)`` for a request (runs the network in training-output mode)."""

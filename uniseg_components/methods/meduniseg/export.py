@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -73,15 +73,17 @@ class MedUniSegExportable(nn.Module):
             return self.twin(x, tid)
         skips, modal = base.encode(x, tid)
         prompt = torch.index_select(base.task_prompts(skips[-1], modal), 1, tid)
-        hook = None
+        hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         if self.relearned:
             sel = torch.index_select(self.relearn_select, 0, tid).reshape(-1)
             adapters = [self.network.adapters[str(t)] for t in self.relearned]
 
-            def hook(s: int, h: torch.Tensor) -> torch.Tensor:
+            def adapter_hook(s: int, h: torch.Tensor) -> torch.Tensor:
                 for r, mods in enumerate(adapters):
                     h = h + sel[r] * mods[s].delta(h)
                 return h
+
+            hook = adapter_hook
 
         out = base.backbone.decode(skips, prompt, hook=hook)
         if isinstance(out, list):

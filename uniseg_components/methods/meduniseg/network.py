@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ...networks.backbone import UNetBackbone
-from ...networks.blocks import FusePromptModule, conv_norm_act, init_he, task_index
+from ...networks.blocks import DefaultTask, FusePromptModule, conv_norm_act, init_he, task_index
 from ...networks.plans import UNetPlan, plan_from_catalog
 from ...tasks import MODALITIES
 
@@ -136,7 +136,7 @@ class MMap(nn.Module):
         return features * (1 + torch.tanh(a)), a.mean(dim=tuple(range(2, a.ndim)))
 
 
-class MedUniSeg(nn.Module):
+class MedUniSeg(DefaultTask, nn.Module):
     """MedUniSeg: a plan-driven U-Net driven by modal-specific prompts (encoder start) and a universal task prompt
     (encoder end), for 2D and 3D tasks with the same parameters.
 
@@ -244,12 +244,15 @@ class MedUniSeg(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_catalog(cls, catalog: Any, patch_size: Sequence[int] | None = None, **kwargs: Any) -> MedUniSeg:
+    def from_catalog(
+        cls, catalog: Any, patch_size: Sequence[int] | None = None, default_task: int | str = 0, **kwargs: Any
+    ) -> MedUniSeg:
         """Build MedUniSeg for every task (2D and 3D) of a :class:`~uniseg_components.tasks.TaskCatalog`.
 
         Args:
             catalog: the task catalog (object, JSON path or built-in name); its plan must be 3D when it has 3D tasks.
             patch_size: replaces the plan's 3D training patch; the task prompt follows it.
+            default_task: name or id of the task ``forward(x)`` segments, default ``0``.
             kwargs: :class:`MedUniSeg` arguments (``modal_prompt_channels``...) or plan fields to override
                 (``features``, ``deep_supervision``...).
         """
@@ -276,7 +279,7 @@ class MedUniSeg(nn.Module):
             task_dims=[t.dims for t in catalog],
             in_channels=catalog.channel_counts,
             **net_kw,
-        )
+        ).bind_task(catalog[default_task].id)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -375,12 +378,12 @@ class MedUniSeg(nn.Module):
         return [o[:, :k] for o in out] if isinstance(out, list) else out[:, :k]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x`` for one task.
 
         Args:
             x: ``(B, C, X, Y, Z)`` (3D task) or ``(B, C, X, Y)`` (2D task).
-            task_id: an int, or a tensor of per-sample ids that must all be equal.
+            task_id: an int, or a tensor of per-sample ids that must all be equal; default :attr:`default_task`.
 
         Returns:
             logits ``(B, num_classes[task_id], *spatial)``, 2D for a 2D input (a list per decoder stage in training
@@ -390,12 +393,25 @@ class MedUniSeg(nn.Module):
             ValueError: unknown task, mixed tasks, input rank not the task's, unsupported channel count, or a
                 spatial size not divisible by the total stride.
         """
-        task = task_index(task_id, self.num_tasks, x.shape[0])
+        task = task_index(self.default_task if task_id is None else task_id, self.num_tasks, x.shape[0])
         if self.runs_2d_on_twin(x, task):
             return call_twin(self, self.flat_twin(), "forward", x, task)
         skips, modal = self.encode(x, task)
         prompts = self.task_prompts(skips[-1], modal)
         return self._slice(self.backbone.decode(skips, prompts[:, task : task + 1]), task)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` (MONAI's ``ckpt_export network_def``): one trace per input kind (channel
+        count and the plan's patch, its in-plane part for 2D tasks) taking ``(x, task_id=None)`` (``None``:
+        :attr:`default_task`); see :func:`~uniseg_components.methods.meduniseg.export.scriptable_meduniseg`. The
+        network's training mode is restored afterwards."""
+        from .export import MedUniSegExportable, scriptable_meduniseg
+
+        was_training = self.training
+        try:
+            return scriptable_meduniseg(MedUniSegExportable(self, self.default_task))
+        finally:
+            self.train(was_training)
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None

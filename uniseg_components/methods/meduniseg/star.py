@@ -11,7 +11,7 @@ from monai.networks.layers import Conv
 from torch import nn
 
 from ...networks.backbone import UNetBackbone
-from ...networks.blocks import init_he, task_index
+from ...networks.blocks import DefaultTask, init_he, task_index
 from ...networks.plans import UNetPlan
 from .network import MedUniSeg, call_twin
 
@@ -52,7 +52,7 @@ class DecoderAdapter(nn.Module):
         return h + self.delta(h)
 
 
-class MedUniSegStar(nn.Module):
+class MedUniSegStar(DefaultTask, nn.Module):
     """MedUniSeg*: a trained :class:`MedUniSeg`, frozen, plus new lightweight modules for chosen tasks.
 
     Each relearned task gets one :class:`DecoderAdapter` per decoder stage (after the stage's convolutions,
@@ -131,7 +131,7 @@ class MedUniSegStar(nn.Module):
         """Relearn ``tasks`` of ``base``; a ``MedUniSegStar`` keeps its adapters (tasks already relearned continue
         from them) and gains new ones for the other tasks."""
         if isinstance(base, MedUniSegStar):
-            star = cls(base.base, sorted(set(base.relearn_tasks) | set(int(t) for t in tasks)), base.reduction)
+            star = cls(base.base, sorted(set(base.relearn_tasks) | {int(t) for t in tasks}), base.reduction)
             for t, mods in base.adapters.items():
                 star.adapters[t].load_state_dict(mods.state_dict())
             return star
@@ -165,9 +165,9 @@ class MedUniSegStar(nn.Module):
         adapters = self.adapters[str(task)]
         return self.base.backbone.decode(skips, prompt, hook=lambda s, h: adapters[s](h))
 
-    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """As :meth:`MedUniSeg.forward`; relearned tasks go through their adapters."""
-        task = task_index(task_id, self.num_tasks, x.shape[0])
+        task = task_index(self.default_task if task_id is None else task_id, self.num_tasks, x.shape[0])
         if task not in self.relearn_tasks:
             return self.base(x, task)
         base = self.base
@@ -176,6 +176,16 @@ class MedUniSegStar(nn.Module):
         skips, modal = base.encode(x, task)
         prompts = base.task_prompts(skips[-1], modal)
         return base._slice(self._decode(skips, prompts[:, task : task + 1], task), task)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: as :meth:`MedUniSeg.__prepare_scriptable__`, adapters included."""
+        from .export import MedUniSegExportable, scriptable_meduniseg
+
+        was_training = self.training
+        try:
+            return scriptable_meduniseg(MedUniSegExportable(self, self.default_task))
+        finally:
+            self.train(was_training)
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None

@@ -48,9 +48,7 @@ class UniSegExportable(UniSeg):
         self, plan: UNetPlan, num_classes: Sequence[int], in_channels: Sequence[int] = (1,), default_task: int = 0
     ) -> None:
         super().__init__(plan, num_classes, in_channels)
-        if not 0 <= int(default_task) < self.num_tasks:
-            raise ValueError(f"default_task must be a task id in [0, {self.num_tasks}), got {default_task}.")
-        self.default_task = int(default_task)
+        self.bind_task(default_task)
         # not persistent: the state dict keeps exactly UniSeg's keys
         self.register_buffer("class_mask", class_mask(self.num_classes), persistent=False)
 
@@ -123,7 +121,11 @@ class UniSegExportable(UniSeg):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script``: one trace per input stem (see :func:`scriptable_uniseg`)."""
-        return scriptable_uniseg(self)
+        was_training = self.training
+        try:
+            return scriptable_uniseg(self)
+        finally:
+            self.train(was_training)
 
 
 def scriptable_uniseg(network: UniSegExportable) -> TracedByInput:

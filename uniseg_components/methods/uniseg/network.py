@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...networks.backbone import UNetBackbone
-from ...networks.blocks import FusePromptModule, init_he, task_index
+from ...networks.blocks import DefaultTask, FusePromptModule, init_he, task_index
 from ...networks.plans import UNetPlan, plan_from_catalog
 
 __all__ = ["UniSeg"]
 
 
-class UniSeg(nn.Module):
+class UniSeg(DefaultTask, nn.Module):
     """UniSeg: a plan-driven U-Net whose decoder is driven by a task-specific prompt.
 
     A learnable *universal prompt* of shape ``(1, T, *bottleneck)`` is concatenated with the bottleneck features
@@ -39,7 +39,7 @@ class UniSeg(nn.Module):
     Shapes:
         ``forward(x, task_id)``: ``x`` is ``(B, C, *spatial)``; returns ``(B, num_classes[task_id], *spatial)``
         logits in eval mode; in training mode with deep supervision a list of such logits, one per decoder stage,
-        highest resolution first.
+        highest resolution first. ``forward(x)`` segments :attr:`default_task`.
 
     Example::
 
@@ -62,12 +62,19 @@ class UniSeg(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_catalog(cls, catalog: Any, patch_size: Sequence[int] | None = None, **plan_overrides: Any) -> UniSeg:
+    def from_catalog(
+        cls,
+        catalog: Any,
+        patch_size: Sequence[int] | None = None,
+        default_task: int | str = 0,
+        **plan_overrides: Any,
+    ) -> UniSeg:
         """Build UniSeg for a :class:`~uniseg_components.tasks.TaskCatalog` with the catalog's plan.
 
         Args:
             catalog: the task catalog (all tasks must be 3D: UniSeg is a 3D model).
             patch_size: replaces the plan's training patch; the prompt follows it.
+            default_task: name or id of the task ``forward(x)`` segments, default ``0``.
             plan_overrides: other plan fields to replace (``features``, ``deep_supervision``...).
         """
         two_d = [t.name for t in catalog if t.dims != 3]
@@ -77,7 +84,7 @@ class UniSeg(nn.Module):
                 f"catalog.select(dims=3) or MedUniSeg for 2D tasks."
             )
         plan = plan_from_catalog(catalog, patch_size=patch_size, **plan_overrides)
-        return cls(plan, catalog.num_classes, catalog.channel_counts)
+        return cls(plan, catalog.num_classes, catalog.channel_counts).bind_task(catalog[default_task].id)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -108,19 +115,19 @@ class UniSeg(nn.Module):
         k = self.num_classes[task]
         return [o[:, :k] for o in out] if isinstance(out, list) else out[:, :k]
 
-    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x`` for one task.
 
         Args:
             x: ``(B, C, *spatial)``, ``C`` one of the stems' channel counts, ``spatial`` divisible by the total
                 stride.
-            task_id: an int, or a tensor of per-sample ids that must all be equal.
+            task_id: an int, or a tensor of per-sample ids that must all be equal; default :attr:`default_task`.
 
         Returns:
             logits ``(B, num_classes[task_id], *spatial)`` (a list per decoder stage in training with deep
             supervision).
         """
-        task = task_index(task_id, self.num_tasks, x.shape[0])
+        task = task_index(self.default_task if task_id is None else task_id, self.num_tasks, x.shape[0])
         skips = self.backbone.encode(x)
         prompts = self.task_prompts(skips[-1])
         return self._slice(self.backbone.decode(skips, prompts[:, task : task + 1]), task)
@@ -144,3 +151,12 @@ class UniSeg(nn.Module):
         skips = self.backbone.encode(x)
         prompts = self.task_prompts(skips[-1])
         return [self._slice(self.backbone.decode(skips, prompts[:, t : t + 1]), t) for t in ids]
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` (MONAI's ``ckpt_export network_def``): the TorchScript form of
+        :class:`~uniseg_components.methods.uniseg.UniSegExportable` with the same weights, one trace per input stem,
+        taking ``(x, task_id=None)`` (``None``: :attr:`default_task`) and returning ``(B, max(num_classes),
+        *patch)`` logits (channels beyond the task's classes at the lowest float value)."""
+        from .export import UniSegExportable
+
+        return UniSegExportable.from_uniseg(self, self.default_task).__prepare_scriptable__()
