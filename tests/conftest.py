@@ -248,7 +248,7 @@ def monai_label_pipeline(bundle: str, bundle_root: Path, **overrides: Any) -> tu
     parser = monai_label_parser(bundle, bundle_root, **overrides)
     network = parser.get_parsed_content("network_def")
     ckpt = torch.load(bundle_root / "models" / "model.pt", map_location="cpu", weights_only=True)
-    result = network.load_state_dict(ckpt["model"], strict=False)
+    result = network.load_state_dict(ckpt.get("model", ckpt), strict=False)  # MONAI Label takes either
     assert not result.missing_keys and not result.unexpected_keys
     pre = parser.get_parsed_content("preprocessing")
     post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
@@ -257,8 +257,8 @@ def monai_label_pipeline(bundle: str, bundle_root: Path, **overrides: Any) -> tu
 
 def run_vendored_inference(root: Path, **run_args: Any) -> str:
     """Run ``inference.json`` of an unzipped release bundle ``root`` in a fresh interpreter that cannot import this
-    checkout's (editable) installation: only the copy vendored in the bundle. ``run_args`` go to
-    ``monai.bundle.run``; fails the test unless it exits 0 with every ``uniseg_components`` module from ``root``.
+    checkout's (editable) installation: only the copy vendored in the bundle as ``scripts``. ``run_args`` go to
+    ``monai.bundle.run``; fails the test unless it exits 0 with every ``scripts`` module from ``root``.
     Returns what it printed."""
     code = f"""
 import importlib.util, os, sys
@@ -268,12 +268,13 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__
 sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) not in (repo, root, os.getcwd())]
 assert importlib.util.find_spec("uniseg_components") is None, "the installed package is still importable"
 sys.path.insert(0, root)  # what PYTHONPATH=<bundle root> or MONAI Label does
-import uniseg_components
+import scripts
 from monai.bundle import run
 run(run_id="run", config_file="configs/inference.json", meta_file="configs/metadata.json",
     logging_file="configs/logging.conf", **{run_args!r})
-assert all(m.__file__.startswith(root) for n, m in sys.modules.items() if n.startswith("uniseg_components"))
-print("VENDORED_OK", uniseg_components.__file__)
+assert all(m.__file__.startswith(root) for n, m in sys.modules.items() if n.startswith("scripts"))
+assert not any(n.startswith("uniseg_components") for n in sys.modules)
+print("VENDORED_OK", scripts.__file__)
 """
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(root)

@@ -198,7 +198,7 @@ def test_inference_config_keys_and_metadata():
     assert meta["version"] in meta["changelog"]
     first_out = next(iter(meta["network_data_format"]["outputs"].values()))
     default = TaskCatalog.builtin("demo")[cfg["task"]]
-    assert first_out["channel_def"] == {str(i): name for i, name in enumerate(default.foreground)}
+    assert first_out["channel_def"] == {str(i + 1): name for i, name in enumerate(default.foreground)}  # map values
     assert first_out["num_channels"] == default.num_classes - 1  # one sigmoid channel per target, no background
     assert set(meta["eval_metrics"]) >= {"val_mean_dice"}
     if SCHEMA.is_file():
@@ -223,7 +223,8 @@ def test_monai_label_style_inference(trained):
     """network_def + models/model.pt ('model' key), preprocessing, inferer(inputs, network), postprocessing."""
     network, pre, post, inferer = monai_label_pipeline(BUNDLE, trained)
     image = _images(trained, "abdomen_ct")[0]
-    data = pre({"image": str(image)})  # no task in the item: the config's default task is used
+    # MONAI Label's request: no task (the config's default is used), and "image_path" beside "image"
+    data = pre({"image": str(image), "image_path": str(image)})
     assert data["task"] == "abdomen_ct"
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], network)[0]
@@ -340,21 +341,18 @@ def test_bundle_helpers_for_incremental_runs(trained, upstream_two_tasks):
 
 # ---------------------------------------------------------------------------------------------- release
 def test_release_zip_runs_inference_without_the_installed_package(trained, tmp_path):
-    import shutil
-
     from uniseg_components.packaging import package
 
-    src = tmp_path / "src" / BUNDLE
-    shutil.copytree(BUNDLES / BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
-    (src / "models").mkdir()
-    shutil.copy(trained / "models" / "model.pt", src / "models" / "model.pt")
-    zip_path = package(src, out=tmp_path / "dist")
+    zip_path = package(BUNDLES / BUNDLE, out=tmp_path / "dist", weights=trained / "models" / "model.pt")
     version = json.loads(Path(METADATA).read_text())["version"]
     assert zip_path.name == f"{BUNDLE}_v{version}.zip"
     names = zipfile.ZipFile(zip_path).namelist()
     for required in ("LICENSE", "configs/add_tasks.json", "configs/inference.json", "models/model.pt"):
         assert f"{BUNDLE}/{required}" in names
-    assert f"{BUNDLE}/uniseg_components/methods/hermes/network.py" in names
+    assert f"{BUNDLE}/scripts/methods/hermes/network.py" in names
+    meta = json.loads(zipfile.ZipFile(zip_path).read(f"{BUNDLE}/configs/metadata.json"))
+    # MONAI Label names the saved map's values by outputs.pred.channel_def: organ 1, tumour 2 (not the channels)
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"1": "organ", "2": "tumour"}
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(tmp_path / "unzipped")
     root = tmp_path / "unzipped" / BUNDLE

@@ -150,7 +150,7 @@ def test_monai_label_style_inference_and_metadata(trained):
 
     network, pre, post, inferer = monai_label_pipeline(BUNDLE, trained, task="chest_xr")
     image = _items(trained, "validation", "chest_xr")[0]["image"]
-    data = pre({"image": image})
+    data = pre({"image": image, "image_path": image})  # MONAI Label's request keys
     assert data["task"] == "chest_xr" and data["image"].ndim == 3
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], network)[0]
@@ -246,15 +246,9 @@ def test_relearn_needs_a_task_or_a_threshold(trained, tmp_path):
 
 
 def test_release_zip(trained, tmp_path):
-    import shutil
-
     from uniseg_components.packaging import package
 
-    src = tmp_path / BUNDLE
-    shutil.copytree(BUNDLES / BUNDLE, src, ignore=shutil.ignore_patterns("eval", "demo_data", "models", "__pycache__"))
-    (src / "models").mkdir()
-    shutil.copy(trained / "models" / "model.pt", src / "models" / "model.pt")
-    zip_path = package(src, out=tmp_path / "dist")
+    zip_path = package(BUNDLES / BUNDLE, out=tmp_path / "dist", weights=trained / "models" / "model.pt")
     version = json.loads(Path(METADATA).read_text())["version"]
     assert zip_path.name == f"{BUNDLE}_v{version}.zip"
     names = set(zipfile.ZipFile(zip_path).namelist())
@@ -262,7 +256,7 @@ def test_release_zip(trained, tmp_path):
         "LICENSE",
         "docs/README.md",
         "models/model.pt",
-        "uniseg_components/methods/meduniseg/network.py",
+        "scripts/methods/meduniseg/network.py",
     ) + tuple(
         f"configs/{c}" for c in ("metadata.json", "train.json", "evaluate.json", "inference.json", "relearn.json")
     ):

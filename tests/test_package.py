@@ -57,8 +57,16 @@ def test_package_layout_and_errors(tmp_path):
         "models/model.pt",
     ):
         assert f"{NAME}/{required}" in names
-    assert f"{NAME}/uniseg_components/__init__.py" in names
-    assert f"{NAME}/uniseg_components/catalogs/demo.json" in names
+    assert f"{NAME}/scripts/__init__.py" in names  # the zoo's and MONAI Label's place for a bundle's own code
+    assert f"{NAME}/scripts/catalogs/demo.json" in names
+    assert not any(n.startswith(f"{NAME}/uniseg_components/") for n in names)
+    with zipfile.ZipFile(zip_path) as zf:
+        configs = [
+            zf.read(n).decode()
+            for n in names
+            if n.startswith(f"{NAME}/configs/") and n.endswith(".json") and not n.endswith("tasks.json")
+        ]
+    assert all("uniseg_components" not in c for c in configs) and any("$import scripts" in c for c in configs)
     assert not any(
         ("__pycache__" in n or "/eval/" in n or "/demo_data" in n or n.endswith("model_final.pt")) for n in names
     )

@@ -119,7 +119,7 @@ def prepare(
         pairs = [p.split("=", 1) for p in as_list(tasks)]
         if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
             raise ValueError(f"--tasks must be FOLDER=TASK pairs separated by commas, got {tasks!r}.")
-        mapping = {folder: task for folder, task in pairs}
+        mapping = dict(pairs)
     path = prepare_datalist(_dataset_dirs(roots), cat, out, val_fraction=val_fraction, seed=seed, tasks=mapping)
     logger.info("datalist written to %s", path)
     return str(path)
@@ -265,14 +265,32 @@ def benchmark(
     return report
 
 
-def package(bundle: str, out: str = "dist", vendor: bool = True) -> str:
-    """Write a bundle's release zip ``<out>/<name>_v<version>.zip`` (model-zoo layout, ``uniseg_components`` vendored
-    inside so that a machine with only MONAI and its dependencies runs it).
+def package(
+    bundle: str,
+    out: str = "dist",
+    weights: str = "",
+    weights_url: str = "",
+    vendor: bool = True,
+    check: bool = True,
+    schema: str = "",
+    task: str = "",
+) -> str:
+    """Write a bundle's release zip ``<out>/<name>_v<version>.zip`` in the model zoo's layout: this package vendored
+    as the bundle's ``scripts/`` (a machine with only MONAI and its dependencies runs it; MONAI Label serves several
+    such bundles side by side), trained weights as ``models/model.pt`` with their catalog, and checked first as the
+    zoo's CI and MONAI Label would (see :mod:`uniseg_components.packaging`).
 
     Args:
-        bundle: the bundle folder, e.g. ``bundles/uniseg_finetune_segmentation``.
+        bundle: the bundle folder, e.g. ``bundles/uniseg_universal_segmentation``.
         out: output folder, default ``"dist"``.
+        weights: a checkpoint to ship as ``models/model.pt`` (e.g. ``runs/uniseg/model.pt``), default none: the
+            bundle folder's own ``models/``.
+        weights_url: where the weights will be downloadable (writes ``large_files.yml`` with their md5, for the
+            zoo's 25 MB file limit), default none.
         vendor: copy this package into the bundle, default ``True``.
+        check: verify the staged release in a fresh interpreter first, default ``True``.
+        schema: a local copy of the metadata schema, to also run ``verify_metadata`` offline, default none.
+        task: the task the release serves by default (``metadata.json`` then describes it), default the bundle's.
 
     Returns:
         the zip's path (also printed, with its sha1).
@@ -281,7 +299,16 @@ def package(bundle: str, out: str = "dist", vendor: bool = True) -> str:
     from .packaging import sha1sum
 
     _setup_logging()
-    path = _package(bundle, out=out, vendor=vendor)
+    path = _package(
+        bundle,
+        out=out,
+        weights=weights or None,
+        weights_url=weights_url or None,
+        vendor=vendor,
+        check=check,
+        schema=schema or None,
+        task=task or None,
+    )
     print(f"{path}  sha1 {sha1sum(path)}")
     return str(path)
 
@@ -352,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         try:
             raise_root_cause(e)
-        except BaseException as cause:  # noqa: BLE001 - the message is what the user needs
+        except (Exception, KeyboardInterrupt) as cause:  # the message is what the user needs
             e = cause
         if isinstance(e, KeyboardInterrupt):
             print(f"uniseg {args[0] if args else ''}: interrupted", file=sys.stderr)

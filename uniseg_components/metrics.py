@@ -94,7 +94,7 @@ class TaskDice(Metric):
 
     Args:
         catalog: the task catalog.
-        output_transform: maps ``engine.state.output`` to ``(preds, labels, task_ids)``; default reads the
+        output_transform: maps ``engine.state.output`` to ``(preds, labels, task_ids)``; default (``None``) reads the
             decollated ``"pred"``, ``"label"`` and ``"task_id"`` items. ``pred`` must be a label map (after
             ``AsDiscreted(argmax=True)``) or one-hot/probabilities (argmax is taken over channels).
         save_details: store the per-task table in ``engine.state.metric_details[name]`` when attached, default
@@ -106,7 +106,7 @@ class TaskDice(Metric):
     def __init__(
         self,
         catalog: TaskCatalog,
-        output_transform: Callable = from_engine(["pred", "label", "task_id"]),
+        output_transform: Callable | None = None,
         save_details: bool = True,
     ) -> None:
         self.aggregator = TaskDiceAggregator(catalog)
@@ -114,7 +114,7 @@ class TaskDice(Metric):
         self.details: dict[str, dict[str, float]] = {}
         self._name: str | None = None
         self._engine: Any = None
-        super().__init__(output_transform=output_transform)
+        super().__init__(output_transform=output_transform or from_engine(["pred", "label", "task_id"]))
 
     def reset(self) -> None:
         self.aggregator.reset()

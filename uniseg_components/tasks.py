@@ -425,7 +425,7 @@ class TaskCatalog:
     @staticmethod
     def available_builtins() -> list[str]:
         """Names of the catalogs shipped inside the package."""
-        root = resources.files("uniseg_components") / "catalogs"
+        root = resources.files(__package__) / "catalogs"
         return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
 
     @classmethod
@@ -434,7 +434,7 @@ class TaskCatalog:
         avail = cls.available_builtins()
         if name not in avail:
             raise ValueError(f"unknown built-in catalog {name!r}; available: {avail}.")
-        text = (resources.files("uniseg_components") / "catalogs" / f"{name}.json").read_text()
+        text = (resources.files(__package__) / "catalogs" / f"{name}.json").read_text()
         return cls.from_dict(json.loads(text))
 
     @classmethod

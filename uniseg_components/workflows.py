@@ -267,10 +267,13 @@ class ImagesFailed(ValueError):
     ``failed`` each failed image to the reason; the message lists the failures."""
 
     def __init__(self, written: Mapping[str, Path], failed: Mapping[str, str]) -> None:
+        super().__init__(written, failed)
         self.written, self.failed = dict(written), dict(failed)
+
+    def __str__(self) -> str:
         lines = "\n".join(f"  - {image}: {reason}" for image, reason in self.failed.items())
         total = len(self.written) + len(self.failed)
-        super().__init__(f"{len(self.failed)} of {total} image(s) could not be segmented:\n{lines}")
+        return f"{len(self.failed)} of {total} image(s) could not be segmented:\n{lines}"
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
