@@ -70,6 +70,9 @@ def test_network_def_takes_the_image_alone_with_the_trained_keys(bundle, tmp_pat
         explicit = net(x, task_id=task_id)
     assert torch.equal(out, explicit)
     assert out.shape[1] == (3 if bundle.startswith("hermes") else 4)  # brain_mr: CSF, GM, WM (+ background)
+    scripted = torch.jit.script(net)  # ckpt_export's path, through the network's __prepare_scriptable__
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), out, atol=1e-5)  # the image alone: the same task, the same channels
     assert not any(p.name == "demo_data" for p in tmp_path.iterdir())
 
     train = ConfigParser()

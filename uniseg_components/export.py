@@ -107,9 +107,10 @@ class TracedByInput(nn.Module):
     ) -> None:
         super().__init__()
         self.traced = nn.ModuleList(traced)
-        self.channels: list[int] = [int(c) for c in channels]
+        # no annotations here: TorchScript infers the list types from the values, and warns on annotated lists
+        self.channels = [int(c) for c in channels]
         # [-1] stands for "any size" (a TorchScript list attribute needs a non-empty element to infer its type)
-        self.sizes: list[list[int]] = [list(s) for s in sizes] if sizes is not None else [[-1] for _ in channels]
+        self.sizes = [list(s) for s in sizes] if sizes is not None else [[-1] for _ in channels]
         self.default_task = int(default_task)
 
     def forward(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,7 +62,7 @@ class HermesByStem(nn.Module):
     ) -> None:
         super().__init__()
         self.traced = nn.ModuleList(traced)
-        self.channels: list[int] = [int(c) for c in channels]
+        self.channels = [int(c) for c in channels]  # list[int], inferred by TorchScript
         self.register_buffer("default_ids", default_request[0].reshape(1, -1).long().clone())
         self.register_buffer("default_modality", default_request[1].reshape(-1).long().clone())
 
@@ -93,6 +93,8 @@ def scriptable_hermes(network: Hermes) -> HermesByStem:
         network = network.eval()
         channels = network.backbone.in_channels
         traced = [trace(HermesExportable(network), hermes_example_inputs(network, c)) for c in channels]
-        return HermesByStem(traced, channels, network.request([network.default_task]))
+        ids, modality = network.request([network.default_task])
+        # the default request without its -1 padding: ts(x) returns the default task's targets only, as network(x)
+        return HermesByStem(traced, channels, (ids[:, ids[0] >= 0], modality))
     finally:
         network.train(was_training)
