@@ -73,6 +73,8 @@ def test_network_def_takes_the_image_alone_with_the_trained_keys(bundle, tmp_pat
     scripted = torch.jit.script(net)  # ckpt_export's path, through the network's __prepare_scriptable__
     with torch.no_grad():
         assert torch.allclose(scripted(x), out, atol=1e-5)  # the image alone: the same task, the same channels
+    torch.jit.script(net.train())  # scripting traces in eval mode and gives the network its mode back
+    assert all(m.training for m in net.modules())
     assert not any(p.name == "demo_data" for p in tmp_path.iterdir())
 
     train = ConfigParser()

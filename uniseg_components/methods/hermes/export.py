@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.networks import eval_mode
 from torch import nn
 
 from ...export import trace
@@ -88,13 +89,9 @@ def scriptable_hermes(network: Hermes) -> HermesByStem:
     request's length ``n`` may differ from the traced one. The input checks of the eager network are not part of
     the trace. The network's training mode is restored afterwards.
     """
-    was_training = network.training
-    try:
-        network = network.eval()
+    with eval_mode(network):
         channels = network.backbone.in_channels
         traced = [trace(HermesExportable(network), hermes_example_inputs(network, c)) for c in channels]
         ids, modality = network.request([network.default_task])
         # the default request without its -1 padding: ts(x) returns the default task's targets only, as network(x)
         return HermesByStem(traced, channels, (ids[:, ids[0] >= 0], modality))
-    finally:
-        network.train(was_training)

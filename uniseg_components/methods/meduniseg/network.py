@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks import eval_mode
 from monai.networks.layers import Conv
 from torch import nn
 from torch.func import functional_call
@@ -407,11 +408,8 @@ class MedUniSeg(DefaultTask, nn.Module):
         network's training mode is restored afterwards."""
         from .export import MedUniSegExportable, scriptable_meduniseg
 
-        was_training = self.training
-        try:
+        with eval_mode(self):
             return scriptable_meduniseg(MedUniSegExportable(self, self.default_task))
-        finally:
-            self.train(was_training)
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None

@@ -177,15 +177,8 @@ class MedUniSegStar(DefaultTask, nn.Module):
         prompts = base.task_prompts(skips[-1], modal)
         return base._slice(self._decode(skips, prompts[:, task : task + 1], task), task)
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        """Called by ``torch.jit.script``: as :meth:`MedUniSeg.__prepare_scriptable__`, adapters included."""
-        from .export import MedUniSegExportable, scriptable_meduniseg
-
-        was_training = self.training
-        try:
-            return scriptable_meduniseg(MedUniSegExportable(self, self.default_task))
-        finally:
-            self.train(was_training)
+    #: called by ``torch.jit.script``: the traces of :meth:`MedUniSeg.__prepare_scriptable__`, adapters included
+    __prepare_scriptable__ = MedUniSeg.__prepare_scriptable__
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None

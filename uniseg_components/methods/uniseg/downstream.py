@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from monai.networks import eval_mode
 from torch import nn
 
+from ...export import trace
 from ...networks.backbone import UNetBackbone
 from ...networks.blocks import task_index
 from ...networks.plans import UNetPlan, plan_from_catalog
@@ -137,14 +139,8 @@ class UniSegDownstream(nn.Module):
                 f"scripting needs a single input stem, this network has stems for {list(self.backbone.in_channels)} "
                 "channels; use torch.jit.trace with an input of the wanted channel count."
             )
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                traced = torch.jit.trace(_ImageOnly(self), self.example_input(), check_trace=False)
-        finally:
-            self.train(was_training)
-        return _TracedDownstream(traced)
+        with eval_mode(self):  # the training mode is restored afterwards
+            return _TracedDownstream(trace(_ImageOnly(self), (self.example_input(),)))
 
 
 class _TracedDownstream(nn.Module):

@@ -21,14 +21,13 @@ model takes ``(x, task_id)`` for every task and every stem.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
+from monai.networks import eval_mode
 from torch import nn
 
 from ...export import TaskInputs, TracedByInput, class_mask, mask_classes, task_tensor, trace
 from ...networks.plans import UNetPlan
-from ...tasks import TaskCatalog
 from .network import UniSeg
 
 __all__ = ["UniSegExportable", "scriptable_uniseg"]
@@ -51,26 +50,6 @@ class UniSegExportable(UniSeg):
         self.bind_task(default_task)
         # not persistent: the state dict keeps exactly UniSeg's keys
         self.register_buffer("class_mask", class_mask(self.num_classes), persistent=False)
-
-    @classmethod
-    def from_catalog(  # type: ignore[override]
-        cls,
-        catalog: Any,
-        patch_size: Sequence[int] | None = None,
-        default_task: int | str = 0,
-        **plan_overrides: Any,
-    ) -> UniSegExportable:
-        """Build from a :class:`TaskCatalog` (or catalog path / built-in name) like :meth:`UniSeg.from_catalog`.
-
-        Args:
-            catalog: the task catalog (3D tasks only).
-            patch_size: replaces the plan's patch, default ``None``.
-            default_task: task name or id used when ``forward`` gets no ``task_id``, default ``0``.
-            plan_overrides: other plan fields.
-        """
-        catalog = TaskCatalog.resolve(catalog)
-        net = UniSeg.from_catalog(catalog, patch_size=patch_size, **plan_overrides)
-        return cls(net.plan, net.num_classes, net.backbone.in_channels, default_task=catalog[default_task].id)
 
     @classmethod
     def from_uniseg(cls, network: UniSeg, default_task: int = 0) -> UniSegExportable:
@@ -121,11 +100,8 @@ class UniSegExportable(UniSeg):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script``: one trace per input stem (see :func:`scriptable_uniseg`)."""
-        was_training = self.training
-        try:
+        with eval_mode(self):  # the training mode is restored afterwards
             return scriptable_uniseg(self)
-        finally:
-            self.train(was_training)
 
 
 def scriptable_uniseg(network: UniSegExportable) -> TracedByInput:

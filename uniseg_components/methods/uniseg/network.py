@@ -13,6 +13,7 @@ from torch import nn
 from ...networks.backbone import UNetBackbone
 from ...networks.blocks import DefaultTask, FusePromptModule, init_he, task_index
 from ...networks.plans import UNetPlan, plan_from_catalog
+from ...tasks import TaskCatalog
 
 __all__ = ["UniSeg"]
 
@@ -72,11 +73,13 @@ class UniSeg(DefaultTask, nn.Module):
         """Build UniSeg for a :class:`~uniseg_components.tasks.TaskCatalog` with the catalog's plan.
 
         Args:
-            catalog: the task catalog (all tasks must be 3D: UniSeg is a 3D model).
+            catalog: the task catalog, a catalog JSON file or a built-in name (all tasks must be 3D: UniSeg is a
+                3D model).
             patch_size: replaces the plan's training patch; the prompt follows it.
             default_task: name or id of the task ``forward(x)`` segments, default ``0``.
             plan_overrides: other plan fields to replace (``features``, ``deep_supervision``...).
         """
+        catalog = TaskCatalog.resolve(catalog)
         two_d = [t.name for t in catalog if t.dims != 3]
         if two_d:
             raise ValueError(
