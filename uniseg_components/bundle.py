@@ -279,9 +279,8 @@ class BundleData:
 
     @functools.cached_property
     def catalog(self) -> TaskCatalog:
-        if self._catalog_arg is not None:
-            return self._select(TaskCatalog.resolve(self._catalog_arg))
-        return self._data[0]
+        full = TaskCatalog.resolve(self._catalog_arg) if self._catalog_arg is not None else self._source[1]
+        return self._select(full)
 
     @functools.cached_property
     def task(self) -> str | None:
@@ -289,33 +288,37 @@ class BundleData:
 
     @property
     def datalist(self) -> Path:
-        return self._data[1]
+        return self._source[0]
 
     @property
     def train(self) -> list[dict[str, Any]]:
-        return self._data[2]
+        return self._items[0]
 
     @property
     def val(self) -> list[dict[str, Any]]:
-        return self._data[3]
+        return self._items[1]
 
     @functools.cached_property
-    def _data(self) -> tuple[TaskCatalog, Path, list[dict[str, Any]], list[dict[str, Any]]]:
-        path, full = ensure_datalist(*self._args)
+    def _source(self) -> tuple[Path, TaskCatalog]:
+        """``(datalist path, full catalog)``, the datalist built first when needed (:func:`ensure_datalist`)."""
+        return ensure_datalist(*self._args)
+
+    @functools.cached_property
+    def _items(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        path, full = self._source
         train, val, _ = load_datalist(path)
         for section, items in (("training", train), ("validation", val)):
             _check_items(items, full, f"datalist {str(path)!r} ({section})", self._task)
-        cat = self.catalog if self._catalog_arg is not None else self._select(full)
-        task = None if self._task is None else cat[self._task].name
+        cat = self.catalog
 
         def keep(it: Mapping[str, Any]) -> bool:
-            return it.get("task", task) in cat
+            return it.get("task", self.task) in cat
 
         train, val = [it for it in train if keep(it)], [it for it in val if keep(it)]
         if not train:
             raise ValueError(f"datalist {str(path)!r} has no training item of the tasks {cat.names}.")
         logger.info("data: %s, %d training and %d validation item(s), tasks %s", path, len(train), len(val), cat.names)
-        return cat, path, train, val
+        return train, val
 
 
 def items_of_tasks(
