@@ -331,3 +331,18 @@ def test_tasks_for_channels(uniseg11):
     assert [t.name for t in uniseg11.tasks_for_channels(["T1", "T1c", "T2", "FLAIR"])] == ["brats"]
     assert [t.name for t in uniseg11.tasks_for_channels(("T2",))] == ["prostate"]
     assert uniseg11.tasks_for_channels(["PET", "CT"]) == []
+
+
+def test_catalogs_and_packaging_load_without_torch_or_monai():
+    """Reading a catalog, JSON files or listing a release needs neither torch nor MONAI (seconds of start-up):
+    those are imported where tensors or transforms are used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import uniseg_components.tasks, uniseg_components.io, uniseg_components.packaging; "
+        "from uniseg_components.tasks import TaskCatalog; TaskCatalog.builtin('demo'); "
+        "heavy = sorted(m for m in ('torch', 'monai') if m in sys.modules); assert not heavy, heavy"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,7 +7,10 @@
   of one. :func:`write_text`, :func:`write_json` and :func:`save_torch` are its everyday forms.
 * :func:`list_images` turns a folder, a file, a datalist or a list into inference items; :func:`image_stem`
   names outputs after their input.
-* :func:`save_label_map` / :class:`SaveLabelMapd` write every label map (2D and 3D, CLI and bundles).
+* :func:`save_label_map` writes every label map (2D and 3D, CLI and bundles; the bundles through
+  :class:`uniseg_components.transforms.SaveLabelMapd`).
+
+torch and MONAI are imported inside the functions that use them, so reading a catalog or a JSON file stays cheap.
 * :func:`as_list` reads list arguments given as lists or comma-separated strings (CLI flags, config values).
 """
 
@@ -18,12 +21,10 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import SaveImaged
+if TYPE_CHECKING:  # torch and MONAI are imported where used: reading a catalog or JSON needs neither
+    import torch
 
 __all__ = [
     "read_json",
@@ -38,7 +39,6 @@ __all__ = [
     "verify_image",
     "load_nifti",
     "save_label_map",
-    "SaveLabelMapd",
 ]
 
 #: file name endings read as images when a folder is listed
@@ -105,6 +105,8 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> Path:
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` atomically; returns the path."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
@@ -260,6 +262,8 @@ def save_label_map(label: torch.Tensor, path: str | os.PathLike) -> Path:
     """
     import nibabel as nib
     import numpy as np
+    import torch
+    from monai.data import MetaTensor
 
     arr = torch.as_tensor(label).detach().cpu().numpy()
     if arr.shape[0] == 1:
@@ -279,57 +283,3 @@ def save_label_map(label: torch.Tensor, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
-
-
-class SaveLabelMapd(SaveImaged):
-    """Write each ``(1, *spatial)`` label map of ``keys`` with :func:`save_label_map` (2D and 3D, atomic), named like
-    ``SaveImaged``: ``<output_dir>/[<name>/]<name>_<output_postfix><output_ext>`` with ``<name>`` the source file's
-    name without extension (``filename_or_obj`` in the label's metadata, else in ``meta_key``'s).
-
-    It is a ``SaveImaged`` (MONAI Label, for one, drops ``SaveImaged`` from a bundle's post-processing and returns
-    the label itself), with the writing replaced by :func:`save_label_map`.
-
-    Args:
-        keys: keys of the label maps, e.g. ``"pred"``.
-        output_dir: output folder, default ``"."``.
-        output_postfix: appended to the name, default ``"seg"``.
-        output_ext: default ``".nii.gz"``.
-        separate_folder: one sub-folder per input file, default ``False``.
-        meta_key: item key whose metadata names the source file when the label's does not, default ``"image"``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        output_dir: str | os.PathLike = ".",
-        output_postfix: str = "seg",
-        output_ext: str = ".nii.gz",
-        separate_folder: bool = False,
-        meta_key: str = "image",
-    ) -> None:
-        super().__init__(
-            keys, output_dir=output_dir, output_postfix=output_postfix, output_ext=output_ext, resample=False
-        )
-        self.output_dir = Path(output_dir)
-        self.output_postfix, self.output_ext = str(output_postfix), str(output_ext)
-        self.separate_folder, self.meta_key = bool(separate_folder), meta_key
-
-    def output_path(self, source: str | os.PathLike) -> Path:
-        """Where the label map of the image file ``source`` is written."""
-        name = image_stem(source)
-        folder = self.output_dir / name if self.separate_folder else self.output_dir
-        return folder / f"{name}_{self.output_postfix}{self.output_ext}"
-
-    def _source(self, d: Mapping[Any, Any], label: Any) -> str:
-        for src in (label, d.get(self.meta_key)):
-            meta = getattr(src, "meta", None) or {}
-            source = meta.get("filename_or_obj")
-            if source:
-                return str(source)
-        raise ValueError("SaveLabelMapd: no 'filename_or_obj' in the label's or the image's metadata to name the file.")
-
-    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            save_label_map(d[key], self.output_path(self._source(d, d[key])))
-        return d

@@ -48,11 +48,12 @@ import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .io import atomic_path, read_json, save_torch
+
+if TYPE_CHECKING:  # torch is imported where weights are handled: listing and zipping files need none
+    import torch
 
 __all__ = [
     "PACKAGE_NAME",
@@ -158,6 +159,8 @@ def release_weights(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
     Raises:
         FileNotFoundError, ValueError: the file is missing, unreadable or damaged, or holds no tensors.
     """
+    import torch
+
     from .checkpoints import CheckpointMeta, read_checkpoint
 
     obj = read_checkpoint(checkpoint, what="weights")
@@ -407,6 +410,8 @@ def verify_release(
         done.append("metadata")
     if mode == "min":
         return done
+
+    import torch
 
     parser = ConfigParser()
     parser.read_config(str(config_file))

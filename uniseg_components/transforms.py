@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
     RandZoomd,
+    SaveImaged,
     Spacingd,
     SpatialPadd,
     SqueezeDim,
@@ -72,6 +74,7 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 from monai.utils import MAX_SEED, TraceKeys
 
+from .io import image_stem, save_label_map
 from .tasks import TaskCatalog, TaskSpec, UnknownTaskError, normalization_of
 
 __all__ = [
@@ -92,6 +95,7 @@ __all__ = [
     "train_transforms",
     "val_transforms",
     "inference_transforms",
+    "SaveLabelMapd",
 ]
 
 #: UniSeg's CT window in HU: clipped to this range, then scaled linearly to [0, 1].
@@ -830,3 +834,58 @@ def inference_transforms(
         default_task: task of items without one (MONAI Label sends ``{"image"}`` only), default ``None``.
     """
     return Compose(deterministic_transforms(catalog, keys=(image_key,), reader=reader, default_task=default_task))
+
+
+class SaveLabelMapd(SaveImaged):
+    """Write each ``(1, *spatial)`` label map of ``keys`` with :func:`~uniseg_components.io.save_label_map` (2D and
+    3D, atomic), named like ``SaveImaged``: ``<output_dir>/[<name>/]<name>_<output_postfix><output_ext>`` with
+    ``<name>`` the source file's name without extension (``filename_or_obj`` in the label's metadata, else in
+    ``meta_key``'s).
+
+    It is a ``SaveImaged`` (MONAI Label, for one, drops ``SaveImaged`` from a bundle's post-processing and returns
+    the label itself), with the writing replaced by :func:`~uniseg_components.io.save_label_map`.
+
+    Args:
+        keys: keys of the label maps, e.g. ``"pred"``.
+        output_dir: output folder, default ``"."``.
+        output_postfix: appended to the name, default ``"seg"``.
+        output_ext: default ``".nii.gz"``.
+        separate_folder: one sub-folder per input file, default ``False``.
+        meta_key: item key whose metadata names the source file when the label's does not, default ``"image"``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike = ".",
+        output_postfix: str = "seg",
+        output_ext: str = ".nii.gz",
+        separate_folder: bool = False,
+        meta_key: str = "image",
+    ) -> None:
+        super().__init__(
+            keys, output_dir=output_dir, output_postfix=output_postfix, output_ext=output_ext, resample=False
+        )
+        self.output_dir = Path(output_dir)
+        self.output_postfix, self.output_ext = str(output_postfix), str(output_ext)
+        self.separate_folder, self.meta_key = bool(separate_folder), meta_key
+
+    def output_path(self, source: str | os.PathLike) -> Path:
+        """Where the label map of the image file ``source`` is written."""
+        name = image_stem(source)
+        folder = self.output_dir / name if self.separate_folder else self.output_dir
+        return folder / f"{name}_{self.output_postfix}{self.output_ext}"
+
+    def _source(self, d: Mapping[Any, Any], label: Any) -> str:
+        for src in (label, d.get(self.meta_key)):
+            meta = getattr(src, "meta", None) or {}
+            source = meta.get("filename_or_obj")
+            if source:
+                return str(source)
+        raise ValueError("SaveLabelMapd: no 'filename_or_obj' in the label's or the image's metadata to name the file.")
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            save_label_map(d[key], self.output_path(self._source(d, d[key])))
+        return d
