@@ -481,7 +481,7 @@ class TaskSpacingd(_PerTaskInvertibled):
 
 
 # ---------------------------------------------------------------------------------------------- intensity
-class NormalizeModalityd(MapTransform):
+class NormalizeModalityd(TaskMapTransform):
     """Normalise each channel by the task's modality of that channel (UniSeg's scheme).
 
     * CT channels (``normalization_of(m) == "ct"``): clip to ``ct_window`` (default [-325, 325] HU), then scale
@@ -509,13 +509,12 @@ class NormalizeModalityd(MapTransform):
         eps: float = 1e-8,
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
         if catalog is None:
             raise ValueError("NormalizeModalityd needs a catalog (TaskCatalog, catalog JSON path or built-in name).")
         if not ct_window[0] < ct_window[1]:
             raise ValueError(f"ct_window must be (low, high) with low < high, got {ct_window}.")
-        self.catalog = TaskCatalog.resolve(catalog)
-        self.task_key, self.ct_window, self.eps = task_key, (float(ct_window[0]), float(ct_window[1])), float(eps)
+        super().__init__(keys, catalog, task_key, allow_missing_keys)
+        self.ct_window, self.eps = (float(ct_window[0]), float(ct_window[1])), float(eps)
 
     def normalize(self, img: torch.Tensor, task: TaskSpec) -> torch.Tensor:
         """Normalise ``img`` of shape ``(C, *spatial)`` with ``C == task.num_channels``."""
@@ -537,7 +536,7 @@ class NormalizeModalityd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        task = _task_of(self.catalog, d, self.task_key, self.first_key(d) or "image")
+        task = self.task_of(d)
         for key in self.key_iterator(d):
             x = d[key]
             if not isinstance(x, torch.Tensor):
