@@ -237,3 +237,27 @@ def test_every_bundle_requires_what_the_vendored_code_imports():
         meta = json.loads(bundle.read_text())
         pinned = set(meta["required_packages_version"]) | {"monai", "torch", "numpy"}
         assert third_party <= pinned, f"{bundle}: {sorted(third_party - pinned)} imported but not required"
+
+
+def test_cli_package_with_weights_url_writes_large_files_yml(tmp_path, capsys):
+    """``uniseg package --weights W --weights_url URL``: the zoo's large_files.yml names models/model.pt, the URL
+    and the md5 of the shipped weights; a URL without weights is refused before anything is written."""
+    import hashlib
+
+    from uniseg_components.cli import main
+
+    net, cat = _network("uniseg_finetune_segmentation")
+    save_checkpoint(tmp_path / "trained.pt", net, cat)
+    bundle, url = str(BUNDLES / "uniseg_finetune_segmentation"), "https://example.org/releases/model.pt"
+    main(["package", bundle, "--out", str(tmp_path / "dist"), "--weights", str(tmp_path / "trained.pt"),
+          "--weights_url", url, "--check", "False"])  # fmt: skip
+    zip_path = Path(capsys.readouterr().out.split()[0])
+    with zipfile.ZipFile(zip_path) as zf:
+        weights = zf.read("uniseg_finetune_segmentation/models/model.pt")
+        entry = zf.read("uniseg_finetune_segmentation/large_files.yml").decode()
+    assert 'path: "models/model.pt"' in entry and f'url: "{url}"' in entry
+    assert f'hash_val: "{hashlib.md5(weights).hexdigest()}"' in entry and 'hash_type: "md5"' in entry
+
+    with pytest.raises(ValueError, match="weights_url describes the shipped weights"):
+        package(BUNDLES / "uniseg_finetune_segmentation", out=tmp_path / "none", weights_url=url)
+    assert not (tmp_path / "none").exists()
