@@ -81,7 +81,7 @@ def test_read_msd_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad/dataset\.json.*not valid JSON"):
         read_msd_dataset(bad)
     (bad / "dataset.json").write_text(json.dumps({"labels": {}}))
-    with pytest.raises(ValueError, match=r"bad/dataset\.json.*no 'training' list"):
+    with pytest.raises(ValueError, match=r"bad/dataset\.json.*neither a 'training' list.*nor 'channel_names'"):
         read_msd_dataset(bad)
 
 

@@ -1,7 +1,7 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
 """Command line: ``python -m uniseg_components <verb> [--help]`` (built with python-fire).
 
-Verbs: ``demo-data``, ``prepare``, ``train``, ``evaluate``, ``infer``, ``benchmark``, ``package``, ``export``.
+Verbs: ``demo-data``, ``plan``, ``prepare``, ``train``, ``evaluate``, ``infer``, ``benchmark``, ``package``, ``export``.
 ``train``, ``evaluate`` and ``infer`` run the bundles' own configs (:mod:`uniseg_components.workflows`).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from . import workflows as _workflows
 from .io import as_list, write_json
 
-__all__ = ["demo_data", "prepare", "train", "evaluate", "infer", "benchmark", "package", "export", "main"]
+__all__ = ["demo_data", "plan", "prepare", "train", "evaluate", "infer", "benchmark", "package", "export", "main"]
 
 logger = logging.getLogger("uniseg_components")
 
@@ -76,6 +76,49 @@ def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False, ca
     return str(path)
 
 
+def plan(
+    datasets: Any,
+    out: str = "plan",
+    gpu_memory_gb: float = 10.0,
+    batch_size: int = 2,
+    ct_normalization: str = "window",
+    num_workers: int = 0,
+    name: str = "planned",
+) -> str:
+    """Plan a task catalog from MSD v1 / nnU-Net v2 folders: OUT/tasks.json (readable, editable) + fingerprint.json.
+
+    Every case is fingerprinted in parallel (spacing and shape from the headers; foreground intensities of CT
+    channels). Per task: target spacing (median; the 10th percentile along the coarse axis of anisotropic data),
+    modality per channel, labels. One network plan for all tasks: kernels and strides from the spacing anisotropy
+    and the largest patch that fits the GPU memory budget (see uniseg_components.planning).
+
+    Args:
+        datasets: MSD folders (holding dataset.json), comma-separated or a list; a folder whose sub-folders hold
+            dataset.json files stands for all of them.
+        out: output folder, default "plan".
+        gpu_memory_gb: GPU memory budget of one training step in GiB, default 10 (the UniSeg paper's).
+        batch_size: training batch size the budget is for, default 2.
+        ct_normalization: "window" (UniSeg's fixed [-325, 325] HU, default) or "foreground" (nnU-Net's statistics).
+        num_workers: threads reading the cases, default 0 = the CPU count.
+        name: catalog name, default "planned".
+    Returns:
+        the path of tasks.json.
+    """
+    from .planning import plan as plan_catalog
+
+    _setup_logging()
+    path = plan_catalog(
+        _dataset_dirs(as_list(datasets)),
+        out,
+        gpu_memory_gb=gpu_memory_gb,
+        batch_size=batch_size,
+        ct_normalization=ct_normalization,
+        num_workers=num_workers or None,
+        name=name,
+    )
+    return str(path)
+
+
 def prepare(
     datasets: Any,
     catalog: str = "",
@@ -94,7 +137,8 @@ def prepare(
         datasets: MSD folders (holding dataset.json), comma-separated or a list; a folder whose sub-folders
             hold dataset.json files stands for all of them.
         catalog: catalog JSON path or built-in name; default: tasks.json inside the first folder given (as the
-            demo collection has), else an error.
+            demo collection has), else `plan` runs with its defaults and writes OUT/tasks.json and
+            OUT/fingerprint.json (run `plan` yourself for another GPU memory budget or CT normalisation).
         out: output folder for datalist.json and tasks.json, default "prepared".
         val_fraction: share of each task's cases for validation, default 0.2.
         seed: split seed, default 0.
@@ -108,11 +152,16 @@ def prepare(
 
     _setup_logging()
     roots = as_list(datasets)
+    folders = _dataset_dirs(roots)
     if not catalog:
         guess = Path(roots[0]) / "tasks.json"
-        if not guess.is_file():
-            raise ValueError(f"no --catalog given and {str(guess)!r} does not exist; pass --catalog FILE_OR_NAME.")
-        catalog = str(guess)
+        if guess.is_file():
+            catalog = str(guess)
+        else:
+            from .planning import plan as plan_catalog
+
+            logger.info("no --catalog given and no %s: planning one from the data", guess)
+            catalog = str(plan_catalog(folders, out))
     cat = TaskCatalog.resolve(catalog)
     mapping = None
     if tasks:
@@ -120,7 +169,7 @@ def prepare(
         if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
             raise ValueError(f"--tasks must be FOLDER=TASK pairs separated by commas, got {tasks!r}.")
         mapping = dict(pairs)
-    path = prepare_datalist(_dataset_dirs(roots), cat, out, val_fraction=val_fraction, seed=seed, tasks=mapping)
+    path = prepare_datalist(folders, cat, out, val_fraction=val_fraction, seed=seed, tasks=mapping)
     logger.info("datalist written to %s", path)
     return str(path)
 
@@ -342,6 +391,7 @@ def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onn
 
 COMMANDS = {
     "demo-data": demo_data,
+    "plan": plan,
     "prepare": prepare,
     "train": train,
     "evaluate": evaluate,

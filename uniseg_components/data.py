@@ -33,6 +33,8 @@ from .tasks import TaskCatalog, TaskSpec
 __all__ = [
     "msd_folders",
     "read_msd_dataset",
+    "dataset_channels",
+    "dataset_labels",
     "prepare",
     "load_datalist",
     "TaskBalancedBatchSampler",
@@ -48,23 +50,59 @@ AFFINE_ATOL = 1e-3
 
 # ---------------------------------------------------------------------------------------------- MSD folders
 def _read_dataset_json(folder: str | os.PathLike) -> dict[str, Any]:
-    """Load and check ``<folder>/dataset.json``; errors name the file."""
+    """Load ``<folder>/dataset.json`` (MSD v1 or nnU-Net v2) and check it is an object; errors name the file."""
     path = Path(folder) / "dataset.json"
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist.")
-    meta = read_json(path, "dataset file", "an MSD-format folder needs a dataset.json")
+    meta = read_json(path, "dataset file", "an MSD or nnU-Net v2 folder needs a dataset.json")
     if not isinstance(meta, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(meta).__name__}.")
-    training = meta.get("training")
-    if not isinstance(training, list):
-        raise ValueError(
-            f"{str(path)!r} has no 'training' list (MSD format: {{'modality', 'labels', 'training': "
-            f"[{{'image', 'label'}}, ...]}}); keys found: {sorted(meta)}."
-        )
-    for i, item in enumerate(training):
-        if not (isinstance(item, dict) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)):
-            raise ValueError(f"{str(path)!r}: training[{i}] must be {{'image': path, 'label': path}}, got {item!r}.")
     return meta
+
+
+def _msd_cases(root: Path, meta: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
+    """MSD v1 ``training``: ``[{"image": file or [files], "label": file}]`` relative to the folder."""
+    out = []
+    for i, item in enumerate(meta["training"]):
+        image = item.get("image") if isinstance(item, dict) else None
+        images_ok = isinstance(image, str) or (
+            isinstance(image, list) and image and all(isinstance(p, str) for p in image)
+        )
+        if not (images_ok and isinstance(item.get("label"), str)):
+            raise ValueError(f"{str(path)!r}: training[{i}] must be {{'image': path, 'label': path}}, got {item!r}.")
+        files = [str((root / p).resolve()) for p in ([image] if isinstance(image, str) else image)]
+        out.append(
+            {"image": files[0] if isinstance(image, str) else files, "label": str((root / item["label"]).resolve())}
+        )
+    return out
+
+
+def _nnunet_cases(root: Path, meta: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
+    """nnU-Net v2 layout: ``labelsTr/<case><file_ending>`` and one ``imagesTr/<case>_<XXXX><file_ending>`` per
+    channel of ``channel_names`` (or the explicit ``dataset`` mapping of nnU-Net v2)."""
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = meta["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        raise ValueError(f"{str(path)!r}: 'channel_names' must be a non-empty object like {{'0': 'CT'}}.")
+    if isinstance(meta.get("dataset"), dict):
+        out = []
+        for case, entry in sorted(meta["dataset"].items()):
+            if not (isinstance(entry, dict) and isinstance(entry.get("images"), list) and "label" in entry):
+                raise ValueError(f"{str(path)!r}: dataset[{case!r}] must be {{'images': [...], 'label': path}}.")
+            files = [str((root / p).resolve()) for p in entry["images"]]
+            out.append(
+                {"image": files[0] if len(files) == 1 else files, "label": str((root / entry["label"]).resolve())}
+            )
+        return out
+    labels_dir = root / "labelsTr"
+    if not labels_dir.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is an nnU-Net v2 dataset.json but {str(labels_dir)!r} does not exist.")
+    out = []
+    for label in sorted(labels_dir.glob(f"*{ending}")):
+        case = label.name[: -len(ending)]
+        files = [str((root / "imagesTr" / f"{case}_{int(c):04d}{ending}").resolve()) for c in sorted(channels, key=int)]
+        out.append({"image": files[0] if len(files) == 1 else files, "label": str(label.resolve())})
+    return out
 
 
 def msd_folders(root: str | os.PathLike) -> list[Path]:
@@ -72,27 +110,81 @@ def msd_folders(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / "dataset.json").is_file())
 
 
-def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, str]]:
-    """Read the training cases of an MSD-format folder.
+def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read the training cases of an MSD v1 or nnU-Net v2 folder.
 
     Args:
-        folder: a folder with ``dataset.json`` (keys ``modality``, ``labels``, ``training``: a list of
-            ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` relative to the folder).
+        folder: a folder with ``dataset.json``. MSD v1: keys ``modality``, ``labels``, ``training`` (a list of
+            ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` relative to the folder; the image
+            is one file, channels last). nnU-Net v2: keys ``channel_names``, ``labels``, ``file_ending`` (default
+            ``".nii.gz"``) and no ``training`` list: the cases are the files of ``labelsTr/``, with one image file
+            ``imagesTr/<case>_<XXXX><file_ending>`` per channel (or the ``dataset`` mapping when present).
 
     Returns:
-        ``[{"image": abs_path, "label": abs_path}, ...]`` in the order of ``dataset.json`` (files are not
-        checked here, see :func:`prepare`).
+        ``[{"image": abs_path or [abs_path per channel], "label": abs_path}, ...]`` in the order of
+        ``dataset.json`` (nnU-Net v2: sorted by case); files are not checked here, see :func:`prepare`.
 
     Raises:
         FileNotFoundError: when the folder or its ``dataset.json`` is missing.
-        ValueError: when ``dataset.json`` is not valid JSON or not in MSD format (naming the file).
+        ValueError: when ``dataset.json`` is not valid JSON or in neither layout (naming the file).
     """
     root = Path(folder).resolve()
     meta = _read_dataset_json(root)
-    return [
-        {"image": str((root / it["image"]).resolve()), "label": str((root / it["label"]).resolve())}
-        for it in meta["training"]
-    ]
+    path = root / "dataset.json"
+    if isinstance(meta.get("training"), list):
+        return _msd_cases(root, meta, path)
+    if "channel_names" in meta:
+        return _nnunet_cases(root, meta, path)
+    raise ValueError(
+        f"{str(path)!r} has neither a 'training' list (MSD: {{'modality', 'labels', 'training': [{{'image', "
+        f"'label'}}, ...]}}) nor 'channel_names' (nnU-Net v2: {{'channel_names', 'labels', 'file_ending'}}); keys "
+        f"found: {sorted(meta)}."
+    )
+
+
+def dataset_channels(folder: str | os.PathLike) -> list[str]:
+    """The channel names of a dataset folder: MSD's ``modality`` or nnU-Net v2's ``channel_names``, in channel order.
+
+    Raises:
+        ValueError: naming ``dataset.json`` when it has neither, or the keys are not ``"0"``, ``"1"``, ...
+    """
+    meta, path = _read_dataset_json(folder), Path(folder) / "dataset.json"
+    names = meta.get("channel_names", meta.get("modality"))
+    if not isinstance(names, dict) or not names:
+        raise ValueError(f"{str(path)!r} names no channels: expected 'modality' (MSD) or 'channel_names' (nnU-Net v2).")
+    if sorted(names, key=str) != sorted(str(i) for i in range(len(names))):
+        raise ValueError(f"{str(path)!r}: channel keys must be '0', '1', ..., got {sorted(names)}.")
+    return [str(names[str(i)]) for i in range(len(names))]
+
+
+def dataset_labels(folder: str | os.PathLike) -> list[str]:
+    """The class names of a dataset folder, index 0 first, from ``labels`` in either layout: MSD ``{"0":
+    "background", "1": "liver"}`` or nnU-Net v2 ``{"background": 0, "liver": 1}``.
+
+    Raises:
+        ValueError: naming ``dataset.json`` when ``labels`` is missing, the values are not dense from 0, or an
+            nnU-Net v2 region (a list of values) is used.
+    """
+    meta, path = _read_dataset_json(folder), Path(folder) / "dataset.json"
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or len(labels) < 2:
+        raise ValueError(
+            f"{str(path)!r} has no 'labels' with a background and at least one class (MSD: {{'0': 'background', "
+            f"'1': 'liver'}}; nnU-Net v2: {{'background': 0, 'liver': 1}}); got {labels!r}."
+        )
+    if all(isinstance(k, str) and k.lstrip("-").isdigit() for k in labels):  # MSD: value -> name
+        by_value = {int(k): str(v) for k, v in labels.items()}
+    else:  # nnU-Net v2: name -> value
+        regions = [k for k, v in labels.items() if not isinstance(v, int)]
+        if regions:
+            raise ValueError(
+                f"{str(path)!r}: label(s) {regions} are nnU-Net v2 regions (lists of values); only plain integer "
+                "labels are supported."
+            )
+        by_value = {int(v): str(k) for k, v in labels.items()}
+    if sorted(by_value) != list(range(len(by_value))):
+        raise ValueError(f"{str(path)!r}: label values must be dense from 0, got {sorted(by_value)}.")
+    return [by_value[i] for i in range(len(by_value))]
 
 
 def _load_array(path: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
@@ -125,19 +217,52 @@ def _split_image_shape(shape: tuple[int, ...], dims: int) -> tuple[tuple[int, ..
     return None
 
 
-def _check_case(item: Mapping[str, str], task: TaskSpec, check_files: bool) -> list[str]:
+def _load_channels(paths: Sequence[str], t: str) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """Load an image stored as one file per channel (nnU-Net v2) and stack it channels last, as MSD stores it:
+    ``(X, Y, Z, C)``, or ``(X, Y, 1, C)`` for 2D files. The files must share one shape and one affine."""
+    problems: list[str] = []
+    arrays, affines = [], []
+    for p in paths:
+        arr, affine, err = _load_array(p)
+        if err:
+            problems.append(f"{p} ({t}): image {err}.")
+        arrays.append(arr)
+        affines.append(affine)
+    if problems:
+        return None, None, problems
+    for p, arr, affine in zip(paths[1:], arrays[1:], affines[1:]):
+        if arr.shape != arrays[0].shape:
+            problems.append(f"{p} ({t}): channel file shape {arr.shape} differs from {arrays[0].shape} ({paths[0]}).")
+        elif not np.allclose(affine, affines[0], atol=AFFINE_ATOL):
+            problems.append(
+                f"{p} ({t}): inconsistent spacing/affine within the case: {np.round(affine[:3], 4).tolist()} differs "
+                f"from {np.round(affines[0][:3], 4).tolist()} ({paths[0]}); all channel files must share one grid."
+            )
+    if problems:
+        return None, None, problems
+    arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+    return np.stack(arrays, axis=-1), affines[0], []
+
+
+def _check_case(item: Mapping[str, Any], task: TaskSpec, check_files: bool) -> list[str]:
     """All problems of one case, each naming the file, the task and what was expected."""
     problems: list[str] = []
     img_path, lab_path = item["image"], item["label"]
+    img_paths = [img_path] if isinstance(img_path, str) else list(img_path)
     t = f"task {task.name!r}"
     if not check_files:
-        for p in (img_path, lab_path):
+        for p in (*img_paths, lab_path):
             if not os.path.isfile(p):
                 problems.append(f"{p} ({t}): file does not exist.")
         return problems
-    img, img_affine, err = _load_array(img_path)
-    if err:
-        problems.append(f"{img_path} ({t}): image {err}.")
+    if isinstance(img_path, str):
+        img, img_affine, err = _load_array(img_path)
+        if err:
+            problems.append(f"{img_path} ({t}): image {err}.")
+    else:
+        img, img_affine, errs = _load_channels(img_paths, t)
+        problems += errs
+        img_path = img_paths[0]
     lab, lab_affine, lerr = _load_array(lab_path)
     if lerr:
         problems.append(f"{lab_path} ({t}): label {lerr}.")
@@ -308,10 +433,12 @@ def prepare(
         seen_tasks[task.name] = folder
         try:
             meta = _read_dataset_json(folder)
+            items = read_msd_dataset(folder)
         except (OSError, ValueError) as e:
             problems.append(f"{folder} (task {task.name!r}): {e}")
             continue
-        for key, expected in (("labels", task.num_classes), ("modality", task.num_channels)):
+        channels_key = "channel_names" if "channel_names" in meta else "modality"
+        for key, expected in (("labels", task.num_classes), (channels_key, task.num_channels)):
             if isinstance(meta.get(key), dict) and len(meta[key]) != expected:
                 logger.warning(
                     "%s: dataset.json lists %d %s (%s) but task %r has %d; the files are checked against the task.",
@@ -322,7 +449,6 @@ def prepare(
                     task.name,
                     expected,
                 )
-        items = read_msd_dataset(folder)
         if not items:
             problems.append(f"{folder / 'dataset.json'} (task {task.name!r}): the 'training' list is empty.")
         cases += [(it, task) for it in items]
@@ -356,7 +482,7 @@ def prepare(
         items = [{"image": it["image"], "label": it["label"], "task": task.name} for it, t in cases if t is task]
         if not items:
             continue
-        items.sort(key=lambda it: it["image"])
+        items.sort(key=lambda it: it["image"] if isinstance(it["image"], str) else it["image"][0])
         tr, va = _split(items, val_fraction, np.random.default_rng([seed, task.id]))
         training += tr
         validation += va

@@ -124,8 +124,11 @@ def as_list(value: Any) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def image_stem(path: str | os.PathLike) -> str:
-    """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``."""
+def image_stem(path: str | os.PathLike | Sequence[str]) -> str:
+    """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``; an
+    image stored as one file per channel (nnU-Net v2, a list) is named by its first file, as MONAI's metadata."""
+    if not isinstance(path, (str, os.PathLike)):
+        path = list(path)[0]
     name = Path(path).name
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 

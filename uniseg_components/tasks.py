@@ -87,6 +87,11 @@ class TaskSpec:
         label_offset: offset added to this task's foreground labels in a merged all-task label map; ``None``
             (default) lets the catalog assign consecutive offsets in id order.
         description: free text, default ``""``.
+        ct_window: ``(low, high)`` HU range CT channels are clipped to, default ``None`` = UniSeg's [-325, 325].
+        ct_zscore: ``(mean, std)``: after clipping, CT channels are z-scored with these (nnU-Net's CT scheme, the
+            statistics of the foreground voxels of the training set: ``uniseg plan --ct_normalization foreground``
+            writes them with ``ct_window`` = their 0.5 and 99.5 percentiles); default ``None`` = scale the window
+            linearly to [0, 1] (UniSeg's scheme).
     """
 
     name: str
@@ -99,6 +104,8 @@ class TaskSpec:
     dataset: str = ""
     label_offset: int | None = None
     description: str = ""
+    ct_window: tuple[float, float] | None = None
+    ct_zscore: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         # normalise sequences to tuples so specs are hashable and compare by value
@@ -106,6 +113,12 @@ class TaskSpec:
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        for name in ("ct_window", "ct_zscore"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (str, bytes)) or len(value) != 2:
+                    raise ValueError(f"task {self.name!r}: {name} must be two numbers, got {value!r}.")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
         self.validate()
 
     def validate(self) -> None:
@@ -140,6 +153,12 @@ class TaskSpec:
             )
         if self.label_offset is not None and self.label_offset < 0:
             raise ValueError(f"{where}: label_offset must be >= 0, got {self.label_offset}.")
+        if (self.ct_window or self.ct_zscore) and "ct" not in {normalization_of(m) for m in self.modalities}:
+            raise ValueError(f"{where}: ct_window / ct_zscore are set but the task has no CT channel.")
+        if self.ct_window is not None and not self.ct_window[0] < self.ct_window[1]:
+            raise ValueError(f"{where}: ct_window must be (low, high) with low < high, got {list(self.ct_window)}.")
+        if self.ct_zscore is not None and not self.ct_zscore[1] > 0:
+            raise ValueError(f"{where}: ct_zscore must be (mean, std) with std > 0, got {list(self.ct_zscore)}.")
 
     @property
     def num_classes(self) -> int:
@@ -157,9 +176,15 @@ class TaskSpec:
         return self.labels[1:]
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready values; ``ct_window`` / ``ct_zscore`` only when set."""
         d = asdict(self)
         for k in ("modalities", "labels", "spacing", "patch_size"):
             d[k] = list(d[k])
+        for k in ("ct_window", "ct_zscore"):
+            if d[k] is None:
+                del d[k]
+            else:
+                d[k] = list(d[k])
         return d
 
     @classmethod

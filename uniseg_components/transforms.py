@@ -484,8 +484,9 @@ class TaskSpacingd(_PerTaskInvertibled):
 class NormalizeModalityd(TaskMapTransform):
     """Normalise each channel by the task's modality of that channel (UniSeg's scheme).
 
-    * CT channels (``normalization_of(m) == "ct"``): clip to ``ct_window`` (default [-325, 325] HU), then scale
-      linearly to [0, 1].
+    * CT channels (``normalization_of(m) == "ct"``): clip to the task's ``ct_window`` (else this transform's
+      ``ct_window``, default [-325, 325] HU), then scale linearly to [0, 1]; when the task has ``ct_zscore``
+      ``(mean, std)`` (nnU-Net's foreground statistics, written by ``uniseg plan``), z-score with it instead.
     * All other modalities (MR, PET, US, ...): per-volume, per-channel z-score ``(x - mean) / max(std, eps)``
       over the whole channel (UniSeg ran nnU-Net with the non-zero mask off). ``std`` is the population std.
 
@@ -524,10 +525,12 @@ class NormalizeModalityd(TaskMapTransform):
                 f"got an image of channel-first shape {tuple(img.shape)}."
             )
         img = img.float() if img.dtype != torch.float32 else img.clone()
-        lo, hi = self.ct_window
+        lo, hi = task.ct_window or self.ct_window
         for c, modality in enumerate(task.modalities):
             ch = img[c]
-            if normalization_of(modality) == "ct":
+            if normalization_of(modality) == "ct" and task.ct_zscore is not None:
+                img[c] = (ch.clamp(lo, hi) - task.ct_zscore[0]) / task.ct_zscore[1]
+            elif normalization_of(modality) == "ct":
                 img[c] = (ch.clamp(lo, hi) - lo) / (hi - lo)
             else:
                 std = ch.std(unbiased=False).clamp_min(self.eps)

@@ -324,6 +324,16 @@ def verify_images(paths: Sequence[str]) -> dict[str, str]:
     return failed
 
 
+def _files(image: str | Sequence[str]) -> list[str]:
+    """The files of an image or label entry: one path, or one per channel."""
+    return [str(image)] if isinstance(image, (str, os.PathLike)) else [str(p) for p in image]
+
+
+def image_name(image: str | Sequence[str]) -> str:
+    """An image's name in logs and reports: its path, or its files joined by ``" + "`` (one file per channel)."""
+    return image if isinstance(image, str) else " + ".join(map(str, image))
+
+
 def _check_unique_outputs(postfix_of: Mapping[str, str]) -> None:
     """Raise ``ValueError`` before any work when two inputs would write the same output file."""
     seen: dict[tuple[str, str], str] = {}
@@ -341,7 +351,7 @@ def _run_inference(
     net: torch.nn.Module,
     cat: TaskCatalog,
     checkpoint: str | os.PathLike,
-    images: list[str],
+    images: list[Any],
     tasks: list[Any],
     all_tasks: bool,
     out: Path,
@@ -349,10 +359,11 @@ def _run_inference(
     device: Any,
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Run the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged). When the run stops on
-    an image, the images it did not reach run one by one, so that one bad image never stops the others.
+    an image, the images it did not reach run one by one, so that one bad image never stops the others. An image is
+    a path or a list of paths (one per channel).
 
     Returns:
-        ``({image: output}, {image: reason})`` of the images done and failed.
+        ``({image_name(image): output}, {image_name(image): reason})`` of the images done and failed.
     """
     m = method_of(net)
     postfix = "all" if all_tasks else tasks[0].name
@@ -375,7 +386,7 @@ def _run_inference(
     written: dict[str, Path] = {}
     failed: dict[str, str] = {}
 
-    def run(batch: list[str]) -> None:
+    def run(batch: list[Any]) -> None:
         items = [{"image": i} for i in batch]
         wf = run_workflow(
             m.bundle_for(net), ["inference.json"], "infer", {**overrides, "datalist": items, "images": items}, run=False
@@ -390,17 +401,17 @@ def _run_inference(
         finally:
             wf.finalize()
         if error is None:
-            written.update({i: out / f"{image_stem(i)}_{postfix}{ext}" for i in batch})
+            written.update({image_name(i): out / f"{image_stem(i)}_{postfix}{ext}" for i in batch})
         elif len(batch) > 1:  # the images before the failing one are done; the rest run one by one
-            written.update({i: out / f"{image_stem(i)}_{postfix}{ext}" for i in batch[: len(done)]})
+            written.update({image_name(i): out / f"{image_stem(i)}_{postfix}{ext}" for i in batch[: len(done)]})
             for i in batch[len(done) :]:
                 run([i])
         else:
             try:
                 raise_root_cause(error)
             except Exception as cause:  # noqa: BLE001
-                failed[batch[0]] = str(cause)
-                logger.error("%s: %s", batch[0], cause)
+                failed[image_name(batch[0])] = str(cause)
+                logger.error("%s: %s", image_name(batch[0]), cause)
 
     run(list(images))
     names = {t.name for t in tasks}
@@ -484,28 +495,30 @@ def evaluate(
     for it in items:
         by_task.setdefault(cat[it["task"]].name, []).append(it)
     for name, task_items in by_task.items():
-        _check_unique_outputs({str(it["image"]): name for it in task_items})
+        _check_unique_outputs({image_name(it["image"]): name for it in task_items})
     device = check_device(device)
     t0 = time.time()
     keep = predictions is not None
     root = check_writable(predictions) if keep else Path(tempfile.mkdtemp(prefix="uniseg-eval-"))
-    failed = verify_images([str(it[k]) for it in items for k in ("image", "label")])
+    failed = verify_images([str(p) for it in items for k in ("image", "label") for p in _files(it[k])])
     scored = 0
     try:
         model, baseline = TaskDiceAggregator(cat), TaskDiceAggregator(cat)
         load = LoadImage(image_only=True, ensure_channel_first=True)
         for name, task_items in by_task.items():
             task = cat[name]
-            task_items = [it for it in task_items if str(it["image"]) not in failed and str(it["label"]) not in failed]
-            images = [str(it["image"]) for it in task_items]
+            task_items = [
+                it for it in task_items if not any(str(p) in failed for k in ("image", "label") for p in _files(it[k]))
+            ]
+            images = [it["image"] for it in task_items]
             if not images:
                 continue
             paths, errors = _run_inference(net, cat, checkpoint, images, [task], False, root / name, mirror, device)
             failed.update(errors)
             for it in task_items:
-                if str(it["image"]) not in paths:
+                if image_name(it["image"]) not in paths:
                     continue
-                pred = load(str(paths[str(it["image"])])).round().to(torch.int16)
+                pred = load(str(paths[image_name(it["image"])])).round().to(torch.int16)
                 label = load(it["label"]).round().to(torch.int16)
                 if tuple(label.shape) != tuple(pred.shape):
                     failed[str(it["label"])] = (
@@ -517,7 +530,7 @@ def evaluate(
                 d = model.add(pred, label, task.id)
                 baseline.add(torch.zeros_like(label), label, task.id)
                 scored += 1
-                logger.info("%s %s Dice %s", name, Path(it["image"]).name, [round(float(v), 4) for v in d])
+                logger.info("%s %s Dice %s", name, image_stem(it["image"]), [round(float(v), 4) for v in d])
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

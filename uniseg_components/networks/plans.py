@@ -3,8 +3,8 @@
 
 A plan is stored in the task catalog (``TaskCatalog.plan``) as a JSON object; :class:`UNetPlan` parses,
 validates and completes it. When a catalog has no plan, :func:`auto_plan` derives one from the patch size
-and spacing with nnU-Net's rules (halve an axis while it stays at least 4 voxels and is not much coarser
-than the finest axis; 1 instead of 3 as kernel size along an axis that is still much coarser than the others).
+and spacing with nnU-Net's rules (halve an axis while it stays at least 4 voxels and is less than twice as coarse
+as the finest axis; 1 instead of 3 as kernel size along an axis that is still twice as coarse as the finest).
 """
 
 from __future__ import annotations
@@ -157,7 +157,9 @@ def auto_plan(
 
     Args:
         patch_size: training patch (MONAI axis order); axes are downsampled by 2 while they stay >= ``min_size``
-            and, for anisotropic spacing, while the axis is not more than twice as coarse as the finest axis.
+            and, for anisotropic spacing, while the axis is less than twice as coarse as the finest axis; the
+            kernel is 1 along an axis at least twice as coarse as the finest one until it has caught up, then 3.
+            With spacing ``(1.5, 1.5, 3)`` and patch ``(192, 192, 64)`` this gives UniSeg's plan.
         spacing: voxel spacing per axis, default isotropic.
         base_features: channels of the first stage, default 32; doubled per stage up to ``max_features`` (320).
         min_size: smallest size an axis may be downsampled to, default 4.
@@ -170,16 +172,19 @@ def auto_plan(
     spacing = list(spacing) if spacing is not None else [1.0] * dims
     size, sp = list(patch_size), list(spacing)
     strides: list[list[int]] = [[1] * dims]
-    kernels: list[list[int]] = [[3 if sp[a] <= 2 * min(sp) else 1 for a in range(dims)]]
+    kernel = [3 if sp[a] < 2 * min(sp) else 1 for a in range(dims)]
+    kernels: list[list[int]] = [list(kernel)]
     while len(strides) < max_stages:
         fine = min(sp)
-        st = [2 if size[a] // 2 >= min_size and sp[a] <= 2 * fine else 1 for a in range(dims)]
+        st = [2 if size[a] // 2 >= min_size and sp[a] < 2 * fine else 1 for a in range(dims)]
         if all(s == 1 for s in st):
             break
         size = [s // t for s, t in zip(size, st)]
         sp = [s * t for s, t in zip(sp, st)]
         strides.append(st)
-        kernels.append([3 if sp[a] <= 2 * min(sp) else 1 for a in range(dims)])
+        # once an axis is fine enough for a 3-wide kernel it keeps it (nnU-Net)
+        kernel = [3 if kernel[a] == 3 or sp[a] < 2 * min(sp) else 1 for a in range(dims)]
+        kernels.append(list(kernel))
     n = len(strides)
     features = [min(base_features * 2**i, max_features) for i in range(n)]
     total = [math.prod(st[a] for st in strides) for a in range(dims)]
