@@ -8,6 +8,8 @@
   ``datalist.json`` + ``tasks.json``; :func:`load_datalist` reads them back.
 * :class:`TaskBalancedBatchSampler` draws UniSeg's batches: one task per batch, every task equally often per
   epoch, different batches on each distributed rank.
+* :func:`cached_dataset` gives the bundles' datasets: in RAM (small collections) or preprocessed once to disk
+  (:class:`DiskCacheDataset`, any size); :func:`default_num_workers` the DataLoader workers for this machine.
 
 File layout conventions (the same as the transforms'): a 3D image is ``(X, Y, Z)`` or ``(X, Y, Z, C)`` (MSD's
 channel-last 4-D NIfTI); a 2D image is ``(X, Y)``, ``(X, Y, 1)`` or ``(X, Y, 1, C)``; labels have the
@@ -16,6 +18,9 @@ image's spatial shape (a trailing singleton axis is allowed).
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch.distributed as dist
+from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import Sampler
 
 from .io import load_nifti, read_json, write_json
@@ -38,6 +44,11 @@ __all__ = [
     "prepare",
     "load_datalist",
     "TaskBalancedBatchSampler",
+    "default_num_workers",
+    "transform_hash",
+    "item_hash",
+    "DiskCacheDataset",
+    "cached_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -716,3 +727,155 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-self.total_batches // self.num_replicas)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+#: bump when the code of the deterministic transforms changes what they write (invalidates every disk cache)
+CACHE_FORMAT = 1
+
+
+def default_num_workers(max_workers: int = 16) -> int:
+    """DataLoader workers for this machine: the CPUs this process may use, less 2 (the main process and the
+    device's feeder), between 0 and ``max_workers`` (default 16): 0 on a 2-core machine, 14 on 16 cores."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(int(max_workers), cpus - 2))
+
+
+def _describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON-ready description of a transform's configuration: simple values as they are, catalogs as their dict,
+    objects as their class name and (two levels deep) their public attributes; never a memory address."""
+    if isinstance(obj, TaskCatalog):
+        return obj.to_dict()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_describe(v, depth) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): _describe(v, depth) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if inspect.isroutine(obj) or isinstance(obj, type):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if depth >= 2 or not hasattr(obj, "__dict__"):
+        return name
+    attrs = {k: _describe(v, depth + 1) for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
+    return {"class": name, **attrs}
+
+
+def transform_hash(transforms: Sequence[Any]) -> bytes:
+    """The cache key part of a transform chain (``PersistentDataset(hash_transform=...)``): a digest of the package
+    version, :data:`CACHE_FORMAT` and every transform's class and parameters, the task catalog included, so that a
+    change of catalog (spacing, normalisation...) or of the transforms makes a new cache."""
+    from . import __version__
+
+    text = json.dumps([__version__, CACHE_FORMAT, [_describe(t) for t in transforms]], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16].encode()
+
+
+def item_hash(item: Mapping[str, Any]) -> bytes:
+    """The cache key part of a data item: a digest of the item and, for every file it names, its size and
+    modification time, so that a replaced image or label is preprocessed again."""
+    stats = []
+    for value in item.values():
+        for p in [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []:
+            if isinstance(p, str) and os.path.isfile(p):
+                st = os.stat(p)
+                stats.append([p, st.st_size, st.st_mtime_ns])
+    text = json.dumps([_describe(dict(item)), stats], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest().encode()
+
+
+class DiskCacheDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` for collections larger than RAM: the deterministic pre-processing of every item
+    runs once and is stored in ``cache_dir`` (one ``.pt`` file per item, written atomically); training reads it
+    from there, so memory stays bounded by the items in flight, whatever the number of cases.
+
+    The cache file's name is :func:`item_hash` (the item and its files' size and modification time) followed by
+    :func:`transform_hash` (the catalog and the deterministic transforms' parameters): a changed file, catalog or
+    transform is preprocessed again into a new file, and stale files are never read. :meth:`precompute` fills the
+    cache in parallel with a progress bar (the bundles do it before training starts).
+
+    Args:
+        data: the items ``{"image", "label", "task"}``.
+        transform: the pipeline (a ``Compose``); its part before the first random transform is cached.
+        cache_dir: the cache folder (created).
+    """
+
+    def __init__(self, data: Sequence[Mapping[str, Any]], transform: Any, cache_dir: str | os.PathLike) -> None:
+        super().__init__(
+            data,
+            transform,
+            cache_dir=Path(cache_dir),
+            hash_func=item_hash,
+            hash_transform=transform_hash,
+            track_meta=True,
+            weights_only=False,  # our own files: MetaTensors with their metadata
+        )
+
+    def cache_file(self, index: int) -> Path:
+        """Where item ``index`` is (or will be) cached."""
+        return Path(self.cache_dir) / f"{self.hash_func(self.data[index]).decode()}{self.transform_hash}.pt"
+
+    def precompute(self, num_workers: int = 0, progress: bool = True) -> int:
+        """Preprocess the items that are not cached yet, ``num_workers`` processes in parallel (0: in this
+        process), with a progress bar; on several ranks each rank takes its share. Errors name the item's file.
+
+        Returns:
+            the number of items preprocessed by this rank.
+        """
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from .distributed import get_rank, get_world_size
+
+        missing = [i for i in range(len(self.data)) if not self.cache_file(i).is_file()]
+        mine = missing[get_rank() :: get_world_size()]
+        if not mine:
+            return 0
+        loader = DataLoader(_Precompute(self, mine), batch_size=None, num_workers=num_workers)
+        logger.info("preprocessing %d of %d case(s) into %s", len(mine), len(self.data), self.cache_dir)
+        for _ in tqdm(loader, total=len(mine), desc="preprocess", disable=not progress):
+            pass
+        return len(mine)
+
+
+class _Precompute:
+    """Map-style dataset over the uncached items of a :class:`DiskCacheDataset`: computing an item caches it; only
+    its index travels back from the worker."""
+
+    def __init__(self, dataset: DiskCacheDataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> int:
+        self.dataset._cachecheck(self.dataset.data[self.indices[k]])
+        return self.indices[k]
+
+
+def cached_dataset(
+    data: Sequence[Mapping[str, Any]],
+    transform: Any,
+    cache_dir: str | os.PathLike | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> Dataset:
+    """The train and validation datasets of the bundles: in RAM (MONAI's ``CacheDataset``, the default, right for
+    small collections such as the demo) or, with ``cache_dir``, on disk (:class:`DiskCacheDataset`, filled here
+    with :meth:`~DiskCacheDataset.precompute`, for collections of any size).
+
+    Args:
+        data: the items.
+        transform: the pipeline.
+        cache_dir: a folder for the disk cache, default ``None`` (RAM).
+        cache_rate: share of the items cached in RAM without ``cache_dir``, default ``1.0``.
+        num_workers: processes preprocessing the disk cache (threads filling the RAM cache), default 0.
+    """
+    if cache_dir is None or str(cache_dir) == "":
+        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers or 1)
+    ds = DiskCacheDataset(data, transform, cache_dir)
+    ds.precompute(num_workers=num_workers)
+    return ds

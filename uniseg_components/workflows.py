@@ -118,6 +118,7 @@ def train(
     device: str | torch.device | None = None,
     seed: int | None = None,
     num_workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     resume: bool = False,
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -143,7 +144,11 @@ def train(
         augment: nnU-Net-style augmentation; default the bundle's (True).
         device: "cuda", "cpu", ...; default CUDA when available.
         seed: default the bundle's (0).
-        num_workers: data-loader workers; default the bundle's (0).
+        num_workers: data-loader workers (and processes filling the disk cache); default the bundle's: the CPU count
+            less 2, at most 16 (0 on a 2-core machine).
+        cache_dir: preprocess every case once into this folder and train from it (RAM stays bounded whatever the
+            number of cases; a changed file, catalog or transform is preprocessed again); default none: the
+            preprocessed cases are kept in RAM, right for small collections such as the demo.
         resume: continue from OUTPUT_DIR/checkpoint_latest.pt, default False.
         config: other entries of the bundle's train.json, e.g. --config '{"momentum": 0.9, "cache_rate": 0.5}'.
 
@@ -170,6 +175,7 @@ def train(
             "augment": augment,
             "seed": seed,
             "num_workers": num_workers,
+            "cache_dir": None if cache_dir is None else str(cache_dir),
             "device": None if device is None else torch.device(device),
             "resume": bool(resume),
         }
