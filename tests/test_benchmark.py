@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import nibabel as nib
+import numpy as np
 import torch
+from conftest import mixed_catalog
 
 from uniseg_components import cli
 from uniseg_components.benchmark import count_parameters, time_interleaved
@@ -82,3 +85,30 @@ def test_hermes_benchmark_on_demo_plan():
     report = format_hermes_report(res)
     assert "prior-fusion layers" in report and "one pass per target" in report
     assert METHODS["hermes"].format_benchmark(res) == report
+
+
+def test_loader_benchmark_on_small_synthetic_ct(tmp_path):
+    from uniseg_components.data_benchmark import format_loader_report, run_loader_benchmark, write_synthetic_ct
+
+    items = write_synthetic_ct(tmp_path / "ct", 1, shape=(64, 48, 20))
+    lab = np.asarray(nib.load(items[0]["label"]).dataobj)
+    assert set(np.unique(lab)) == {0, 1, 2}  # organ and tumour present
+    torch.set_num_threads(1)
+    res = run_loader_benchmark(
+        mixed_catalog(), cases=2, workers=[0, 1], batches=3, repeats=1, device="cpu", shape=(64, 48, 20)
+    )
+    assert set(res["batches_per_s"]) == {"0", "1"} and all(v > 0 for v in res["batches_per_s"].values())
+    assert res["task"] == "organ_ct" and res["patch"] == [16, 16, 12] and res["model_step_s"] > 0
+    report = format_loader_report(res)
+    assert "loader, 1 worker(s)" in report and "UniSeg training step, patch 16x16x12" in report
+
+
+def test_scale_benchmark_reports_peak_memory_per_case_count(tmp_path):
+    from uniseg_components.data_benchmark import format_scale_report, run_scale_benchmark
+
+    res = run_scale_benchmark((2, 4), batches=2, workers=1, shape=(64, 48, 24), patch=(32, 32, 16))
+    assert set(res["runs"]) == {"2", "4"}
+    for r in res["runs"].values():
+        assert r["self_mb"] > 100 and r["children_mb"] > 0 and r["cache_mb"] > 0
+    assert res["runs"]["4"]["cache_mb"] > 1.5 * res["runs"]["2"]["cache_mb"]  # every case preprocessed to disk
+    assert "| 4 |" in format_scale_report(res)

@@ -116,11 +116,12 @@ def test_infer_bad_inputs_name_the_problem(trained, tmp_path):
     assert not list(tmp_path.glob("*.nii.gz")), "a failed run must not write outputs"
 
 
-def test_prepare_cli_needs_a_catalog(tmp_path):
+def test_prepare_cli_without_catalog_plans_and_names_a_bad_dataset_json(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"training": []}))
-    with pytest.raises(ValueError, match="--catalog"):
+    with pytest.raises(ValueError, match=r"ds/dataset.json' has no 'labels'"):
         cli.prepare(str(tmp_path / "ds"), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="nowhere"):
         cli.prepare(str(tmp_path / "nowhere"), catalog="demo", out=str(tmp_path / "out"))
 

@@ -280,13 +280,18 @@ def benchmark(
     device: str = "",
     write: str = "",
     model: str = "all",
+    workers: Any = None,
+    scale_cases: Any = "10,40",
 ) -> str:
-    """Measure parameters, time ratios and throughput of each method in one run on this machine.
+    """Measure parameters, time ratios and throughput of each method, and the data path, in one run on this machine.
 
     Each method reports its own table (see docs/benchmarks.md): UniSeg (a) parameters of UniSeg and of the plain
     backbone, (b) the time ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio
     of the all-tasks path / separate per-task passes with the ratio the multiply-accumulate counts allow, (d)
-    sliding-window throughput; MedUniSeg and Hermes the same kinds of figures for their networks.
+    sliding-window throughput; MedUniSeg and Hermes the same kinds of figures for their networks. "loader": batches/s
+    of the train pipeline on synthetic 512x512x160 CT through the disk cache at the catalog's patch, for 0 and the
+    default worker count, beside the UniSeg training step rate. "scale" (not in "all", minutes): peak RSS of a short
+    training run through the disk cache for 10 and 40 such cases.
 
     Args:
         catalog: catalog JSON or built-in name, default "" (each method's own: the paper's plan).
@@ -295,18 +300,39 @@ def benchmark(
         repeats: timed repetitions (median), default 3.
         device: default CUDA when available.
         write: also write the markdown tables to this file.
-        model: one method name, a comma-separated list, or "all" (default): uniseg, meduniseg, hermes.
+        model: one name, a comma-separated list, or "all" (default: the methods and the loader): uniseg, meduniseg,
+            hermes, loader, scale.
+        workers: loader worker counts, comma-separated, default 0 and the default count (1 if that is 0).
+        scale_cases: case counts of "scale", default "10,40".
     Returns:
         the markdown tables.
     """
     from .benchmark import run_benchmarks
+    from .methods import METHODS
 
     _setup_logging()
-    names = None if str(model) == "all" else as_list(model)
+    names = [*METHODS, "loader"] if str(model) == "all" else as_list(model)
     patch_size = [int(v) for v in as_list(patch)] if patch else None
-    report = run_benchmarks(
-        names, catalog=catalog or None, patch_size=patch_size, repeats=repeats, device=device or None
-    )
+    methods = [n for n in names if n not in ("loader", "scale")]
+    sections = []
+    if methods:
+        sections.append(
+            run_benchmarks(
+                methods, catalog=catalog or None, patch_size=patch_size, repeats=repeats, device=device or None
+            )
+        )
+    if "loader" in names:
+        from .data_benchmark import format_loader_report, run_loader_benchmark
+
+        counts = [int(w) for w in as_list(workers)] if workers is not None else None
+        res = run_loader_benchmark(catalog or None, workers=counts, repeats=repeats, device=device or None)
+        sections.append(f"### loader\n\n{format_loader_report(res)}")
+    if "scale" in names:
+        from .data_benchmark import format_scale_report, run_scale_benchmark
+
+        res = run_scale_benchmark([int(n) for n in as_list(scale_cases)])
+        sections.append(f"### scale\n\n{format_scale_report(res)}")
+    report = "\n\n".join(sections)
     if write:
         from .io import write_text
 

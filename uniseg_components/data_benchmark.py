@@ -1,0 +1,310 @@
+# Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
+"""``uniseg benchmark --model loader`` and ``--model scale``: the real-scale data path measured on synthetic
+clinical-size CT (512 x 512 x 160 voxels of 0.8 x 0.8 x 2 mm, int16, a body, a liver-like organ and a tumour).
+
+* :func:`run_loader_benchmark`: batches/s of the bundles' real train pipeline (disk cache, task-balanced sampler,
+  patch crop and augmentation) at the catalog's patch, for 0 and the default number of DataLoader workers, beside
+  the model's training-step rate at the same patch on the same machine: the loader must outpace the model.
+* :func:`run_scale_benchmark`: peak resident memory of a short training run through the disk cache for 10 and 40
+  cases (each run in a fresh process, preprocessing included): it must not grow with the number of cases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "write_synthetic_ct",
+    "run_loader_benchmark",
+    "format_loader_report",
+    "run_scale_benchmark",
+    "format_scale_report",
+]
+
+logger = logging.getLogger(__name__)
+
+#: clinical-size synthetic CT: shape and spacing (mm) of every case
+CT_SHAPE = (512, 512, 160)
+CT_SPACING = (0.8, 0.8, 2.0)
+
+
+def write_synthetic_ct(
+    folder: str | os.PathLike, n: int, shape: Sequence[int] = CT_SHAPE, spacing: Sequence[float] = CT_SPACING
+) -> list[dict[str, str]]:
+    """Write ``n`` synthetic CT cases (``case_XXX.nii.gz`` int16 HU + ``case_XXX_seg.nii.gz`` labels 0 background,
+    1 organ, 2 tumour) into ``folder``; the organ moves from case to case. Existing files are kept.
+
+    Returns:
+        the items ``{"image", "label", "task": "liver"}``.
+    """
+    import nibabel as nib
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y, z = (np.linspace(-1, 1, s, dtype=np.float32) for s in shape)
+    body2d = (x[:, None] / 0.85) ** 2 + (y[None, :] / 0.65) ** 2 < 1
+    noise = np.random.default_rng(0).normal(0, 20, tuple(shape)).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    items = []
+    for i in range(n):
+        image, label = folder / f"case_{i:03d}.nii.gz", folder / f"case_{i:03d}_seg.nii.gz"
+        items.append({"image": str(image), "label": str(label), "task": "liver"})
+        if image.is_file() and label.is_file():
+            continue
+        cx, cy, cz = 0.25 + 0.01 * (i % 10), -0.1, 0.05 * (i % 5)
+        organ = (
+            ((x[:, None, None] - cx) / 0.35) ** 2
+            + ((y[None, :, None] - cy) / 0.3) ** 2
+            + ((z[None, None] - cz) / 0.6) ** 2
+        ) < 1
+        tumour = (
+            ((x[:, None, None] - cx - 0.1) / 0.08) ** 2
+            + ((y[None, :, None] - cy) / 0.08) ** 2
+            + ((z[None, None] - cz) / 0.15) ** 2
+        ) < 1
+        lab = organ.astype(np.uint8) + (tumour & organ).astype(np.uint8)
+        hu = np.where(body2d[..., None], 40.0, -1000.0) + 20.0 * organ + 30.0 * (lab == 2)
+        hu = hu + np.roll(noise, i, axis=0)
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), str(image))
+        nib.save(nib.Nifti1Image(lab, affine), str(label))
+    return items
+
+
+def _liver_catalog(catalog: Any) -> Any:
+    """The ``liver`` task of ``catalog`` (default the 11-task UniSeg catalog, the paper's spacing and patch)."""
+    from .tasks import TaskCatalog
+
+    cat = TaskCatalog.resolve(catalog or "uniseg_11tasks")
+    name = "liver" if "liver" in cat else cat.names[0]
+    return cat.select([name]), name
+
+
+def run_loader_benchmark(
+    catalog: Any = None,
+    cases: int = 4,
+    workers: Sequence[int] | None = None,
+    batches: int = 12,
+    batch_size: int = 2,
+    repeats: int = 3,
+    device: str | None = None,
+    work_dir: str | os.PathLike | None = None,
+    shape: Sequence[int] = CT_SHAPE,
+) -> dict[str, Any]:
+    """Batches/s of the train pipeline on synthetic clinical-size CT for several worker counts, and the model step.
+
+    The cases are preprocessed once into a disk cache (timed: seconds per case); then, per worker count, a
+    ``DataLoader`` over :class:`~uniseg_components.data.DiskCacheDataset` with the bundles' task-balanced batch
+    sampler and ``train_transforms`` (crop with foreground oversampling + augmentation) delivers ``batches`` batches;
+    the rate is taken after the first batch (worker start-up excluded). The model figure is one UniSeg training step
+    (SGD, Dice + CE, AMP on CUDA) at the same patch and batch, the median of ``repeats``.
+
+    Args:
+        catalog: default the 11-task UniSeg catalog (its ``liver`` task: 1.5 x 1.5 x 3 mm, patch 192 x 192 x 64).
+        cases: synthetic cases, default 4.
+        workers: worker counts, default ``[0, default_num_workers()]`` (and 1 when the default is 0).
+        batches: batches timed per worker count, default 12.
+        batch_size: default 2 (the paper's).
+        repeats: model steps timed, default 3.
+        device: the model's device, default CUDA when available.
+        work_dir: where the synthetic cases and the cache go, default a temporary folder (removed).
+        shape: voxels of each synthetic case, default 512 x 512 x 160.
+    """
+    from monai.data import DataLoader
+
+    from .benchmark import default_device, environment, time_interleaved, train_step
+    from .data import DiskCacheDataset, TaskBalancedBatchSampler, default_num_workers
+    from .methods.uniseg import UniSeg
+    from .transforms import train_transforms
+
+    cat, task = _liver_catalog(catalog)
+    default = default_num_workers()
+    counts = sorted(set(workers if workers is not None else [0, default, 1 if default == 0 else default]))
+    tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="uniseg-loader-")
+    root = Path(work_dir or tmp.name)  # type: ignore[union-attr]
+    try:
+        t = time.perf_counter()
+        items = write_synthetic_ct(root / "data", cases, shape)
+        for it in items:
+            it["task"] = task
+        write_s = time.perf_counter() - t
+        ds = DiskCacheDataset(items, train_transforms(cat), root / "cache")
+        t = time.perf_counter()
+        done = ds.precompute(num_workers=max(counts), progress=False)
+        pre_s = (time.perf_counter() - t) / max(done, 1)
+        rates = {}
+        for w in counts:
+            sampler = TaskBalancedBatchSampler.from_items(items, cat, batch_size, batches_per_task=batches + 1)
+            loader = DataLoader(ds, batch_sampler=sampler, num_workers=w)
+            it = iter(loader)
+            next(it)
+            t = time.perf_counter()
+            n = sum(1 for _ in it)
+            rates[w] = n / (time.perf_counter() - t)
+            logger.info("loader: %d worker(s): %.2f batches/s", w, rates[w])
+        dev = default_device(device)
+        net = UniSeg.from_catalog(cat).to(dev).train()
+        patch = tuple(cat[task].patch_size)
+        x = torch.randn(batch_size, cat[task].num_channels, *patch, device=dev)
+        y = torch.randint(0, cat[task].num_classes, (batch_size, 1, *patch), device=dev).float()
+        tid = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        (step_s,) = time_interleaved([train_step(net, x, y, dev.type == "cuda", task_id=tid)], repeats, 1, dev)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {
+        "catalog": cat.name,
+        "task": task,
+        **environment(dev),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "case_shape": list(shape),
+        "case_spacing": list(CT_SPACING),
+        "target_spacing": list(cat[task].spacing),
+        "patch": list(patch),
+        "batch_size": batch_size,
+        "cases": cases,
+        "write_s_per_case": write_s / cases,
+        "preprocess_s_per_case": pre_s,
+        "default_workers": default,
+        "batches_per_s": {str(k): v for k, v in rates.items()},
+        "model_step_s": step_s,
+        "model_steps_per_s": 1.0 / step_s,
+    }
+
+
+def format_loader_report(res: dict[str, Any]) -> str:
+    """The markdown table of :func:`run_loader_benchmark`."""
+    from .benchmark import markdown_table
+
+    rows = [
+        ("machine", f"{res['device']}, {res['cpus']} CPU(s), torch {res['torch']}"),
+        (
+            "synthetic CT",
+            f"{res['cases']} cases {'x'.join(map(str, res['case_shape']))} at {res['case_spacing']} mm -> "
+            f"{res['target_spacing']} mm",
+        ),
+        ("preprocess once (disk cache)", f"{res['preprocess_s_per_case']:.1f} s/case"),
+    ]
+    for w, rate in res["batches_per_s"].items():
+        tag = " (default)" if int(w) == res["default_workers"] else ""
+        rows.append((f"loader, {w} worker(s){tag}", f"{rate:.2f} batches/s"))
+    rows.append(
+        (
+            f"UniSeg training step, patch {'x'.join(map(str, res['patch']))}, batch {res['batch_size']}",
+            f"{res['model_step_s']:.3f} s = {res['model_steps_per_s']:.2f} steps/s",
+        )
+    )
+    best = res["batches_per_s"][str(res["default_workers"])]
+    rows.append(("default loader / model step rate", f"{best / res['model_steps_per_s']:.1f}x"))
+    return markdown_table(rows)
+
+
+_SCALE_RUN = """
+import json, resource, sys
+from uniseg_components.workflows import train
+args = json.loads(sys.argv[1])
+res = train(args["datalist"], catalog=args["catalog"], output_dir=args["out"], epochs=1,
+            batches_per_task=args["batches"], cache_dir=args["cache"], num_workers=args["workers"], device="cpu")
+print("RESULT " + json.dumps({
+    "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    "seconds": res["seconds"]}))
+"""
+
+
+def run_scale_benchmark(
+    counts: Sequence[int] = (10, 40),
+    batches: int = 4,
+    workers: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    shape: Sequence[int] = CT_SHAPE,
+    patch: Sequence[int] = (96, 96, 32),
+) -> dict[str, Any]:
+    """Peak resident memory of one short epoch of the UniSeg bundle through the disk cache, for each case count.
+
+    The cases are :func:`write_synthetic_ct` volumes of the liver task at the paper's spacing (1.5 x 1.5 x 3 mm; a
+    CPU-sized network plan, patch 96 x 96 x 32, since the measure is about the data); each count trains in a fresh
+    process (``uniseg train --cache_dir``, preprocessing into an empty cache included), which reports its own peak
+    RSS and the largest of its DataLoader workers'.
+
+    Args:
+        counts: case counts, default ``(10, 40)``.
+        batches: training batches of the epoch, default 4.
+        workers: DataLoader workers, default :func:`~uniseg_components.data.default_num_workers` (at least 1, so
+            that the workers' memory is measured too).
+        work_dir: where cases, caches and runs go, default a temporary folder (removed).
+        shape: voxels of each synthetic case, default 512 x 512 x 160.
+        patch: the training patch, default 96 x 96 x 32.
+    """
+    from .data import default_num_workers
+    from .io import write_json
+    from .networks.plans import auto_plan
+    from .tasks import TaskCatalog
+
+    workers = max(1, default_num_workers()) if workers is None else int(workers)
+    base = TaskCatalog.builtin("uniseg_11tasks")["liver"].to_dict()
+    plan = auto_plan(patch, base["spacing"], base_features=16, max_features=128).to_dict()
+    catalog = TaskCatalog([{**base, "id": 0, "patch_size": plan["patch_size"], "label_offset": None}], "scale", plan)
+    tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="uniseg-scale-")
+    root = Path(work_dir or tmp.name)  # type: ignore[union-attr]
+    runs: dict[str, Any] = {}
+    try:
+        t = time.perf_counter()
+        items = write_synthetic_ct(root / "data", max(counts), shape)
+        write_s = time.perf_counter() - t
+        catalog.save(root / "tasks.json")
+        for n in counts:
+            datalist = write_json(root / f"datalist_{n}.json", {"training": items[:n], "validation": []})
+            args = {
+                "datalist": str(datalist),
+                "catalog": str(root / "tasks.json"),
+                "out": str(root / f"run_{n}"),
+                "cache": str(root / f"cache_{n}"),
+                "batches": batches,
+                "workers": workers,
+            }
+            out = subprocess.run(
+                [sys.executable, "-c", _SCALE_RUN, json.dumps(args)], capture_output=True, text=True, check=False
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"the {n}-case run failed:\n{out.stderr[-3000:]}")
+            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+            cache_mb = sum(p.stat().st_size for p in (root / f"cache_{n}").glob("*.pt")) / 2**20
+            runs[str(n)] = {**json.loads(line[len("RESULT ") :]), "cache_mb": cache_mb}
+            logger.info("scale: %d cases: %s", n, runs[str(n)])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {
+        "case_shape": list(shape),
+        "case_spacing": list(CT_SPACING),
+        "workers": workers,
+        "batches": batches,
+        "write_s": write_s,
+        "runs": runs,
+    }
+
+
+def format_scale_report(res: dict[str, Any]) -> str:
+    """The markdown table of :func:`run_scale_benchmark`."""
+    lines = [
+        "| cases | disk cache | peak RSS, training process | peak RSS, largest worker | run time |",
+        "|---|---|---|---|---|",
+    ]
+    for n, r in res["runs"].items():
+        lines.append(
+            f"| {n} | {r['cache_mb'] / 1024:.2f} GiB | {r['self_mb']:.0f} MiB | {r['children_mb']:.0f} MiB | "
+            f"{r['seconds']:.0f} s |"
+        )
+    return "\n".join(lines)
