@@ -107,8 +107,9 @@ def test_scale_benchmark_reports_peak_memory_per_case_count(tmp_path):
     from uniseg_components.data_benchmark import format_scale_report, run_scale_benchmark
 
     res = run_scale_benchmark((2, 4), batches=2, workers=1, shape=(64, 48, 24), patch=(32, 32, 16))
-    assert set(res["runs"]) == {"2", "4"}
+    assert set(res["runs"]) == {"disk 2", "disk 4", "ram 2", "ram 4"}
     for r in res["runs"].values():
-        assert r["self_mb"] > 100 and r["children_mb"] > 0 and r["cache_mb"] > 0
-    assert res["runs"]["4"]["cache_mb"] > 1.5 * res["runs"]["2"]["cache_mb"]  # every case preprocessed to disk
-    assert "| 4 |" in format_scale_report(res)
+        assert r["self_mb"] > 100 and r["children_mb"] > 0
+    assert res["runs"]["disk 4"]["cache_mb"] > 1.5 * res["runs"]["disk 2"]["cache_mb"] > 0  # every case on disk
+    assert res["runs"]["ram 4"]["cache_mb"] == 0
+    assert "| on disk (`--cache_dir`) | 4 |" in format_scale_report(res)

@@ -126,7 +126,7 @@ def test_prepare_cli_without_catalog_plans_and_names_a_bad_dataset_json(tmp_path
         cli.prepare(str(tmp_path / "nowhere"), catalog="demo", out=str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("verb", ["demo-data", "prepare", "train", "evaluate", "infer", "benchmark"])
+@pytest.mark.parametrize("verb", ["demo-data", "plan", "prepare", "train", "evaluate", "infer", "benchmark"])
 def test_cli_help(verb):
     proc = subprocess.run(
         [sys.executable, "-m", "uniseg_components", verb, "--help"],

@@ -296,7 +296,7 @@ def benchmark(
     Args:
         catalog: catalog JSON or built-in name, default "" (each method's own: the paper's plan).
         patch: timed patch, comma-separated (e.g. 96,96,32); default the catalog's on CUDA and half of it per
-            axis on CPU.
+            axis on CPU for the methods, the catalog's for the loader (the model step then needs ~19 GB on a CPU).
         repeats: timed repetitions (median), default 3.
         device: default CUDA when available.
         write: also write the markdown tables to this file.
@@ -325,7 +325,9 @@ def benchmark(
         from .data_benchmark import format_loader_report, run_loader_benchmark
 
         counts = [int(w) for w in as_list(workers)] if workers is not None else None
-        res = run_loader_benchmark(catalog or None, workers=counts, repeats=repeats, device=device or None)
+        res = run_loader_benchmark(
+            catalog or None, workers=counts, repeats=repeats, device=device or None, patch_size=patch_size
+        )
         sections.append(f"### loader\n\n{format_loader_report(res)}")
     if "scale" in names:
         from .data_benchmark import format_scale_report, run_scale_benchmark
