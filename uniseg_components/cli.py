@@ -296,7 +296,7 @@ def benchmark(
     Args:
         catalog: catalog JSON or built-in name, default "" (each method's own: the paper's plan).
         patch: timed patch, comma-separated (e.g. 96,96,32); default the catalog's on CUDA and half of it per
-            axis on CPU for the methods, the catalog's for the loader (the model step then needs ~19 GB on a CPU).
+            axis on CPU for the methods, the catalog's for the loader (the model step then needs ~18 GiB on a CPU).
         repeats: timed repetitions (median), default 3.
         device: default CUDA when available.
         write: also write the markdown tables to this file.

@@ -123,7 +123,7 @@ def run_loader_benchmark(
         work_dir: where the synthetic cases and the cache go, default a temporary folder (removed).
         shape: voxels of each synthetic case, default 512 x 512 x 160.
         patch_size: the patch of both the loader and the model step, default the catalog's (on a CPU the paper's
-            patch needs about 19 GB of RAM for the model step).
+            patch needs about 18 GiB of RAM for the model step).
     """
     from monai.data import DataLoader
 
