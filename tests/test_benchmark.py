@@ -95,7 +95,14 @@ def test_loader_benchmark_on_small_synthetic_ct(tmp_path):
     assert set(np.unique(lab)) == {0, 1, 2}  # organ and tumour present
     torch.set_num_threads(1)
     res = run_loader_benchmark(
-        mixed_catalog(), cases=2, workers=[0, 1], batches=3, repeats=1, device="cpu", shape=(64, 48, 20)
+        mixed_catalog(),
+        cases=2,
+        workers=[0, 1],
+        batches=3,
+        repeats=1,
+        device="cpu",
+        shape=(64, 48, 20),
+        patch_size=(16, 16, 12),
     )
     assert set(res["batches_per_s"]) == {"0", "1"} and all(v > 0 for v in res["batches_per_s"].values())
     assert res["task"] == "organ_ct" and res["patch"] == [16, 16, 12] and res["model_step_s"] > 0

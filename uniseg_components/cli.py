@@ -289,14 +289,14 @@ def benchmark(
     backbone, (b) the time ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio
     of the all-tasks path / separate per-task passes with the ratio the multiply-accumulate counts allow, (d)
     sliding-window throughput; MedUniSeg and Hermes the same kinds of figures for their networks. "loader": batches/s
-    of the train pipeline on synthetic 512x512x160 CT through the disk cache at the catalog's patch, for 0 and the
+    of the train pipeline on synthetic 512x512x160 CT through the disk cache at the timed patch, for 0 and the
     default worker count, beside the UniSeg training step rate. "scale" (not in "all", minutes): peak RSS of a short
     training run through the disk cache for 10 and 40 such cases.
 
     Args:
         catalog: catalog JSON or built-in name, default "" (each method's own: the paper's plan).
         patch: timed patch, comma-separated (e.g. 96,96,32); default the catalog's on CUDA and half of it per
-            axis on CPU for the methods, the catalog's for the loader (the model step then needs ~18 GiB on a CPU).
+            axis on CPU (the paper's patch needs ~18 GiB of RAM for a UniSeg step on a CPU).
         repeats: timed repetitions (median), default 3.
         device: default CUDA when available.
         write: also write the markdown tables to this file.

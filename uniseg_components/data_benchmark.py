@@ -3,8 +3,9 @@
 clinical-size CT (512 x 512 x 160 voxels of 0.8 x 0.8 x 2 mm, int16, a body, a liver-like organ and a tumour).
 
 * :func:`run_loader_benchmark`: batches/s of the bundles' real train pipeline (disk cache, task-balanced sampler,
-  patch crop and augmentation) at the catalog's patch, for 0 and the default number of DataLoader workers, beside
-  the model's training-step rate at the same patch on the same machine: the loader must outpace the model.
+  patch crop and augmentation) at the catalog's patch (halved per axis on a CPU), for 0 and the default number of
+  DataLoader workers, beside the model's training-step rate at the same patch on the same machine: the loader must
+  outpace the model.
 * :func:`run_scale_benchmark`: peak resident memory of a short training run through the disk cache for 10 and 40
   cases (each run in a fresh process, preprocessing included): it must not grow with the number of cases; the same
   runs with the cases kept in RAM show the growth the disk cache avoids.
@@ -122,17 +123,24 @@ def run_loader_benchmark(
         device: the model's device, default CUDA when available.
         work_dir: where the synthetic cases and the cache go, default a temporary folder (removed).
         shape: voxels of each synthetic case, default 512 x 512 x 160.
-        patch_size: the patch of both the loader and the model step, default the catalog's (on a CPU the paper's
-            patch needs about 18 GiB of RAM for the model step).
+        patch_size: the patch of both the loader and the model step, default the catalog's on CUDA and half of it
+            per axis on CPU, as the methods' benchmarks (on a CPU the paper's patch needs about 18 GiB of RAM for the
+            model step).
     """
     from monai.data import DataLoader
 
-    from .benchmark import default_device, environment, time_interleaved, train_step
+    from .benchmark import cpu_patch, default_device, environment, time_interleaved, train_step
     from .data import DiskCacheDataset, TaskBalancedBatchSampler, default_num_workers
     from .methods.uniseg import UniSeg
     from .transforms import train_transforms
 
     cat, task = _liver_catalog(catalog)
+    dev = default_device(device)
+    if patch_size is None and dev.type == "cpu":
+        from .networks import plan_from_catalog
+
+        plan = plan_from_catalog(cat)
+        patch_size = cpu_patch(cat[task].patch_size, plan.total_stride[: cat[task].dims], dev)
     if patch_size is not None:
         from .tasks import TaskCatalog
 
@@ -162,7 +170,6 @@ def run_loader_benchmark(
             n = sum(1 for _ in it)
             rates[w] = n / (time.perf_counter() - t)
             logger.info("loader: %d worker(s): %.2f batches/s", w, rates[w])
-        dev = default_device(device)
         net = UniSeg.from_catalog(cat).to(dev).train()
         patch = tuple(cat[task].patch_size)
         x = torch.randn(batch_size, cat[task].num_channels, *patch, device=dev)

@@ -255,7 +255,7 @@ def infer(
             failed[image] = str(e)
             continue
         groups.setdefault(tuple(t.name for t in tasks), []).append(image)
-    _check_unique_outputs({i: "all" if all_tasks else cat[task].name for g in groups.values() for i in g})
+    _check_unique_outputs([(i, "all" if all_tasks else cat[task].name) for g in groups.values() for i in g])
     written: dict[str, Path] = {}
     for names, group in groups.items():
         done, errors = _run_inference(
@@ -340,17 +340,18 @@ def image_name(image: str | Sequence[str]) -> str:
     return image if isinstance(image, str) else " + ".join(map(str, image))
 
 
-def _check_unique_outputs(postfix_of: Mapping[str, str]) -> None:
-    """Raise ``ValueError`` before any work when two inputs would write the same output file."""
+def _check_unique_outputs(outputs: Sequence[tuple[Any, str]]) -> None:
+    """Raise ``ValueError`` before any work when two of the ``(image, postfix)`` inputs would write the same output
+    file (an image is a path or a list of paths, one per channel)."""
     seen: dict[tuple[str, str], str] = {}
-    for image, postfix in postfix_of.items():
+    for image, postfix in outputs:
         key = (image_stem(image), postfix)
         if key in seen:
             raise ValueError(
-                f"{seen[key]!r} and {image!r} would both be written as {key[0]}_{key[1]}.nii.gz; rename one of them or "
-                "segment them into separate output folders."
+                f"{seen[key]!r} and {image_name(image)!r} would both be written as {key[0]}_{key[1]}.nii.gz; rename "
+                "one of them or segment them into separate output folders."
             )
-        seen[key] = image
+        seen[key] = image_name(image)
 
 
 def _run_inference(
@@ -501,7 +502,7 @@ def evaluate(
     for it in items:
         by_task.setdefault(cat[it["task"]].name, []).append(it)
     for name, task_items in by_task.items():
-        _check_unique_outputs({image_name(it["image"]): name for it in task_items})
+        _check_unique_outputs([(it["image"], name) for it in task_items])
     device = check_device(device)
     t0 = time.time()
     keep = predictions is not None
@@ -536,7 +537,7 @@ def evaluate(
                 d = model.add(pred, label, task.id)
                 baseline.add(torch.zeros_like(label), label, task.id)
                 scored += 1
-                logger.info("%s %s Dice %s", name, image_stem(it["image"]), [round(float(v), 4) for v in d])
+                logger.info("%s %s Dice %s", name, Path(_files(it["image"])[0]).name, [round(float(v), 4) for v in d])
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
