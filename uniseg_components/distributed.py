@@ -26,6 +26,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_main_process",
+    "shutdown_distributed",
     "unwrap",
     "wait_for_file",
 ]
@@ -102,6 +103,20 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
 
         idist.get_rank()
     return device
+
+
+def shutdown_distributed() -> None:
+    """End a distributed run: wait for every rank, then destroy the process groups (the default one and Ignite's).
+
+    The barrier keeps a rank from tearing its Gloo connections down while another rank still works (rank 0 writes
+    the last checkpoints after the final collective); without it a rank occasionally aborted at exit ("terminate
+    called without an active exception") after a complete run. A no-op without a process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def unwrap(network: nn.Module) -> nn.Module:
