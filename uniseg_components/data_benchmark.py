@@ -145,7 +145,8 @@ def run_loader_benchmark(
         from .tasks import TaskCatalog
 
         spec = {**cat[task].to_dict(), "patch_size": list(patch_size)}
-        cat = TaskCatalog([spec], cat.name, {**(cat.plan or {}), "patch_size": list(patch_size)}, cat.description)
+        plan = {**cat.plan, "patch_size": list(patch_size)} if cat.plan else None
+        cat = TaskCatalog([spec], cat.name, plan, cat.description)
     default = default_num_workers()
     counts = sorted(set(workers if workers is not None else [0, default, 1 if default == 0 else default]))
     tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="uniseg-loader-")
