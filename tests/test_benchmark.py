@@ -108,6 +108,9 @@ def test_loader_benchmark_on_small_synthetic_ct(tmp_path):
     assert res["task"] == "organ_ct" and res["patch"] == [16, 16, 12] and res["model_step_s"] > 0
     report = format_loader_report(res)
     assert "loader, 1 worker(s)" in report and "UniSeg training step, patch 16x16x12" in report
+    # worker counts without the default one: the ratio uses the fastest measured
+    other = {**res, "default_workers": 7}
+    assert "fastest loader / model step rate" in format_loader_report(other)
 
 
 def test_scale_benchmark_reports_peak_memory_per_case_count(tmp_path):

@@ -100,6 +100,15 @@ def test_cached_dataset_in_ram_without_cache_dir(tmp_path):
     assert isinstance(ds, DiskCacheDataset) and len(_cached(tmp_path / "c")) == 2
 
 
+def test_cache_keys_of_path_items_differ(tmp_path):
+    from uniseg_components.data import item_hash
+
+    items = _items(tmp_path, 2)
+    as_paths = [{k: Path(v) if k != "task" else v for k, v in it.items()} for it in items]
+    assert item_hash(as_paths[0]) != item_hash(as_paths[1])
+    assert item_hash(as_paths[0]) == item_hash(items[0])  # a Path and its string are the same case
+
+
 def test_default_num_workers(monkeypatch):
     for cpus, expected in ((1, 0), (2, 0), (4, 2), (16, 14), (128, 16)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)), raising=False)

@@ -69,6 +69,15 @@ def test_read_msd_dataset(collection):
     assert items[0]["label"].endswith("labelsTr/case_000.nii.gz")
 
 
+def test_load_datalist_resolves_relative_channel_files(tmp_path):
+    (tmp_path / "datalist.json").write_text(
+        json.dumps({"training": [{"image": ["a_0000.nii.gz", "/abs/a_0001.nii.gz"], "label": "a.nii.gz", "task": "t"}]})
+    )
+    train, _, _ = load_datalist(tmp_path / "datalist.json")
+    assert train[0]["image"] == [str(tmp_path / "a_0000.nii.gz"), "/abs/a_0001.nii.gz"]
+    assert train[0]["label"] == str(tmp_path / "a.nii.gz")
+
+
 def test_read_msd_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_msd_dataset(tmp_path / "nowhere")

@@ -166,6 +166,11 @@ def test_memory_budget():
     assert plan_network((1.0, 1.0, 1.0), (40, 48, 36), gpu_memory_gb=80).patch_size == (40, 48, 32)
     with pytest.raises(ValueError, match="no patch fits 0.001 GiB"):
         plan_network((1.0, 1.0, 1.0), (300, 300, 300), gpu_memory_gb=0.001)
+    # thin data: the axes that cannot shrink are left alone, and the search ends with the error
+    with pytest.raises(ValueError, match="no patch fits"):
+        plan_network((1.0, 1.0, 1.0), (4, 4, 300), gpu_memory_gb=0.001)
+    # an axis too short to pool does not stop the others (nnU-Net: the finest of the poolable axes)
+    assert plan_network((1.0, 1.0, 1.0), (10, 512, 512)).total_stride[1:] == (32, 32)
 
 
 def test_2d_task_beside_3d_tasks(tmp_path):
@@ -255,3 +260,11 @@ def test_prepare_without_catalog_plans_from_the_data(tmp_path, capsys):
     main(["evaluate", str(tmp_path / "run" / "model.pt"), str(tmp_path / "prepared" / "datalist.json")])
     table = capsys.readouterr().out
     assert "prostate" in table and "liver" in table
+    # infer takes one file per image: a one-file-per-channel case is refused by name, nothing written
+    from uniseg_components.workflows import infer
+
+    split = [{"image": it["image"], "task": "prostate"} for it in val if it["task"] == "prostate"]
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=r"case\d\d_0000.nii.gz.*one file per channel"):
+        infer(tmp_path / "run" / "model.pt", str(tmp_path / "split.json"), "prostate", out=tmp_path / "pred")
+    assert not (tmp_path / "pred").exists()

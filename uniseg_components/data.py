@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import Sampler
@@ -93,8 +94,14 @@ def _nnunet_cases(root: Path, meta: Mapping[str, Any], path: Path) -> list[dict[
     channel of ``channel_names`` (or the explicit ``dataset`` mapping of nnU-Net v2)."""
     ending = meta.get("file_ending", ".nii.gz")
     channels = meta["channel_names"]
-    if not isinstance(channels, dict) or not channels:
-        raise ValueError(f"{str(path)!r}: 'channel_names' must be a non-empty object like {{'0': 'CT'}}.")
+    if (
+        not isinstance(channels, dict)
+        or not channels
+        or sorted(channels, key=str) != sorted(map(str, range(len(channels))))
+    ):
+        raise ValueError(
+            f"{str(path)!r}: 'channel_names' must be an object with keys '0', '1', ..., like {{'0': 'CT'}}."
+        )
     if isinstance(meta.get("dataset"), dict):
         out = []
         for case, entry in sorted(meta["dataset"].items()):
@@ -544,6 +551,8 @@ def load_datalist(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[d
             for k in ("image", "label"):
                 if isinstance(it.get(k), str) and not os.path.isabs(it[k]):
                     it[k] = str(root / it[k])
+                elif isinstance(it.get(k), list):  # one file per channel
+                    it[k] = [p if not isinstance(p, str) or os.path.isabs(p) else str(root / p) for p in it[k]]
             out.append(it)
         return out
 
@@ -751,12 +760,20 @@ def _describe(obj: Any, depth: int = 0) -> Any:
         return obj.to_dict()
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_describe(v, depth) for v in obj)
     if isinstance(obj, (list, tuple)):
         return [_describe(v, depth) for v in obj]
     if isinstance(obj, Mapping):
         return {str(k): _describe(v, depth) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if inspect.isroutine(obj) or isinstance(obj, type):
         return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    if isinstance(obj, (torch.dtype, torch.device, np.dtype)):
+        return str(obj)
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if depth >= 2 or not hasattr(obj, "__dict__"):
         return name
@@ -779,10 +796,12 @@ def item_hash(item: Mapping[str, Any]) -> bytes:
     modification time, so that a replaced image or label is preprocessed again."""
     stats = []
     for value in item.values():
-        for p in [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []:
-            if isinstance(p, str) and os.path.isfile(p):
+        for p in (
+            [value] if isinstance(value, (str, os.PathLike)) else value if isinstance(value, (list, tuple)) else []
+        ):
+            if isinstance(p, (str, os.PathLike)) and os.path.isfile(p):
                 st = os.stat(p)
-                stats.append([p, st.st_size, st.st_mtime_ns])
+                stats.append([os.fspath(p), st.st_size, st.st_mtime_ns])
     text = json.dumps([_describe(dict(item)), stats], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest().encode()
 
@@ -832,12 +851,13 @@ class DiskCacheDataset(PersistentDataset):
 
         missing = [i for i in range(len(self.data)) if not self.cache_file(i).is_file()]
         mine = missing[get_rank() :: get_world_size()]
-        if not mine:
-            return 0
-        loader = DataLoader(_Precompute(self, mine), batch_size=None, num_workers=num_workers)
-        logger.info("preprocessing %d of %d case(s) into %s", len(mine), len(self.data), self.cache_dir)
-        for _ in tqdm(loader, total=len(mine), desc="preprocess", disable=not progress):
-            pass
+        if mine:
+            loader = DataLoader(_Precompute(self, mine), batch_size=None, num_workers=num_workers)
+            logger.info("preprocessing %d of %d case(s) into %s", len(mine), len(self.data), self.cache_dir)
+            for _ in tqdm(loader, total=len(mine), desc="preprocess", disable=not progress):
+                pass
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's share is written before any rank reads
         return len(mine)
 
 

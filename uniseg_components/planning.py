@@ -101,7 +101,7 @@ def _geometry(path: str) -> tuple[tuple[float, ...], tuple[int, ...], int]:
 
     img = nib.load(path)
     shape = tuple(int(s) for s in img.shape)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    zooms = tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3])  # from the affine, as MONAI resamples
     spatial = (shape + (1, 1))[:3]
     channels = shape[3] if len(shape) == 4 else 1
     axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
@@ -236,7 +236,7 @@ def target_spacing(
     """
     sp, sh = np.asarray(spacings, dtype=float), np.asarray(shapes, dtype=float)
     target = np.median(sp, axis=0)
-    size = np.median(sh * sp / target, axis=0)
+    size = np.median(sh, axis=0)
     coarse = int(np.argmax(target))
     others = [a for a in range(len(target)) if a != coarse]
     if others and target[coarse] > 3 * target[others].max() and size[coarse] * 3 < size[others].min():
@@ -325,18 +325,15 @@ def plan_network(
             return net
         patch = list(net.patch_size)
         ratio = np.asarray(patch) / shape
+        # axes that can still shrink by their total stride and stay >= 8 (downsampled at least once)
+        ratio[[p - t < max(t, 8) for p, t in zip(patch, net.total_stride)]] = -np.inf
+        if not np.isfinite(ratio).any():
+            raise ValueError(
+                f"no patch fits {gpu_memory_gb} GiB (smallest tried {patch} needs "
+                f"{estimate_memory_gib(net, batch_size, in_channels, num_classes):.3g} GiB); raise --gpu_memory_gb."
+            )
         axis = int(len(ratio) - 1 - np.argmax(ratio[::-1]))  # the last of equally large axes (nnU-Net's order)
-        step = net.total_stride[axis]
-        if patch[axis] - step < max(step, 8):  # 8: the smallest axis that is still downsampled once
-            if all(p - t < max(t, 8) for p, t in zip(patch, net.total_stride)):
-                raise ValueError(
-                    f"no patch fits {gpu_memory_gb} GiB (smallest tried {patch} needs "
-                    f"{estimate_memory_gib(net, batch_size, in_channels, num_classes):.1f} GiB); raise --gpu_memory_gb."
-                )
-            ratio[axis] = -1
-            axis = int(np.argmax(ratio))
-            step = net.total_stride[axis]
-        patch[axis] -= step
+        patch[axis] -= net.total_stride[axis]
 
 
 def _task_name(folder: str, taken: set[str]) -> str:

@@ -234,6 +234,12 @@ def infer(
     device = check_device(device)
     net, cat = load_checkpoint(checkpoint, catalog=catalog)
     items = list_images(images)
+    split = [image_name(it["image"]) for it in items if not isinstance(it["image"], (str, os.PathLike))]
+    if split:
+        raise ValueError(
+            f"infer takes one file per image; {split[0]!r} is stored as one file per channel (nnU-Net v2): stack the "
+            "channels into one 4-D NIfTI (channels last), or score such cases with evaluate."
+        )
     all_tasks = str(task).lower() == "all"
     mods = as_list(modality) or None
     fixed = None if all_tasks else [cat[task]]

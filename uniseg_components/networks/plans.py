@@ -175,8 +175,11 @@ def auto_plan(
     kernel = [3 if sp[a] < 2 * min(sp) else 1 for a in range(dims)]
     kernels: list[list[int]] = [list(kernel)]
     while len(strides) < max_stages:
-        fine = min(sp)
-        st = [2 if size[a] // 2 >= min_size and sp[a] < 2 * fine else 1 for a in range(dims)]
+        poolable = [a for a in range(dims) if size[a] // 2 >= min_size]
+        if not poolable:
+            break
+        fine = min(sp[a] for a in poolable)  # the finest axis among those that can still be downsampled
+        st = [2 if a in poolable and sp[a] < 2 * fine else 1 for a in range(dims)]
         if all(s == 1 for s in st):
             break
         size = [s // t for s, t in zip(size, st)]
