@@ -34,7 +34,7 @@ import torch.distributed as dist
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import Sampler
 
-from .io import load_nifti, read_json, write_json
+from .io import image_files, load_nifti, read_json, write_json
 from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
@@ -266,7 +266,7 @@ def _check_case(item: Mapping[str, Any], task: TaskSpec, check_files: bool) -> l
     """All problems of one case, each naming the file, the task and what was expected."""
     problems: list[str] = []
     img_path, lab_path = item["image"], item["label"]
-    img_paths = [img_path] if isinstance(img_path, str) else list(img_path)
+    img_paths = image_files(img_path)
     t = f"task {task.name!r}"
     if not check_files:
         for p in (*img_paths, lab_path):
@@ -500,7 +500,7 @@ def prepare(
         items = [{"image": it["image"], "label": it["label"], "task": task.name} for it, t in cases if t is task]
         if not items:
             continue
-        items.sort(key=lambda it: it["image"] if isinstance(it["image"], str) else it["image"][0])
+        items.sort(key=lambda it: image_files(it["image"])[0])
         tr, va = _split(items, val_fraction, np.random.default_rng([seed, task.id]))
         training += tr
         validation += va

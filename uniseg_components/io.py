@@ -34,6 +34,7 @@ __all__ = [
     "save_torch",
     "as_list",
     "NIFTI_SUFFIXES",
+    "image_files",
     "image_stem",
     "list_images",
     "verify_image",
@@ -124,12 +125,15 @@ def as_list(value: Any) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def image_files(image: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The files of an image (or label) entry: one path, or one path per channel (nnU-Net v2)."""
+    return [os.fspath(image)] if isinstance(image, (str, os.PathLike)) else [os.fspath(p) for p in image]
+
+
 def image_stem(path: str | os.PathLike | Sequence[str]) -> str:
     """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``; an
     image stored as one file per channel (nnU-Net v2, a list) is named by its first file, as MONAI's metadata."""
-    if not isinstance(path, (str, os.PathLike)):
-        path = list(path)[0]
-    name = Path(path).name
+    name = Path(image_files(path)[0]).name
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .data import dataset_channels, dataset_labels, read_msd_dataset
-from .io import load_nifti, write_json
+from .io import image_files, load_nifti, write_json
 from .networks.plans import UNetPlan, auto_plan
 from .tasks import MODALITIES, TaskCatalog, TaskSpec, normalization_of
 
@@ -113,7 +113,7 @@ def _geometry(path: str) -> tuple[tuple[float, ...], tuple[int, ...], int]:
 
 def _fingerprint_case(item: Mapping[str, Any], ct_channels: Sequence[int], seed: int) -> dict[str, Any]:
     """Spacing and shape of one case (all its files must agree) and, for ``ct_channels``, foreground samples."""
-    files = [item["image"]] if isinstance(item["image"], str) else list(item["image"])
+    files = image_files(item["image"])
     for p in (*files, item["label"]):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: file does not exist.")
@@ -136,13 +136,10 @@ def _fingerprint_case(item: Mapping[str, Any], ct_channels: Sequence[int], seed:
         fg = np.flatnonzero(label.reshape(-1) > 0)
         rng = np.random.default_rng(seed)
         pick = rng.choice(fg, size=min(FOREGROUND_SAMPLES, fg.size), replace=False) if fg.size else fg
+        whole = load_nifti(files[0])[0] if len(files) == 1 else None  # one file, channels last: read it once
         samples = []
         for c in ct_channels:
-            if len(files) > 1:
-                data, _ = load_nifti(files[c])
-            else:
-                data, _ = load_nifti(files[0])
-                data = data[..., c] if data.ndim == 4 else data
+            data = load_nifti(files[c])[0] if whole is None else whole[..., c] if whole.ndim == 4 else whole
             samples.append(np.asarray(data).reshape(-1)[pick].astype(np.float64))
         out["ct_foreground"] = np.concatenate(samples) if samples else np.zeros(0)
     return out

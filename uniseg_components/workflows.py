@@ -35,7 +35,7 @@ from .bundle import bundle_dir
 from .checkpoints import load_checkpoint
 from .data import load_datalist
 from .inferers import tasks_for_image
-from .io import as_list, image_stem, list_images, read_json, verify_image
+from .io import as_list, image_files, image_stem, list_images, read_json, verify_image
 from .methods import get_method, method_of
 from .metrics import TaskDiceAggregator, format_dice_table
 from .tasks import TaskCatalog
@@ -336,11 +336,6 @@ def verify_images(paths: Sequence[str]) -> dict[str, str]:
     return failed
 
 
-def _files(image: str | Sequence[str]) -> list[str]:
-    """The files of an image or label entry: one path, or one per channel."""
-    return [str(image)] if isinstance(image, (str, os.PathLike)) else [str(p) for p in image]
-
-
 def image_name(image: str | Sequence[str]) -> str:
     """An image's name in logs and reports: its path, or its files joined by ``" + "`` (one file per channel)."""
     return image if isinstance(image, str) else " + ".join(map(str, image))
@@ -513,7 +508,7 @@ def evaluate(
     t0 = time.time()
     keep = predictions is not None
     root = check_writable(predictions) if keep else Path(tempfile.mkdtemp(prefix="uniseg-eval-"))
-    failed = verify_images([str(p) for it in items for k in ("image", "label") for p in _files(it[k])])
+    failed = verify_images([str(p) for it in items for k in ("image", "label") for p in image_files(it[k])])
     scored = 0
     try:
         model, baseline = TaskDiceAggregator(cat), TaskDiceAggregator(cat)
@@ -521,7 +516,9 @@ def evaluate(
         for name, task_items in by_task.items():
             task = cat[name]
             task_items = [
-                it for it in task_items if not any(str(p) in failed for k in ("image", "label") for p in _files(it[k]))
+                it
+                for it in task_items
+                if not any(str(p) in failed for k in ("image", "label") for p in image_files(it[k]))
             ]
             images = [it["image"] for it in task_items]
             if not images:
@@ -543,7 +540,9 @@ def evaluate(
                 d = model.add(pred, label, task.id)
                 baseline.add(torch.zeros_like(label), label, task.id)
                 scored += 1
-                logger.info("%s %s Dice %s", name, Path(_files(it["image"])[0]).name, [round(float(v), 4) for v in d])
+                logger.info(
+                    "%s %s Dice %s", name, Path(image_files(it["image"])[0]).name, [round(float(v), 4) for v in d]
+                )
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
