@@ -19,9 +19,10 @@ echo "== 1/3 train UniSeg with $B ($EPOCHS epochs x $BATCHES_PER_TASK batches pe
 echo "== 2/3 evaluate on the held-out cases"
 "$PY" -m monai.bundle run --config_file "['$B/configs/train.json','$B/configs/evaluate.json']" --bundle_root "$WORK"
 "$PY" -m uniseg_components evaluate "$WORK/models/model.pt" "$WORK/demo_data/datalist.json" \
-    --output "$WORK/eval/evaluation_original_grid.json"
+    --output "$WORK/eval/evaluation_original_grid.json" --pictures "$WORK/eval/pictures"
 echo "== 3/3 segment a held-out CT image for all CT tasks"
 IMAGE=$("$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(next(i['image'] for i in d['validation'] if i['task']=='abdomen_ct'))" "$WORK/demo_data/datalist.json")
 "$PY" -m monai.bundle run --config_file "$B/configs/inference.json" --bundle_root "$WORK" --task all --modality CT \
     --datalist "$IMAGE"
-echo "done: model $WORK/models/model.pt, Dice tables above and in $WORK/eval/, label maps in $WORK/eval/"
+echo "done: model $WORK/models/model.pt, Dice tables above and in $WORK/eval/, label maps in $WORK/eval/," \
+    "quick-look pictures in $WORK/eval/pictures/"

@@ -336,3 +336,13 @@ def reference_all_tasks(network: torch.nn.Module, catalog: Any, image: str, moda
     data["pred"] = merge_task_labels([lg[0].float().argmax(0, keepdim=True) for lg in logits], tasks).float()
     pred = Invertd("pred", pre, orig_keys="image", nearest_interp=True, to_tensor=True)(data)["pred"]
     return pred.round().to(torch.int16), tasks
+
+
+def outline_pixels(png: Any, colour: Sequence[float]) -> tuple[int, int]:
+    """Pixels of an outline ``colour`` (RGB in [0, 1]) in the left (ground truth) and the right (prediction) column
+    of a quick-look PNG read with ``matplotlib.image.imread``, above its legend."""
+    import numpy as np
+
+    near = np.all(np.abs(png[..., :3] - np.asarray(colour)) < 0.25, axis=-1)[: int(png.shape[0] * 0.92)]
+    half = png.shape[1] // 2
+    return int(near[:, :half].sum()), int(near[:, half:].sum())

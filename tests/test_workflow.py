@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import outline_pixels
 
 from uniseg_components import cli
 from uniseg_components.checkpoints import load_checkpoint
@@ -62,6 +63,38 @@ def test_trained_model_beats_all_background_on_held_out_cases(trained):
     brain = res["per_task"]["brain_mr"]
     assert brain["grey matter"] > 0.4 and brain["white matter"] > 0.4
     assert "all-bg" in res["table"] and "brain_mr" in res["table"]
+
+
+def test_validation_logs_per_task_dice_curves_and_images_to_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, {}
+    for f in (trained["root"] / "model" / "eval").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars.update({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]})
+        images.update({t: [(e.step, len(e.encoded_image_string)) for e in acc.Images(t)] for t in acc.Tags()["images"]})
+    details = trained["result"]["details"]  # the last validation (epoch 4)
+    for task in ("brain_mr", "lesion_petct"):
+        curve = scalars[f"val_mean_dice/{task}"]
+        assert [step for step, _ in curve] == [2, 4]  # validated every 2 epochs
+        assert curve[-1][1] == pytest.approx(sum(details[task].values()) / len(details[task]), abs=1e-5)
+    # MONAI's TensorBoardImageHandler: image, label and prediction of a validation case, slices as frames
+    for tag in ("input_0_HWD/image", "input_1_HWD/image", "output_HWD/image"):
+        assert [step for step, _ in images[tag]] == [2, 4] and all(n > 100 for _, n in images[tag])
+
+
+def test_evaluate_cli_draws_a_quicklook_per_task(trained, tmp_path):
+    from matplotlib.image import imread
+
+    cli.evaluate(trained["result"]["checkpoint"], trained["datalist"], pictures=str(tmp_path / "pics"))
+
+    for task in ("brain_mr", "lesion_petct"):
+        png = imread(tmp_path / "pics" / f"{task}.png")
+        assert png.ndim == 3 and png.shape[0] > 200
+        assert outline_pixels(png, (1.0, 0.0, 0.0))[0] > 20, f"{task}: no ground-truth outline of class 1"
+    # the model finds grey matter (class 2, green; Dice > 0.4 above): its outline is in the prediction column too
+    assert min(outline_pixels(imread(tmp_path / "pics" / "brain_mr.png"), (0.0, 1.0, 0.0))) > 20
 
 
 def test_infer_single_task_writes_label_map_on_input_grid(trained, tmp_path):
@@ -126,7 +159,7 @@ def test_prepare_cli_without_catalog_plans_and_names_a_bad_dataset_json(tmp_path
         cli.prepare(str(tmp_path / "nowhere"), catalog="demo", out=str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("verb", ["demo-data", "plan", "prepare", "train", "evaluate", "infer", "benchmark"])
+@pytest.mark.parametrize("verb", ["demo-data", "plan", "prepare", "train", "evaluate", "compare", "infer", "benchmark"])
 def test_cli_help(verb):
     proc = subprocess.run(
         [sys.executable, "-m", "uniseg_components", verb, "--help"],

@@ -32,24 +32,6 @@ def _setup_logging(verbose: bool = True) -> None:
     )
 
 
-def _dataset_dirs(paths: Sequence[str]) -> list[str]:
-    """MSD folders: each path itself when it holds ``dataset.json``, else its sub-folders that do."""
-    from .data import msd_folders
-
-    out: list[str] = []
-    for p in map(Path, paths):
-        if (p / "dataset.json").is_file():
-            out.append(str(p))
-        elif p.is_dir():
-            subs = [str(d) for d in msd_folders(p)]
-            if not subs:
-                raise FileNotFoundError(f"{str(p)!r} holds no dataset.json, nor do its sub-folders.")
-            out += subs
-        else:
-            raise FileNotFoundError(f"dataset folder {str(p)!r} does not exist.")
-    return out
-
-
 def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False, catalog: str = "demo") -> str:
     """Write the embedded demo collection (MSD format, no download) and its task catalog.
 
@@ -104,11 +86,12 @@ def plan(
     Returns:
         the path of tasks.json.
     """
+    from .data import dataset_folders
     from .planning import plan as plan_catalog
 
     _setup_logging()
     path = plan_catalog(
-        _dataset_dirs(as_list(datasets)),
+        dataset_folders(as_list(datasets)),
         out,
         gpu_memory_gb=gpu_memory_gb,
         batch_size=batch_size,
@@ -147,22 +130,16 @@ def prepare(
     Returns:
         the path of datalist.json.
     """
+    from .data import dataset_folders
     from .data import prepare as prepare_datalist
     from .tasks import TaskCatalog
 
     _setup_logging()
-    roots = as_list(datasets)
-    folders = _dataset_dirs(roots)
-    if not catalog:
-        guess = Path(roots[0]) / "tasks.json"
-        if guess.is_file():
-            catalog = str(guess)
-        else:
-            from .planning import plan as plan_catalog
+    from .planning import catalog_for
 
-            logger.info("no --catalog given and no %s: planning one from the data", guess)
-            catalog = str(plan_catalog(folders, out))
-    cat = TaskCatalog.resolve(catalog)
+    roots = as_list(datasets)
+    folders = dataset_folders(roots)
+    cat = TaskCatalog.resolve(catalog_for(roots, folders, catalog, out))
     mapping = None
     if tasks:
         pairs = [p.split("=", 1) for p in as_list(tasks)]
@@ -194,6 +171,7 @@ def evaluate(
     device: str = "",
     output: str = "",
     predictions: str = "",
+    pictures: str = "",
 ) -> float:
     """Segment the held-out cases of a datalist with the checkpoint's bundle inference and print Dice per task and
     class on each file's own grid.
@@ -209,6 +187,8 @@ def evaluate(
         device: default CUDA when available.
         output: optional JSON file for the per-task results.
         predictions: optional folder that keeps the label maps (PREDICTIONS/<task>/<image>_<task>.nii.gz).
+        pictures: optional folder for one quick-look PNG per task (PICTURES/<task>.png: three held-out cases, each on
+            the slice with the most ground truth, ground-truth outlines beside the prediction's).
     Returns:
         the mean Dice over tasks.
     """
@@ -216,9 +196,17 @@ def evaluate(
 
     _setup_logging()
     res = run_evaluation(
-        checkpoint, datalist, split=split, mirror=mirror, device=device or None, predictions=predictions or None
+        checkpoint,
+        datalist,
+        split=split,
+        mirror=mirror,
+        device=device or None,
+        predictions=predictions or None,
+        pictures=pictures or None,
     )
     print(res["table"])
+    for task, path in res["pictures"].items():
+        logger.info("quick-look of %s: %s", task, path)
     if output:
         write_json(output, {k: v for k, v in res.items() if k != "table"}, indent=2)
     if res["failed"]:
@@ -417,12 +405,80 @@ def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onn
     return [str(p) for p in written.values()]
 
 
+def compare(
+    datasets: Any,
+    out: str = "compare",
+    budget_minutes: float = 0.0,
+    budget_iterations: int = 0,
+    methods: Any = "uniseg,meduniseg,hermes,single",
+    catalog: str = "",
+    epochs: int = 10,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    mirror: bool = False,
+    device: str = "",
+    num_workers: int = -1,
+    config: Any = None,
+    gpu_memory_gb: float = 10.0,
+) -> str:
+    """Which method for my data? Train UniSeg, MedUniSeg, Hermes and a single-task baseline (one network per task)
+    for the same budget and score them on the same held-out cases: OUT/compare.md, compare.json, compare.png.
+
+    The tasks compared are those every chosen method segments (UniSeg, Hermes and the baseline are 3D). A time
+    budget is turned into iterations per method by a short timed probe, so every run is a complete run of its
+    bundle's recipe; the baseline gets the same total budget, an equal share per task. The final weights are
+    scored (Gaussian sliding window, overlap 0.5), with quick-look PNGs per method and task in OUT/runs/. Run the
+    same command again to continue an interrupted comparison.
+
+    Args:
+        datasets: MSD v1 / nnU-Net v2 folders (or a folder of them, such as the demo collection), comma-separated.
+        out: output folder, default "compare".
+        budget_minutes: training minutes per method.
+        budget_iterations: training iterations per method instead (give exactly one budget).
+        methods: comma-separated, default "uniseg,meduniseg,hermes,single".
+        catalog: catalog JSON or built-in name; default the folders' tasks.json, else `plan` of the data.
+        epochs: epochs each budget is spread over (learning-rate schedule steps), default 10.
+        val_fraction: held-out share of each task's cases, default 0.2.
+        seed: default 0.
+        mirror: mirroring test-time augmentation for every method, default False.
+        device: default CUDA when available.
+        num_workers: data-loader workers, default the bundles' (CPU count less 2, at most 16).
+        config: further train.json entries for every run, e.g. --config '{"augment": false}'.
+        gpu_memory_gb: GPU memory budget when the data has to be planned, default 10.
+    Returns:
+        the path of compare.md.
+    """
+    from .compare import compare as run_comparison
+
+    _setup_logging()
+    report = run_comparison(
+        datasets,
+        out=out,
+        budget_minutes=budget_minutes or None,
+        budget_iterations=budget_iterations or None,
+        methods=methods,
+        catalog=catalog or None,
+        epochs=epochs,
+        val_fraction=val_fraction,
+        seed=seed,
+        mirror=mirror,
+        device=device or None,
+        num_workers=None if num_workers < 0 else num_workers,
+        config=config,
+        gpu_memory_gb=gpu_memory_gb,
+    )
+    print(report["table"])
+    logger.info("comparison in %.0f s: %s, %s, %s", report["seconds"], *report["files"].values())
+    return report["files"]["markdown"]
+
+
 COMMANDS = {
     "demo-data": demo_data,
     "plan": plan,
     "prepare": prepare,
     "train": train,
     "evaluate": evaluate,
+    "compare": compare,
     "infer": infer,
     "benchmark": benchmark,
     "package": package,

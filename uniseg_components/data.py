@@ -39,6 +39,7 @@ from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
     "msd_folders",
+    "dataset_folders",
     "read_msd_dataset",
     "dataset_channels",
     "dataset_labels",
@@ -126,6 +127,27 @@ def _nnunet_cases(root: Path, meta: Mapping[str, Any], path: Path) -> list[dict[
 def msd_folders(root: str | os.PathLike) -> list[Path]:
     """The MSD-format task folders (sub-folders holding a ``dataset.json``) of ``root``, sorted by name."""
     return sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / "dataset.json").is_file())
+
+
+def dataset_folders(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The MSD / nnU-Net folders that command-line paths stand for: each path itself when it holds ``dataset.json``,
+    else its sub-folders that do (:func:`msd_folders`).
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder with no ``dataset.json`` in it or below it.
+    """
+    out: list[str] = []
+    for p in map(Path, paths):
+        if (p / "dataset.json").is_file():
+            out.append(str(p))
+        elif p.is_dir():
+            subs = [str(d) for d in msd_folders(p)]
+            if not subs:
+                raise FileNotFoundError(f"{str(p)!r} holds no dataset.json, nor do its sub-folders.")
+            out += subs
+        else:
+            raise FileNotFoundError(f"dataset folder {str(p)!r} does not exist.")
+    return out
 
 
 def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, Any]]:

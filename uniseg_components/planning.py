@@ -48,6 +48,7 @@ __all__ = [
     "plan_network",
     "plan_catalog",
     "plan",
+    "catalog_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -489,3 +490,33 @@ def plan(
     p = catalog.plan or {}
     logger.info("plan: network features %s, strides %s; wrote %s", p.get("features"), p.get("strides"), path)
     return path
+
+
+def catalog_for(
+    roots: Sequence[str | os.PathLike],
+    folders: Sequence[str | os.PathLike],
+    catalog: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    **plan_kwargs: Any,
+) -> str:
+    """The catalog that ``prepare`` (and ``compare``) use for dataset folders: ``catalog`` when given; else the
+    ``tasks.json`` inside the first folder given (as the demo collection has); else a new :func:`plan` of
+    ``folders`` written to ``out_dir``.
+
+    Args:
+        roots: the folders as the user gave them (a collection folder or MSD folders).
+        folders: the MSD folders they stand for.
+        catalog: catalog JSON or built-in name, or ``None`` / ``""``.
+        out_dir: where a planned catalog goes.
+        plan_kwargs: passed to :func:`plan` (``gpu_memory_gb``, ``ct_normalization``...).
+
+    Returns:
+        the catalog (path or built-in name).
+    """
+    if catalog:
+        return str(catalog)
+    guess = Path(roots[0]) / "tasks.json"
+    if guess.is_file():
+        return str(guess)
+    logger.info("no catalog given and no %s: planning one from the data", guess)
+    return str(plan(folders, out_dir, **plan_kwargs))

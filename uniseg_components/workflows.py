@@ -39,6 +39,7 @@ from .io import as_list, image_files, image_stem, list_images, read_json, verify
 from .methods import get_method, method_of
 from .metrics import TaskDiceAggregator, format_dice_table
 from .tasks import TaskCatalog
+from .visualize import QuickLookCase, write_quicklook
 
 __all__ = [
     "ImagesFailed",
@@ -57,7 +58,12 @@ logger = logging.getLogger(__name__)
 
 
 def run_workflow(
-    bundle: str, configs: Sequence[str], workflow_type: str, overrides: Mapping[str, Any], run: bool = True
+    bundle: str,
+    configs: Sequence[str],
+    workflow_type: str,
+    overrides: Mapping[str, Any],
+    run: bool = True,
+    handlers: Sequence[Any] = (),
 ) -> ConfigWorkflow:
     """Build, initialise and (``run``) run and finalise a bundle's workflow.
 
@@ -67,6 +73,8 @@ def run_workflow(
         workflow_type: ``"train"`` or ``"infer"``.
         overrides: config id -> value (any Python object; strings starting with ``$`` or ``@`` are expressions).
         run: run and finalise it, default ``True``.
+        handlers: objects with ``attach(engine)`` attached to the training workflow's ``train#trainer`` after the
+            config's own handlers, default none.
     """
     root = bundle_dir(bundle)
     files = [str(root / "configs" / c) for c in configs]
@@ -78,6 +86,10 @@ def run_workflow(
     )
     try:
         wf.initialize()
+        if handlers:
+            trainer = wf.parser.get_parsed_content("train#trainer")
+            for handler in handlers:
+                handler.attach(trainer)
         if run:
             try:
                 wf.run()
@@ -121,6 +133,8 @@ def train(
     cache_dir: str | os.PathLike | None = None,
     resume: bool = False,
     config: Mapping[str, Any] | None = None,
+    bundle: str | None = None,
+    handlers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train a method on the tasks of a datalist with its bundle's train.json (the method's recipe).
 
@@ -151,14 +165,24 @@ def train(
             preprocessed cases are kept in RAM, right for small collections such as the demo.
         resume: continue from OUTPUT_DIR/checkpoint_latest.pt, default False.
         config: other entries of the bundle's train.json, e.g. --config '{"momentum": 0.9, "cache_rate": 0.5}'.
+        bundle: another bundle of the method to train with, e.g. "uniseg_finetune_segmentation" (one task, set by
+            --config '{"task": ...}'); default the method's upstream bundle.
+        handlers: (Python API) objects with ``attach(engine)`` attached to the trainer, default none.
 
     Returns:
-        ``{"checkpoint", "final_checkpoint", "best_metric", "best_epoch", "details", "seconds", "method"}``;
-        ``checkpoint`` is ``model.pt``.
+        ``{"checkpoint", "final_checkpoint", "best_metric", "best_epoch", "details", "seconds", "iterations",
+        "epochs", "method"}``; ``checkpoint`` is ``model.pt``; ``iterations`` and ``epochs`` are the trainer's counts
+        at the end (those of a resumed run included).
+
+    Raises:
+        ValueError: unknown method, or a bundle that is not one of the method's.
     """
     t0 = time.time()
     m = get_method(method)
-    bundle = next(iter(m.bundles.values()))
+    if bundle is None:
+        bundle = next(iter(m.bundles.values()))
+    elif bundle not in m.bundles.values():
+        raise ValueError(f"bundle {bundle!r} is not one of {m.title}'s bundles: {sorted(set(m.bundles.values()))}.")
     out = Path(output_dir)
     overrides = _checked(
         {
@@ -183,8 +207,9 @@ def train(
     overrides.update(m.bundle_overrides("train"))
     overrides.update(config or {})
     logger.info("training %s with %s/configs/train.json into %s", m.title, bundle, out)
-    wf = run_workflow(bundle, ["train.json"], "train", overrides)
+    wf = run_workflow(bundle, ["train.json"], "train", overrides, handlers=handlers)
     best = wf.parser.get_parsed_content("best_checkpoint")
+    state = wf.parser.get_parsed_content("train#trainer").state
     table = out / "eval" / "val_dice_per_task.json"
     details = read_json(table, "Dice table").get("per_task", {}) if table.is_file() else {}
     return {
@@ -195,6 +220,8 @@ def train(
         "best_epoch": None if best.best_epoch == 0 else best.best_epoch,
         "details": details,
         "seconds": time.time() - t0,
+        "iterations": int(state.iteration),
+        "epochs": int(state.epoch),
     }
 
 
@@ -459,9 +486,12 @@ def evaluate(
     mirror: bool = False,
     device: str | torch.device | None = None,
     predictions: str | os.PathLike | None = None,
+    pictures: str | os.PathLike | None = None,
+    pictures_per_task: int = 3,
 ) -> dict[str, Any]:
     """Segment every case of a datalist split for its own task (:func:`infer`, the bundle's inference) and score the
-    label maps against the label files, on each file's own grid, beside an all-background baseline.
+    label maps against the label files, on each file's own grid, beside an all-background baseline; optionally draw
+    a quick-look PNG per task (:func:`uniseg_components.visualize.write_quicklook`).
 
     Args:
         checkpoint: ``model.pt`` written by training.
@@ -471,12 +501,17 @@ def evaluate(
         device: default CUDA when available.
         predictions: folder that keeps the label maps (``<task>/<image>_<task>.nii.gz``), default ``None`` (a
             temporary folder, removed afterwards).
+        pictures: folder for ``<task>.png`` quick-looks (the first ``pictures_per_task`` scored cases of the task,
+            each on the slice with the most ground-truth foreground: ground-truth outlines beside the prediction's),
+            default ``None`` (none drawn).
+        pictures_per_task: cases per quick-look, default 3.
 
     A case whose image or label is missing, damaged or does not fit is reported by name and left out; the others are
     scored (``"failed"`` lists the files and reasons).
 
     Returns:
-        ``{"mean", "baseline_mean", "per_task", "baseline_per_task", "cases" (scored), "failed", "table"}``.
+        ``{"mean", "baseline_mean", "per_task", "baseline_per_task", "cases" (scored), "failed", "table",
+        "pictures"}`` (``pictures``: task -> PNG path).
 
     Raises:
         ValueError: unknown split or no case of the checkpoint's tasks; ``ImagesFailed`` when no case could be
@@ -510,6 +545,8 @@ def evaluate(
     root = check_writable(predictions) if keep else Path(tempfile.mkdtemp(prefix="uniseg-eval-"))
     failed = verify_images([str(p) for it in items for k in ("image", "label") for p in image_files(it[k])])
     scored = 0
+    pictures_dir = None if pictures is None else check_writable(pictures)
+    drawn: dict[str, str] = {}
     try:
         model, baseline = TaskDiceAggregator(cat), TaskDiceAggregator(cat)
         load = LoadImage(image_only=True, ensure_channel_first=True)
@@ -525,6 +562,7 @@ def evaluate(
                 continue
             paths, errors = _run_inference(net, cat, checkpoint, images, [task], False, root / name, mirror, device)
             failed.update(errors)
+            shown: list[QuickLookCase] = []
             for it in task_items:
                 if image_name(it["image"]) not in paths:
                     continue
@@ -540,9 +578,15 @@ def evaluate(
                 d = model.add(pred, label, task.id)
                 baseline.add(torch.zeros_like(label), label, task.id)
                 scored += 1
-                logger.info(
-                    "%s %s Dice %s", name, Path(image_files(it["image"])[0]).name, [round(float(v), 4) for v in d]
-                )
+                case = Path(image_files(it["image"])[0]).name
+                logger.info("%s %s Dice %s", name, case, [round(float(v), 4) for v in d])
+                if pictures_dir is not None and len(shown) < pictures_per_task:
+                    image = load(image_files(it["image"])[0])
+                    shown.append(QuickLookCase.from_volumes(case, image, label, pred, dice=[float(v) for v in d]))
+            if shown:
+                title = f"{name}: {len(shown)} {split} case(s), ground truth | prediction ({Path(checkpoint).name})"
+                path = pictures_dir / f"{name}.png"  # type: ignore[operator]
+                drawn[name] = write_quicklook(shown, path, task.labels, title=title)["path"]
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -561,4 +605,5 @@ def evaluate(
         "cases": scored,
         "failed": failed,
         "table": table,
+        "pictures": drawn,
     }

@@ -28,6 +28,9 @@ class DiceTableHandler:
         metric_name: default ``"val_mean_dice"``.
         prefix: file name stem, default ``"dice_per_task"``.
         print_table: print the table to stdout instead of logging it, default ``False``.
+        tensorboard_dir: also write each task's mean Dice over its classes as the TensorBoard scalar
+            ``<metric_name>/<task>`` (the per-task Dice curves; step: ``engine.state.epoch``, the trainer's epoch
+            under a ``ValidationHandler``), default ``None`` (none written).
     """
 
     def __init__(
@@ -36,9 +39,12 @@ class DiceTableHandler:
         metric_name: str = "val_mean_dice",
         prefix: str = "dice_per_task",
         print_table: bool = False,
+        tensorboard_dir: str | os.PathLike | None = None,
     ) -> None:
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.metric_name, self.prefix, self.print_table = metric_name, prefix, bool(print_table)
+        self.tensorboard_dir = None if tensorboard_dir is None else str(tensorboard_dir)
+        self._writer: Any = None
 
     def attach(self, engine: Any) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -55,3 +61,12 @@ class DiceTableHandler:
             summary = {"mean": None if mean is None else float(mean), "per_task": details}
             write_json(self.output_dir / f"{self.prefix}.json", summary)
             write_text(self.output_dir / f"{self.prefix}.txt", table + "\n")
+        if self.tensorboard_dir is not None and details:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+            for task, classes in details.items():
+                mean = sum(classes.values()) / len(classes)
+                self._writer.add_scalar(f"{self.metric_name}/{task}", mean, engine.state.epoch)
+            self._writer.flush()
