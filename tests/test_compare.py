@@ -16,7 +16,7 @@ from uniseg_components import workflows
 from uniseg_components.checkpoints import load_checkpoint
 from uniseg_components.compare import compare, iteration_schedule
 from uniseg_components.demo import write_demo_collection
-from uniseg_components.visualize import QuickLookCase, pick_slice, write_dice_chart, write_quicklook
+from uniseg_components.visualize import ForegroundSlices, QuickLookCase, pick_slice, write_dice_chart, write_quicklook
 
 METHODS = ["uniseg", "meduniseg", "hermes", "single"]
 
@@ -84,7 +84,18 @@ def test_iteration_schedule_gives_every_method_the_same_budget():
     assert multi == {"epochs": 10, "batches_per_task": 4, "iterations": 120}
     single = [iteration_schedule(40, num_tasks=1, epochs=10) for _ in range(3)]  # one third each
     assert sum(s["iterations"] for s in single) == multi["iterations"]
-    assert iteration_schedule(5, num_tasks=3, epochs=10) == {"epochs": 1, "batches_per_task": 2, "iterations": 6}
+    # budgets that do not divide: the closest schedule (a multiple of the task count), never above 10 epochs
+    for budget in (5, 14, 20, 30, 97, 150, 669, 1001):
+        for tasks in (1, 3, 4, 11):
+            sched = iteration_schedule(budget, num_tasks=tasks, epochs=10)
+            assert sched["iterations"] == sched["epochs"] * sched["batches_per_task"] * tasks
+            assert 1 <= sched["epochs"] <= 10
+            assert abs(sched["iterations"] - budget) <= max(tasks, 0.01 * budget), (budget, tasks, sched)
+    assert iteration_schedule(14, num_tasks=1, epochs=10) == {"epochs": 7, "batches_per_task": 2, "iterations": 14}
+    assert iteration_schedule(150, num_tasks=11, epochs=10)["iterations"] == 154  # 7 epochs x 2 x 11, not 110
+    assert iteration_schedule(97, num_tasks=1, epochs=10)["epochs"] == 8  # 96, not 1 epoch of 97 (no lr decay)
+    # a time budget of 669 iterations: the multi-task run and the three single-task thirds get the same total
+    assert iteration_schedule(669, 3)["iterations"] == 3 * iteration_schedule(223, 1)["iterations"] == 675
     with pytest.raises(ValueError, match=">= 1"):
         iteration_schedule(0, num_tasks=2)
 
@@ -124,30 +135,45 @@ def test_an_interrupted_comparison_continues_where_it_stopped(compared):
     ]
     hermes = json.loads((out / "runs" / "hermes" / "training.json").read_text())
     assert hermes["resumed"] and hermes["iterations"] == 8 and hermes["epochs"] == 2
-    # and a call with other settings is refused instead of mixing two comparisons
+    # a call with other settings is refused instead of mixing two comparisons; the methods' order does not count
     with pytest.raises(ValueError, match="budget_iterations: 8 -> 16"):
         compare(str(compared["demo"]), **{**compared["args"], "budget_iterations": 16})
+    with pytest.raises(ValueError, match="config: "):
+        compare(str(compared["demo"]), **{**compared["args"], "config": {"augment": True}})
+    again = compare(str(compared["demo"]), **{**compared["args"], "methods": ",".join(reversed(METHODS))})
+    assert again["runs"]["hermes"]["per_task"] == compared["report"]["runs"]["hermes"]["per_task"]  # nothing redone
+    assert again["table"].startswith("| task | class | single-task | Hermes")  # the columns follow --methods
+    compare(str(compared["demo"]), **compared["args"])  # the report in the original order again
 
 
 def test_compare_table_is_what_evaluate_reports(compared):
     report, out = compared["report"], compared["out"]
     saved = json.loads((out / "compare.json").read_text())
     assert saved["runs"]["uniseg"]["per_task"] == report["runs"]["uniseg"]["per_task"]
-    table = (out / "compare.md").read_text()
-    for m in METHODS:
+    # the Markdown table, read back: one row per task and class, one column per method
+    lines = [line.split("|")[1:-1] for line in (out / "compare.md").read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0]]
+    assert header == ["task", "class", "UniSeg", "MedUniSeg", "Hermes", "single-task", "all-background"]
+    cells = {(r[0].strip(), r[1].strip()): [c.strip() for c in r[2:]] for r in lines[1:]}
+    for i, m in enumerate(METHODS):
         for ckpt in report["runs"][m]["checkpoints"]:
             datalist = Path(ckpt).parents[1] / "datalist.json" if m == "single" else out / "data" / "datalist.json"
             res = workflows.evaluate(ckpt, datalist)
+            assert res["cases"] == (2 if m != "single" else 1)
             for task, classes in res["per_task"].items():
                 for cls, dice in classes.items():
                     assert report["runs"][m]["per_task"][task][cls] == pytest.approx(dice, abs=1e-6), (m, task, cls)
-                    assert f"{dice:.4f}" in table
-        assert f"**{report['runs'][m]['mean']:.4f}**" in table
+                    assert cells[(task, cls)][i] == f"{dice:.4f}", (m, task, cls)
+        assert cells[("**mean over tasks**", "")][i] == f"**{report['runs'][m]['mean']:.4f}**"
+        assert cells[("training iterations", "")][i] == "8"
     assert report["baseline_mean"] == pytest.approx(0.0)
-    # the chart and one quick-look per method and task
+    # the chart: one colour per method (matplotlib's first four), each with bars; one quick-look per method and task
     from matplotlib.image import imread
 
-    assert imread(out / "compare.png").shape[1] >= 600
+    chart = imread(out / "compare.png")[..., :3]
+    for colour in ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"):
+        rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        assert (np.abs(chart - rgb).max(-1) < 0.02).sum() > 50, colour
     for m in METHODS:
         for task in report["tasks"]:
             png = imread(report["runs"][m]["pictures"][task])
@@ -158,14 +184,23 @@ def test_compare_table_is_what_evaluate_reports(compared):
 def test_compare_minutes_budget_is_turned_into_iterations_by_a_probe(demo):
     root, folder = demo
     out = root / "minutes"
-    report = compare(str(folder), out=out, budget_minutes=0.05, methods="single", epochs=2, config={"augment": False})
+    report = compare(
+        str(folder),
+        out=out,
+        budget_minutes=0.05,
+        methods="single",
+        epochs=2,
+        config={"augment": False},
+        probe_iterations=4,
+    )
     total = 0
     for task in ("brain_mr", "lesion_petct"):  # half of the 3 s each
         budget = json.loads((out / "runs" / "single" / task / "budget.json").read_text())
-        assert budget["share"] == 0.5 and budget["seconds_per_iteration"] > 0
-        planned = max(1, int(0.05 * 60 * 0.5 / budget["seconds_per_iteration"]))
-        expected = {**iteration_schedule(planned, 1, 2), "share": 0.5}
-        assert budget == {**expected, "seconds_per_iteration": budget["seconds_per_iteration"]}
+        assert budget["share"] == 0.5 and budget["seconds_per_iteration"] > 0 and budget["seconds_per_epoch"] >= 0
+        # the planned iterations and epochs spend the task's 1.5 s at the probe's rates (within one iteration)
+        spent = budget["iterations"] * budget["seconds_per_iteration"] + budget["epochs"] * budget["seconds_per_epoch"]
+        if budget["iterations"] > 1:
+            assert abs(spent - 1.5) <= budget["seconds_per_iteration"] * 1.05 + 0.05 * 1.5, budget
         assert not (out / "runs" / "single" / task / "probe").exists()  # the probe's scratch run is removed
         total += budget["iterations"]
     assert report["runs"]["single"]["iterations"] == total
@@ -180,6 +215,10 @@ def test_compare_cli_refuses_bad_arguments(demo, tmp_path, capsys):
         (["--budget_minutes", "1", "--budget_iterations", "5"], "exactly one"),
         (["--budget_iterations", "5", "--methods", "uniseg,nnunet"], "unknown method 'nnunet'"),
         (["--budget_iterations", "5", "--methods", "uniseg,uniseg"], "each method once"),
+        (["--budget_iterations", "5.5"], "whole number"),
+        (["--budget_iterations", "5", "--val_fraction", "0"], "--val_fraction must be in (0, 1)"),
+        (["--budget_iterations", "5", "--config", '{"epochs": 3}'], "may not set ['epochs']"),
+        (["--budget_iterations", "5", "--config", "[1, 2]"], "--config must be a JSON object"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_:
@@ -222,9 +261,33 @@ def test_quicklook_outlines_the_structures_of_each_class(tmp_path):
 
 
 def test_dice_chart_draws_a_bar_per_method_and_task(tmp_path):
-    path = write_dice_chart({"UniSeg": {"a": 0.5, "b": 0.25}, "single-task": {"a": 0.75}}, tmp_path / "c.png")
     from matplotlib.image import imread
 
-    assert imread(path).shape[2] in (3, 4)
+    path = write_dice_chart({"UniSeg": {"a": 0.5, "b": 0.5}, "single-task": {"a": 0.25}}, tmp_path / "c.png")
+    png = imread(path)[..., :3]
+
+    def area(colour):
+        rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        return int((np.abs(png - rgb).max(-1) < 0.02).sum())
+
+    blue, orange = area("#1f77b4"), area("#ff7f0e")  # matplotlib's first two colours
+    assert orange > 100 and blue > 3 * orange  # two bars of 0.5 against one of 0.25 (and the legend patches)
     with pytest.raises(ValueError, match="no method or no task"):
         write_dice_chart({}, tmp_path / "d.png")
+
+
+def test_foreground_slices_keep_the_frames_around_the_structure():
+    label = np.zeros((1, 6, 6, 40), np.float32)
+    label[0, 2:4, 2:4, 30:33] = 1  # most foreground: slice 30 (first of the ties)
+    image = np.arange(6 * 6 * 40, dtype=np.float32).reshape(1, 6, 6, 40)
+    batch = [{"image": torch.as_tensor(image), "label": torch.as_tensor(label)}, {"image": None, "label": None}]
+    images, labels = ForegroundSlices(["image", "label"], frames=8)(batch)
+    assert len(images) == 1 and images[0].shape == (1, 6, 6, 8)
+    np.testing.assert_array_equal(images[0], image[..., 26:34])  # centred on slice 30
+    assert labels[0].sum() == label.sum()  # the whole structure is in the frames
+    (pred,) = ForegroundSlices(["pred"], frames=8)([{"pred": label[..., ::-1].copy(), "label": label}])
+    np.testing.assert_array_equal(pred, label[..., ::-1][..., 26:34])  # the label chooses, not the prediction
+    flat = {"image": np.zeros((3, 16, 16)), "label": np.zeros((1, 16, 16))}
+    assert ForegroundSlices(["image"])(flat)[0].shape == (3, 16, 16)  # 2D: whole
+    with pytest.raises(ValueError, match="frames must be"):
+        ForegroundSlices(["image"], frames=0)

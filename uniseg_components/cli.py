@@ -151,10 +151,34 @@ def prepare(
     return str(path)
 
 
+def _config_entries(value: Any, option: str = "--config") -> dict[str, Any]:
+    """A ``--config`` value as a dict of config entries: fire gives a dict for ``'{"a": 0.9}'`` but keeps JSON's
+    ``true`` / ``false`` / ``null`` as strings, and a string when it cannot parse the value; both are read as JSON.
+
+    Raises:
+        ValueError: the value is not a JSON object (naming the option).
+    """
+    import json
+
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{option} must be a JSON object such as '{{\"augment\": false}}', got {value!r} ({e}).")
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object such as '{{\"augment\": false}}', got {value!r}.")
+    literals = {"true": True, "false": False, "null": None}
+    return {k: literals.get(v, v) if isinstance(v, str) else v for k, v in value.items()}
+
+
 @functools.wraps(_workflows.train)
 def train(*args: Any, **kwargs: Any) -> str:
     from .metrics import format_dice_table
 
+    if "config" in kwargs:
+        kwargs["config"] = _config_entries(kwargs["config"])
     _setup_logging()
     res = _workflows.train(*args, **kwargs)
     if res["details"]:
@@ -418,8 +442,10 @@ def compare(
     mirror: bool = False,
     device: str = "",
     num_workers: int = -1,
+    cache_dir: str = "",
     config: Any = None,
     gpu_memory_gb: float = 10.0,
+    probe_iterations: int = 20,
 ) -> str:
     """Which method for my data? Train UniSeg, MedUniSeg, Hermes and a single-task baseline (one network per task)
     for the same budget and score them on the same held-out cases: OUT/compare.md, compare.json, compare.png.
@@ -443,8 +469,11 @@ def compare(
         mirror: mirroring test-time augmentation for every method, default False.
         device: default CUDA when available.
         num_workers: data-loader workers, default the bundles' (CPU count less 2, at most 16).
-        config: further train.json entries for every run, e.g. --config '{"augment": false}'.
+        cache_dir: preprocess the cases once into this folder for every run, default none (in RAM).
+        config: further train.json entries for every run (JSON), e.g. --config '{"augment": false}'; not the
+            budget's, the data's or the outputs' entries, which compare sets.
         gpu_memory_gb: GPU memory budget when the data has to be planned, default 10.
+        probe_iterations: batches of the timed probe epoch that turns minutes into iterations, default 20.
     Returns:
         the path of compare.md.
     """
@@ -464,8 +493,10 @@ def compare(
         mirror=mirror,
         device=device or None,
         num_workers=None if num_workers < 0 else num_workers,
-        config=config,
+        cache_dir=cache_dir or None,
+        config=_config_entries(config),
         gpu_memory_gb=gpu_memory_gb,
+        probe_iterations=probe_iterations,
     )
     print(report["table"])
     logger.info("comparison in %.0f s: %s, %s, %s", report["seconds"], *report["files"].values())

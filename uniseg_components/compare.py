@@ -40,11 +40,13 @@ from typing import Any
 
 import torch
 
+from .benchmark import count_parameters
 from .checkpoints import load_checkpoint
 from .data import dataset_folders, load_datalist
 from .data import prepare as prepare_datalist
 from .io import as_list, read_json, write_json, write_text
 from .methods import get_method
+from .metrics import mean_over_tasks, task_means
 from .planning import catalog_for
 from .tasks import TaskCatalog
 from .visualize import write_dice_chart
@@ -60,37 +62,57 @@ SINGLE_BUNDLE = "uniseg_finetune_segmentation"
 #: the spatial ranks the single-task baseline segments
 SINGLE_DIMS = (3,)
 #: the settings that must not change between a run and its resumption
-_SETUP_KEYS = ("methods", "budget_minutes", "budget_iterations", "epochs", "val_fraction", "seed", "mirror", "tasks")
+_SETUP_KEYS = (
+    "datasets", "catalog", "methods", "budget_minutes", "budget_iterations", "epochs", "val_fraction", "seed",
+    "mirror", "config",
+)  # fmt: skip
+#: train.json entries that the comparison sets itself (the budget, the data, the outputs): not for --config
+RESERVED_CONFIG = (
+    "epochs", "batches_per_task", "num_iterations", "val_interval", "task", "datalist", "catalog", "dataset_dir",
+    "bundle_root", "ckpt_dir", "output_dir", "resume", "seed", "validate#dataset#data",
+)  # fmt: skip
 
 
 class IterationTimer:
-    """Record when each training iteration of an engine ends (``time.perf_counter``), per epoch.
+    """Time an engine's epochs: when each starts, when each iteration ends and when the epoch's handlers are done
+    (attach it last: its end-of-epoch time then includes the others', e.g. the checkpoint written every epoch).
 
-    ``seconds_per_iteration(epoch)`` is the mean time per iteration of that epoch (its wall time over its
-    iterations, data loading included).
+    :meth:`costs` splits an epoch's wall time into a cost per iteration (the steady rate between the first and the
+    last iteration) and a cost per epoch (the rest: starting the data loader and its first batch, end-of-epoch
+    handlers).
     """
 
     def __init__(self) -> None:
-        self.ends: dict[int, list[float]] = {}
         self.starts: dict[int, float] = {}
+        self.ends: dict[int, list[float]] = {}
+        self.done: dict[int, float] = {}
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._end)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._stamp, self.starts)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._stamp, self.done)
 
-    def _start(self, engine: Any) -> None:
-        self.starts[engine.state.epoch] = time.perf_counter()
+    @staticmethod
+    def _stamp(engine: Any, where: dict[int, float]) -> None:
+        where[engine.state.epoch] = time.perf_counter()
 
-    def _end(self, engine: Any) -> None:
+    def _iteration(self, engine: Any) -> None:
         self.ends.setdefault(engine.state.epoch, []).append(time.perf_counter())
 
-    def seconds_per_iteration(self, epoch: int) -> float:
-        """Raises ``ValueError`` when the epoch ran no iteration."""
-        if not self.ends.get(epoch):
-            raise ValueError(f"epoch {epoch} ran no iteration.")
-        return (self.ends[epoch][-1] - self.starts[epoch]) / len(self.ends[epoch])
+    def costs(self, epoch: int) -> tuple[float, float]:
+        """``(seconds per iteration, seconds per epoch besides its iterations)`` of ``epoch``.
+
+        Raises:
+            ValueError: the epoch did not complete or ran fewer than 2 iterations.
+        """
+        ends = self.ends.get(epoch, [])
+        if epoch not in self.done or len(ends) < 2:
+            raise ValueError(f"epoch {epoch} did not complete with at least 2 iterations.")
+        per_iteration = (ends[-1] - ends[0]) / (len(ends) - 1)
+        overhead = self.done[epoch] - self.starts[epoch] - per_iteration * len(ends)
+        return per_iteration, max(0.0, overhead)
 
 
 class TrainingClock:
@@ -140,8 +162,10 @@ def iteration_schedule(iterations: int, num_tasks: int, epochs: int = 10) -> dic
             is too small for one batch per task per epoch.
 
     Returns:
-        ``{"epochs", "batches_per_task", "iterations"}``; ``iterations`` (``epochs * batches_per_task * num_tasks``)
-        is the budget rounded to what the sampler can give, the same for every run with the same arguments.
+        ``{"epochs", "batches_per_task", "iterations"}``, ``iterations = epochs * batches_per_task * num_tasks``:
+        the most epochs (at most ``epochs``: the learning-rate schedule's steps) whose total is within
+        ``max(num_tasks, 1%)`` of the budget, else the closest total. A total is a multiple of ``num_tasks``, so it
+        can differ from the budget by about ``num_tasks`` iterations; a gap above 5% is logged as a warning.
 
     Raises:
         ValueError: a budget, task count or epoch count below 1.
@@ -150,9 +174,16 @@ def iteration_schedule(iterations: int, num_tasks: int, epochs: int = 10) -> dic
         raise ValueError(
             f"a training budget needs iterations, tasks and epochs >= 1, got {iterations}, {num_tasks}, {epochs}."
         )
-    epochs = max(1, min(epochs, iterations // num_tasks))
-    per_task = max(1, round(iterations / (num_tasks * epochs)))
-    return {"epochs": epochs, "batches_per_task": per_task, "iterations": epochs * per_task * num_tasks}
+    tolerance = max(num_tasks, 0.01 * iterations)
+    options = []
+    for e in range(epochs, 0, -1):
+        per_task = max(1, round(iterations / (num_tasks * e)))
+        options.append((abs(e * per_task * num_tasks - iterations), e, per_task))
+    gap, e, per_task = next((o for o in options if o[0] <= tolerance), min(options, key=lambda o: (o[0], -o[1])))
+    total = e * per_task * num_tasks
+    if gap > 0.05 * iterations:
+        logger.warning("a budget of %d iterations over %d task(s) becomes %d", iterations, num_tasks, total)
+    return {"epochs": e, "batches_per_task": per_task, "iterations": total}
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -163,50 +194,42 @@ class _Run:
         self.label, self.method, self.folder, self.datalist = label, method, folder, datalist
         self.tasks, self.bundle = list(tasks), bundle
 
-    def config(self, schedule: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(keyword arguments of :func:`workflows.train`, its ``config``) for a schedule."""
-        kwargs: dict[str, Any] = {"epochs": schedule["epochs"]}
-        config: dict[str, Any] = {}
-        if self.bundle == SINGLE_BUNDLE:  # the fine-tune bundle: one task, "num_iterations" batches per epoch
-            config.update(task=self.tasks[0], num_iterations=schedule["batches_per_task"])
-        else:
-            kwargs["batches_per_task"] = schedule["batches_per_task"]
-        return kwargs, config
-
 
 def _train(run: _Run, out: Path, catalog: str, schedule: Mapping[str, int], common: Mapping[str, Any], **kw: Any):
     from . import workflows
 
-    kwargs, config = run.config(schedule)
-    # validate never during training (val_interval beyond the last epoch): the final weights are what is scored
-    config.update(common.get("config") or {})
+    # no validation during training (an empty validation list): the final weights are what is scored
+    config: dict[str, Any] = {**common["config"], "validate#dataset#data": []}
+    if run.bundle == SINGLE_BUNDLE:
+        config["task"] = run.tasks[0]
     return workflows.train(
         run.datalist,
         method=run.method,
         catalog=catalog,
         output_dir=out,
-        val_interval=schedule["epochs"] + 1,
+        epochs=schedule["epochs"],
+        batches_per_task=schedule["batches_per_task"],
         bundle=run.bundle,
         config=config,
         **{k: v for k, v in common.items() if k != "config"},
-        **kwargs,
         **kw,
     )
 
 
-def _probe(run: _Run, catalog: str, common: Mapping[str, Any]) -> float:
-    """Seconds per training iteration of ``run``'s method on its data: two short epochs in a scratch folder, the
-    second one timed (the first fills the cache and warms up)."""
+def _probe(run: _Run, catalog: str, common: Mapping[str, Any], iterations: int) -> tuple[float, float]:
+    """``(seconds per iteration, seconds per epoch besides its iterations)`` of ``run``'s method on its data: two
+    short epochs of about ``iterations`` batches in a scratch folder, the second one timed (the first fills the
+    cache and warms up)."""
     folder = run.folder / "probe"
     shutil.rmtree(folder, ignore_errors=True)
     timer = IterationTimer()
-    per_task = max(1, math.ceil(6 / len(run.tasks)))
+    per_task = max(1, math.ceil(max(2, iterations) / len(run.tasks)))
     schedule = {"epochs": 2, "batches_per_task": per_task, "iterations": 2 * per_task * len(run.tasks)}
     try:
         _train(run, folder, catalog, schedule, common, handlers=[timer])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return timer.seconds_per_iteration(2)
+    return timer.costs(2)
 
 
 def _budget(run: _Run, catalog: str, setup: Mapping[str, Any], common: Mapping[str, Any], share: float) -> dict:
@@ -214,15 +237,23 @@ def _budget(run: _Run, catalog: str, setup: Mapping[str, Any], common: Mapping[s
     path = run.folder / "budget.json"
     if path.is_file():
         return read_json(path, "budget")
+    per_iteration = per_epoch = None
     if setup["budget_iterations"]:
-        iterations, probe = int(round(setup["budget_iterations"] * share)), None
+        iterations = int(round(setup["budget_iterations"] * share))
     else:
-        probe = _probe(run, catalog, common)
-        iterations = max(1, int(setup["budget_minutes"] * 60 * share / probe))
-        logger.info("%s: %.3f s per iteration -> %d iterations in %.1f min", run.label, probe, iterations,
-                    setup["budget_minutes"] * share)  # fmt: skip
-    schedule = iteration_schedule(max(1, iterations), len(run.tasks), setup["epochs"])
-    schedule.update(seconds_per_iteration=probe, share=share)
+        per_iteration, per_epoch = _probe(run, catalog, common, setup["probe_iterations"])
+        seconds = setup["budget_minutes"] * 60 * share
+        iterations = int((seconds - setup["epochs"] * per_epoch) / per_iteration)
+        logger.info(
+            "%s: %.3f s per iteration + %.2f s per epoch -> %d iterations in %.2f min",
+            run.label,
+            per_iteration,
+            per_epoch,
+            iterations,
+            seconds / 60,
+        )
+    schedule: dict[str, Any] = iteration_schedule(max(1, iterations), len(run.tasks), setup["epochs"])
+    schedule.update(seconds_per_iteration=per_iteration, seconds_per_epoch=per_epoch, share=share)
     write_json(path, schedule, indent=1)
     return schedule
 
@@ -263,8 +294,7 @@ def _train_run(run: _Run, catalog: str, setup: Mapping[str, Any], common: Mappin
 
 
 def _parameters(checkpoint: str | os.PathLike) -> int:
-    net, _ = load_checkpoint(checkpoint)
-    return int(sum(p.numel() for p in net.parameters()))
+    return int(count_parameters(load_checkpoint(checkpoint)[0]))
 
 
 def _evaluate_run(run: _Run, record: Mapping[str, Any], setup: Mapping[str, Any], device: Any) -> dict:
@@ -286,50 +316,55 @@ def _evaluate_run(run: _Run, record: Mapping[str, Any], setup: Mapping[str, Any]
 
 # ---------------------------------------------------------------------------------------------- data
 def _prepare_data(
-    datasets: Sequence[str], out: Path, catalog: str | None, methods: Sequence[str], setup: dict[str, Any], **plan: Any
+    folders: Sequence[str], roots: Sequence[str], out: Path, setup: Mapping[str, Any], **plan: Any
 ) -> tuple[Path, Path, list[str]]:
-    """``OUT/data/tasks.json`` and ``datalist.json`` of the tasks every method segments (made once)."""
+    """``OUT/data/tasks.json`` and ``datalist.json``: the tasks every method segments, each with training and
+    held-out cases (made once; a later call reuses them)."""
     data = out / "data"
     cat_path, dl_path = data / "tasks.json", data / "datalist.json"
     if cat_path.is_file() and dl_path.is_file():
         return cat_path, dl_path, TaskCatalog.resolve(cat_path).names
-    roots = as_list(datasets)
-    folders = dataset_folders(roots)
-    full = TaskCatalog.resolve(catalog_for(roots, folders, catalog, data / "plan", **plan))
+    full = TaskCatalog.resolve(catalog_for(roots, folders, setup["catalog"], data / "plan", **plan))
     prepared = prepare_datalist(folders, full, data / "all", val_fraction=setup["val_fraction"], seed=setup["seed"])
     train, val, _ = load_datalist(prepared)
-    present = {it["task"] for it in train}
+    present = {it["task"] for it in train + val}
+    methods = setup["methods"]
     dims = set.intersection(*(set(SINGLE_DIMS if m == SINGLE else get_method(m).dims) for m in methods))
     tasks = [t.name for t in full if t.name in present and t.dims in dims]
-    left_out = [t.name for t in full if t.name in present and t.name not in tasks]
+    left_out = [t for t in full if t.name in present and t.name not in tasks]
     if left_out:
-        logger.warning("compare: task(s) %s left out: not every chosen method segments %sD data", left_out,
-                       "/".join(str(t.dims) for t in full if t.name in left_out))  # fmt: skip
+        logger.warning(
+            "compare: task(s) %s left out: not every chosen method segments %sD data",
+            [t.name for t in left_out],
+            "/".join(sorted({str(t.dims) for t in left_out})),
+        )
     if not tasks:
-        raise ValueError(f"compare: no task of {roots} is segmented by every chosen method {list(methods)}.")
-    cat = full.select(names=tasks)
-    cat.save(cat_path)
-    write_json(
-        dl_path,
-        {
-            "catalog": "tasks.json",
-            "training": [it for it in train if it["task"] in tasks],
-            "validation": [it for it in val if it["task"] in tasks],
-        },
-        indent=1,
-    )
+        raise ValueError(f"compare: no task of {list(roots)} is segmented by every chosen method {list(methods)}.")
+    short = [t for t in tasks if not any(it["task"] == t for it in val) or not any(it["task"] == t for it in train)]
+    if short:
+        raise ValueError(
+            f"compare: task(s) {short} need at least one training and one held-out case (2 or more cases and "
+            f"--val_fraction {setup['val_fraction']}); add cases or leave their folders out."
+        )
+    full.select(names=tasks).save(cat_path)
+    items = {
+        "training": [it for it in train if it["task"] in tasks],
+        "validation": [it for it in val if it["task"] in tasks],
+    }
+    write_json(dl_path, {"catalog": "tasks.json", **items}, indent=1)
     return cat_path, dl_path, tasks
 
 
 def _single_datalist(datalist: Path, task: str, path: Path) -> Path:
-    """The items of one task (the single-task baseline trains and is scored on exactly these)."""
+    """The items of one task: the single-task baseline trains on exactly these and is scored on them (the full
+    datalist would make ``evaluate`` warn about every other task's cases)."""
     if not path.is_file():
         train, val, _ = load_datalist(datalist)
         items = {
             "training": [i for i in train if i["task"] == task],
             "validation": [i for i in val if i["task"] == task],
         }
-        write_json(path, {"catalog": str(datalist.parent / "tasks.json"), **items}, indent=1)
+        write_json(path, {"catalog": str((datalist.parent / "tasks.json").resolve()), **items}, indent=1)
     return path
 
 
@@ -345,8 +380,7 @@ def format_compare_table(report: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = report["baseline"]
     for task in report["tasks"]:
-        classes = list(base[task])
-        for cls in classes:
+        for cls in base[task]:
             cells = [f"{report['runs'][m]['per_task'][task][cls]:.4f}" for m in methods]
             lines.append(f"| {task} | {cls} | " + " | ".join(cells) + f" | {base[task][cls]:.4f} |")
     means = [f"**{report['runs'][m]['mean']:.4f}**" for m in methods]
@@ -384,12 +418,13 @@ def _summary(method: str, runs: Sequence[tuple[_Run, dict, dict]], tasks: Sequen
     return {
         "title": _title(method),
         "per_task": per_task,
-        "mean": sum(sum(c.values()) / len(c) for c in per_task.values()) / len(per_task),
+        "mean": mean_over_tasks(per_task),
         "train_seconds": sum(tr["train_seconds"] for _, tr, _ in runs),
         "evaluation_seconds": sum(ev["seconds"] for _, _, ev in runs),
         "iterations": sum(tr["iterations"] for _, tr, _ in runs),
         "parameters": sum(tr["parameters"] for _, tr, _ in runs),
         "cases": sum(ev["cases"] for _, _, ev in runs),
+        "failed": {k: v for _, _, ev in runs for k, v in ev["failed"].items()},
         "checkpoints": [tr["checkpoint"] for _, tr, _ in runs],
         "pictures": {t: p for _, _, ev in runs for t, p in ev["pictures"].items()},
         "baseline_per_task": base,
@@ -409,8 +444,10 @@ def compare(
     mirror: bool = False,
     device: str | torch.device | None = None,
     num_workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     config: Mapping[str, Any] | None = None,
     gpu_memory_gb: float = 10.0,
+    probe_iterations: int = 20,
 ) -> dict[str, Any]:
     """Train the chosen methods on the same data for the same budget and score them on the same held-out cases
     (see the module docstring). Resumable: the same call again continues where it stopped.
@@ -419,25 +456,35 @@ def compare(
         datasets: MSD v1 / nnU-Net v2 folders (or a folder of them), a list or comma-separated.
         out: output folder, default ``"compare"``.
         budget_minutes: training minutes per method (the single-task baseline: in total over its tasks).
-        budget_iterations: training iterations per method instead (exactly one of the two budgets).
-        methods: any of ``uniseg``, ``meduniseg``, ``hermes`` and ``single``, default all four.
+        budget_iterations: training iterations (batches) per method instead (exactly one of the two budgets).
+        methods: any of ``uniseg``, ``meduniseg``, ``hermes`` and ``single``, default all four (the table's column
+            order).
         catalog: catalog JSON or built-in name; default the folders' ``tasks.json``, else a plan of the data.
         epochs: epochs each run's budget is spread over (the learning-rate schedule's steps), default 10.
-        val_fraction: held-out share of each task's cases, default 0.2.
+        val_fraction: held-out share of each task's cases, in (0, 1), default 0.2.
         seed: split and training seed, default 0.
         mirror: mirroring test-time augmentation in the evaluation of every method, default ``False``.
         device: default CUDA when available.
         num_workers: data-loader workers, default the bundles' (CPU count less 2, at most 16).
-        config: further train.json entries for every run (e.g. ``{"batch_size": 2, "augment": false}``).
+        cache_dir: preprocess the cases once into this folder for all runs (see ``train --cache_dir``), default
+            none (in RAM).
+        config: further train.json entries for every run, e.g. ``{"batch_size": 2, "augment": False}``; not those
+            the comparison sets itself (:data:`RESERVED_CONFIG`).
         gpu_memory_gb: GPU memory budget of the plan when the data needs one, default 10.
+        probe_iterations: batches of the timed probe epoch of a time budget (after as many untimed ones), default 20;
+            more give a closer estimate of the time per iteration, at the probe's cost. Only runs not budgeted yet
+            use it.
 
     Returns:
         the report: ``{"setup", "tasks", "methods", "runs": {method: {"per_task", "mean", "train_seconds",
-        "iterations", "parameters", ...}}, "baseline", "baseline_mean", "table", "files"}``.
+        "iterations", "parameters", "cases", "failed", "checkpoints", "pictures", ...}}, "baseline",
+        "baseline_mean", "table", "files"}``.
 
     Raises:
-        ValueError: no or both budgets, an unknown method, no task every method segments, or settings that differ
-            from those of an earlier call into the same ``out``.
+        ValueError: no or both budgets, a budget that is not positive (or a fractional iteration budget), an unknown
+            or repeated method, a reserved or non-mapping ``config``, a ``val_fraction`` outside (0, 1), no task
+            every method segments, a task without a training or a held-out case, or settings that differ from those
+            of an earlier call into the same ``out``.
     """
     t0 = time.time()
     names = [m.strip().lower() for m in as_list(methods)]
@@ -449,10 +496,24 @@ def compare(
     if (budget_minutes is None) == (budget_iterations is None):
         raise ValueError("give exactly one of --budget_minutes and --budget_iterations.")
     budget = budget_minutes if budget_minutes is not None else budget_iterations
-    if not budget or float(budget) <= 0:
+    if not budget or float(budget) <= 0:  # type: ignore[arg-type]
         raise ValueError(f"the budget must be positive, got {budget}.")
-    out = Path(out)
+    if budget_iterations is not None and float(budget_iterations) != int(budget_iterations):
+        raise ValueError(f"--budget_iterations must be a whole number of iterations, got {budget_iterations}.")
+    if not 0 < float(val_fraction) < 1:
+        raise ValueError(f"--val_fraction must be in (0, 1): the comparison scores held-out cases, got {val_fraction}.")
+    if int(epochs) < 1 or int(probe_iterations) < 1:
+        raise ValueError(f"--epochs and --probe_iterations must be >= 1, got {epochs} and {probe_iterations}.")
+    config = dict(config or {})
+    reserved = sorted(set(config) & set(RESERVED_CONFIG))
+    if reserved:
+        raise ValueError(f"--config may not set {reserved}: the comparison sets them (budget, data, outputs).")
+    out = Path(out).resolve()
+    roots = [str(Path(r).resolve()) for r in as_list(datasets)]
+    folders = dataset_folders(roots)
     setup: dict[str, Any] = {
+        "datasets": folders,
+        "catalog": None if not catalog else str(catalog),
         "methods": names,
         "budget_minutes": None if budget_minutes is None else float(budget_minutes),
         "budget_iterations": None if budget_iterations is None else int(budget_iterations),
@@ -460,13 +521,16 @@ def compare(
         "val_fraction": float(val_fraction),
         "seed": int(seed),
         "mirror": bool(mirror),
+        "config": config,
+        "probe_iterations": int(probe_iterations),
     }
-    cat_path, datalist, tasks = _prepare_data(
-        as_list(datasets), out, catalog, names, setup, gpu_memory_gb=gpu_memory_gb
-    )
-    setup["tasks"] = tasks
     _check_setup(out / "setup.json", setup)
-    common: dict[str, Any] = {"seed": seed, "device": device, "num_workers": num_workers, "config": dict(config or {})}
+    cat_path, datalist, tasks = _prepare_data(folders, roots, out, setup, gpu_memory_gb=gpu_memory_gb)
+    if not (out / "setup.json").is_file():  # written once the data is ready: a failed first call binds nothing
+        write_json(out / "setup.json", setup, indent=1)
+    common: dict[str, Any] = {"seed": seed, "device": device, "num_workers": num_workers, "config": config}
+    if cache_dir is not None:
+        common["cache_dir"] = cache_dir
     results: dict[str, list[tuple[_Run, dict, dict]]] = {}
     for m in names:
         if m == SINGLE:
@@ -499,7 +563,7 @@ def compare(
         "methods": names,
         "runs": summaries,
         "baseline": first["baseline_per_task"],
-        "baseline_mean": sum(sum(c.values()) / len(c) for c in first["baseline_per_task"].values()) / len(tasks),
+        "baseline_mean": mean_over_tasks(first["baseline_per_task"]),
         "seconds": time.time() - t0,
     }
     budget_text = (
@@ -507,32 +571,50 @@ def compare(
     )
     report["table"] = format_compare_table(report)
     chart = write_dice_chart(
-        {_title(m): {t: sum(c.values()) / len(c) for t, c in summaries[m]["per_task"].items()} for m in names},
+        {_title(m): task_means(summaries[m]["per_task"]) for m in names},
         out / "compare.png",
         title=f"mean Dice per task on held-out cases, {budget_text} of training per method",
     )
-    header = (
-        f"# Method comparison\n\nTasks {', '.join(tasks)}; budget {budget_text} per method (single-task: in total, "
-        f"{len(tasks)} equal shares); final checkpoints scored on {first['cases']} held-out case(s) with the same "
-        f"protocol (Gaussian sliding window, overlap 0.5, mirroring {'on' if mirror else 'off'}).\n\n"
-    )
-    write_text(out / "compare.md", header + report["table"] + f"\n\n![mean Dice per task]({chart.name})\n")
+    write_text(out / "compare.md", _markdown(report, budget_text, chart))
     report["files"] = {"markdown": str(out / "compare.md"), "json": str(out / "compare.json"), "chart": str(chart)}
     write_json(out / "compare.json", {k: v for k, v in report.items() if k != "table"}, indent=1)
     return report
 
 
+def _markdown(report: Mapping[str, Any], budget_text: str, chart: Path) -> str:
+    """``compare.md``: what was compared and how, the table, the cases any method could not score, the chart."""
+    runs, tasks = report["runs"], report["tasks"]
+    cases = {m: r["cases"] for m, r in runs.items()}
+    scored = next(iter(cases.values()))
+    text = (
+        f"# Method comparison\n\nTasks {', '.join(tasks)}; budget {budget_text} per method (single-task: in total, "
+        f"{len(tasks)} equal shares); final checkpoints scored on {scored} held-out case(s) with the same protocol "
+        f"(Gaussian sliding window, overlap 0.5, mirroring {'on' if report['setup']['mirror'] else 'off'}).\n\n"
+    )
+    text += report["table"] + "\n"
+    if len(set(cases.values())) > 1:
+        text += f"\n**Warning:** the methods scored different numbers of cases: {cases}.\n"
+    for m, r in runs.items():
+        for path, reason in r["failed"].items():
+            text += f"\n- {r['title']} could not score `{path}`: {reason}"
+    return text + f"\n\n![mean Dice per task]({chart.name})\n"
+
+
 def _check_setup(path: Path, setup: Mapping[str, Any]) -> None:
-    """Write the settings on the first call; on a later call, refuse different ones (naming them)."""
-    if path.is_file():
-        before = read_json(path, "comparison settings")
-        changed = [k for k in _SETUP_KEYS if before.get(k) != setup.get(k)]
-        if changed:
-            diff = ", ".join(f"{k}: {before.get(k)!r} -> {setup.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"{path.parent} holds a comparison with other settings ({diff}); continue it with the same "
-                "arguments or give another --out."
-            )
+    """Refuse settings that differ from those an earlier call wrote to ``path`` (naming them; the methods' order
+    does not count); nothing to check on a first call."""
+    if not path.is_file():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, dict(setup), indent=1)
+    before = read_json(path, "comparison settings")
+
+    def same(k: str) -> bool:
+        a, b = before.get(k), setup.get(k)
+        return sorted(a) == sorted(b) if k == "methods" and a and b else a == b
+
+    changed = [k for k in _SETUP_KEYS if not same(k)]
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {setup.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{path.parent} holds a comparison with other settings ({diff}); continue it with the same arguments or "
+            "give another --out."
+        )

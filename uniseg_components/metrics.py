@@ -21,7 +21,19 @@ from monai.utils import evenly_divisible_all_gather
 
 from .tasks import TaskCatalog
 
-__all__ = ["case_dice", "TaskDiceAggregator", "TaskDice", "format_dice_table"]
+__all__ = ["case_dice", "task_means", "mean_over_tasks", "TaskDiceAggregator", "TaskDice", "format_dice_table"]
+
+
+def task_means(details: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{task: mean over its classes}`` of a ``{task: {class: Dice}}`` table."""
+    return {task: sum(classes.values()) / len(classes) for task, classes in details.items() if classes}
+
+
+def mean_over_tasks(details: dict[str, dict[str, float]]) -> float:
+    """The overall score of a ``{task: {class: Dice}}`` table: the mean over tasks of the mean over classes (each
+    task weighs the same); 0.0 for an empty table."""
+    means = task_means(details)
+    return sum(means.values()) / len(means) if means else 0.0
 
 
 def case_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -83,10 +95,7 @@ class TaskDiceAggregator:
 
     def mean(self) -> float:
         """Mean over scored tasks of the mean class Dice; 0.0 when nothing was scored."""
-        per = self.per_task()
-        if not per:
-            return 0.0
-        return sum(sum(c.values()) / len(c) for c in per.values()) / len(per)
+        return mean_over_tasks(self.per_task())
 
 
 class TaskDice(Metric):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CLASS_COLOURS", "QuickLookCase", "pick_slice", "write_quicklook", "write_dice_chart"]
+__all__ = ["CLASS_COLOURS", "QuickLookCase", "pick_slice", "ForegroundSlices", "write_quicklook", "write_dice_chart"]
 
 #: outline colour of class 1, 2, ... (RGB in [0, 1]); pure hues, told apart on a grey image
 CLASS_COLOURS: tuple[tuple[float, float, float], ...] = (
@@ -88,7 +88,8 @@ class QuickLookCase:
         if img.ndim == 3:
             index = pick_slice(lab, prd)
             img, lab, prd = img[..., index], lab[..., index], prd[..., index]
-        # rows = the second axis (anterior-posterior in RAS), columns = the first: the usual axial view
+        # drawn with rows = the second array axis (bottom to top), columns = the first: no reorientation, so an
+        # image stored in RAS order shows anterior up and the patient's right on the right
         return cls(
             name=name,
             image=img.astype(np.float32).T,
@@ -116,12 +117,50 @@ def pick_slice(label: np.ndarray, pred: np.ndarray | None = None) -> int:
     return int(label.shape[-1] // 2)
 
 
+class ForegroundSlices:
+    """``batch_transform`` / ``output_transform`` of MONAI's ``TensorBoardImageHandler`` that keeps a few slices: the
+    ``keys`` of the first item of a decollated batch (a list of dicts, or one dict), each cut to the ``frames``
+    slices along the last axis centred on the slice with the most ``label_key`` foreground (:func:`pick_slice`).
+    The handler writes a 3D image as an animated GIF of all its slices; a few keep each logged validation small.
+    2D items are returned whole.
+
+    Args:
+        keys: the item keys to return, e.g. ``["image", "label"]`` (the handler's ``batch_transform``) or
+            ``["pred"]`` (its ``output_transform``).
+        frames: slices kept, default 8.
+        label_key: the key whose foreground chooses the slices, default ``"label"`` (the validation outputs carry
+            it too, so image, label and prediction show the same slices).
+
+    Returns (when called):
+        one list per key (a tuple of lists for several keys, the list itself for one), holding the first item's
+        ``(C, H, W, frames)`` array.
+    """
+
+    def __init__(self, keys: Sequence[str], frames: int = 8, label_key: str = "label") -> None:
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}.")
+        self.keys, self.frames, self.label_key = list(keys), int(frames), label_key
+
+    def __call__(self, data: Any) -> Any:
+        item = data[0] if isinstance(data, (list, tuple)) else data
+        label = _array(item[self.label_key]) if self.label_key in item else None
+        out = []
+        for k in self.keys:
+            x = _array(item[k])
+            if x.ndim == 4 and x.shape[-1] > self.frames:
+                centre = pick_slice(label.reshape(-1, *label.shape[-3:])[0]) if label is not None else x.shape[-1] // 2
+                start = min(max(0, centre - self.frames // 2), x.shape[-1] - self.frames)
+                x = x[..., start : start + self.frames]
+            out.append([x])
+        return out[0] if len(out) == 1 else tuple(out)
+
+
 def _figure(width: float, height: float) -> Any:
-    """A matplotlib figure on the Agg canvas (no display, no global pyplot state)."""
+    """A matplotlib figure on the Agg canvas (no display, no global pyplot state), constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -183,10 +222,11 @@ def write_quicklook(
         lo, hi = np.percentile(case.image, [0.5, 99.5]) if case.image.size else (0.0, 1.0)
         drawn = {}
         for ax, key in zip(row, ("label", "pred")):
-            ax.imshow(case.image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+            vmax = hi if hi > lo else lo + 1
+            ax.imshow(case.image, cmap="gray", vmin=lo, vmax=vmax, interpolation="nearest", origin="lower")
             drawn[key] = _outline(ax, getattr(case, key), n)
             ax.set_xlim(-0.5, case.image.shape[1] - 0.5)
-            ax.set_ylim(case.image.shape[0] - 0.5, -0.5)
+            ax.set_ylim(-0.5, case.image.shape[0] - 0.5)
             ax.set_xticks([])
             ax.set_yticks([])
         where = "" if case.slice_index is None else f", slice {case.slice_index}"
@@ -205,10 +245,9 @@ def write_quicklook(
         Line2D([0], [0], color=CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)], lw=2, label=class_names[c])
         for c in range(1, n)
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
     return {"path": str(_save(fig, path)), "cases": info}
 
 
@@ -250,5 +289,4 @@ def write_dice_chart(
     ax.legend(fontsize=8, ncol=min(4, len(methods)), loc="upper right")
     if title:
         ax.set_title(title, fontsize=11)
-    fig.tight_layout()
     return _save(fig, path)

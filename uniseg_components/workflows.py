@@ -151,7 +151,8 @@ def train(
             not support are left out.
         output_dir: default "runs/uniseg".
         epochs: training epochs; default the bundle's (UniSeg 1000); the demo uses far fewer.
-        batches_per_task: batches of each task per epoch; default the bundle's (50).
+        batches_per_task: batches of each task per epoch; default the bundle's (50; the fine-tune bundle's
+            ``num_iterations``, 250).
         batch_size: default the bundle's (2).
         learning_rate: default the bundle's (UniSeg 1e-2).
         val_interval: validate every N epochs; default the bundle's (1).
@@ -204,6 +205,10 @@ def train(
             "resume": bool(resume),
         }
     )
+    if batches_per_task is not None and "batches_per_task" not in read_json(
+        bundle_dir(bundle) / "configs" / "train.json", "bundle config"
+    ):  # the fine-tune bundle (one task) calls them num_iterations
+        overrides["num_iterations"] = overrides.pop("batches_per_task")
     overrides.update(m.bundle_overrides("train"))
     overrides.update(config or {})
     logger.info("training %s with %s/configs/train.json into %s", m.title, bundle, out)
@@ -581,12 +586,18 @@ def evaluate(
                 case = Path(image_files(it["image"])[0]).name
                 logger.info("%s %s Dice %s", name, case, [round(float(v), 4) for v in d])
                 if pictures_dir is not None and len(shown) < pictures_per_task:
-                    image = load(image_files(it["image"])[0])
-                    shown.append(QuickLookCase.from_volumes(case, image, label, pred, dice=[float(v) for v in d]))
+                    try:
+                        image = load(image_files(it["image"])[0])
+                        shown.append(QuickLookCase.from_volumes(case, image, label, pred, dice=[float(v) for v in d]))
+                    except Exception as e:
+                        logger.warning("%s: left out of the quick-look (%s)", case, e)
             if shown:
                 title = f"{name}: {len(shown)} {split} case(s), ground truth | prediction ({Path(checkpoint).name})"
                 path = pictures_dir / f"{name}.png"  # type: ignore[operator]
-                drawn[name] = write_quicklook(shown, path, task.labels, title=title)["path"]
+                try:
+                    drawn[name] = write_quicklook(shown, path, task.labels, title=title)["path"]
+                except Exception as e:  # a picture is a by-product: never lose the scores for it
+                    logger.warning("%s: no quick-look written (%s)", path, e)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -11,7 +11,7 @@ from typing import Any
 from ignite.engine import Events
 
 from ..io import write_json, write_text
-from ..metrics import format_dice_table
+from ..metrics import format_dice_table, task_means
 
 __all__ = ["DiceTableHandler"]
 
@@ -66,7 +66,6 @@ class DiceTableHandler:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
-            for task, classes in details.items():
-                mean = sum(classes.values()) / len(classes)
+            for task, mean in task_means(details).items():
                 self._writer.add_scalar(f"{self.metric_name}/{task}", mean, engine.state.epoch)
             self._writer.flush()
