@@ -166,7 +166,9 @@ def _config_entries(value: Any, option: str = "--config") -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{option} must be a JSON object such as '{{\"augment\": false}}', got {value!r} ({e}).")
+            raise ValueError(
+                f"{option} must be a JSON object such as '{{\"augment\": false}}', got {value!r} ({e})."
+            ) from None
     if not isinstance(value, dict):
         raise ValueError(f"{option} must be a JSON object such as '{{\"augment\": false}}', got {value!r}.")
     literals = {"true": True, "false": False, "null": None}

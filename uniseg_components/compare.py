@@ -594,7 +594,7 @@ def _markdown(report: Mapping[str, Any], budget_text: str, chart: Path) -> str:
     text += report["table"] + "\n"
     if len(set(cases.values())) > 1:
         text += f"\n**Warning:** the methods scored different numbers of cases: {cases}.\n"
-    for m, r in runs.items():
+    for r in runs.values():
         for path, reason in r["failed"].items():
             text += f"\n- {r['title']} could not score `{path}`: {reason}"
     return text + f"\n\n![mean Dice per task]({chart.name})\n"
