@@ -132,11 +132,10 @@ def prepare(
     """
     from .data import dataset_folders
     from .data import prepare as prepare_datalist
+    from .planning import catalog_for
     from .tasks import TaskCatalog
 
     _setup_logging()
-    from .planning import catalog_for
-
     roots = as_list(datasets)
     folders = dataset_folders(roots)
     cat = TaskCatalog.resolve(catalog_for(roots, folders, catalog, out))

@@ -175,7 +175,8 @@ def format_dice_table(
     extra = f" {baseline_name:>8}" if baseline is not None else ""
     width = 57 + len(extra)
     lines = [title, f"{'task':<20} {'class':<28} {'Dice':>7}{extra}", "-" * width]
-    means, base_means = [], []
+    base_details = {task: (baseline or {}).get(task, {}) for task in details}
+    means, base_means = task_means(details), task_means(base_details)
 
     def cell(v: float | None) -> str:
         return "" if baseline is None else (f" {v:8.4f}" if v is not None else f" {'-':>8}")
@@ -184,14 +185,9 @@ def format_dice_table(
         base = (baseline or {}).get(task, {})
         for cls, v in classes.items():
             lines.append(f"{task:<20} {cls:<28} {v:7.4f}{cell(base.get(cls))}")
-        m = sum(classes.values()) / len(classes)
-        bm = sum(base.values()) / len(base) if base else None
-        means.append(m)
-        if bm is not None:
-            base_means.append(bm)
-        lines.append(f"{task:<20} {'(task mean)':<28} {m:7.4f}{cell(bm)}")
+        lines.append(f"{task:<20} {'(task mean)':<28} {means[task]:7.4f}{cell(base_means.get(task))}")
     lines.append("-" * width)
     if means:
-        bm_all = sum(base_means) / len(base_means) if base_means else None
-        lines.append(f"{'mean over tasks':<49} {sum(means) / len(means):7.4f}{cell(bm_all)}")
+        bm_all = mean_over_tasks(base_details) if base_means else None
+        lines.append(f"{'mean over tasks':<49} {mean_over_tasks(details):7.4f}{cell(bm_all)}")
     return "\n".join(lines)

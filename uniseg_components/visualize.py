@@ -144,12 +144,13 @@ class ForegroundSlices:
     def __call__(self, data: Any) -> Any:
         item = data[0] if isinstance(data, (list, tuple)) else data
         label = _array(item[self.label_key]) if self.label_key in item else None
+        centre = pick_slice(label.reshape(-1, *label.shape[-3:])[0]) if label is not None and label.ndim == 4 else None
         out = []
         for k in self.keys:
             x = _array(item[k])
             if x.ndim == 4 and x.shape[-1] > self.frames:
-                centre = pick_slice(label.reshape(-1, *label.shape[-3:])[0]) if label is not None else x.shape[-1] // 2
-                start = min(max(0, centre - self.frames // 2), x.shape[-1] - self.frames)
+                middle = x.shape[-1] // 2 if centre is None else centre
+                start = min(max(0, middle - self.frames // 2), x.shape[-1] - self.frames)
                 x = x[..., start : start + self.frames]
             out.append([x])
         return out[0] if len(out) == 1 else tuple(out)
