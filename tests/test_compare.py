@@ -225,6 +225,13 @@ def test_compare_cli_refuses_bad_arguments(demo, tmp_path, capsys):
             cli.main(["compare", str(folder), "--out", str(tmp_path / "c"), *extra])
         assert exit_.value.code == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    # fire keeps JSON's literals as strings inside a parsed dict: --config '{"augment": false}' must mean False
+    assert cli._config_entries({"augment": "false", "cache_rate": 0.5, "x": "null"}) == {
+        "augment": False,
+        "cache_rate": 0.5,
+        "x": None,
+    }
+    assert cli._config_entries('{"augment": true}') == {"augment": True} and cli._config_entries(None) == {}
 
 
 def test_quicklook_outlines_the_structures_of_each_class(tmp_path):
