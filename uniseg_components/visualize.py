@@ -144,7 +144,7 @@ class ForegroundSlices:
     def __call__(self, data: Any) -> Any:
         item = data[0] if isinstance(data, (list, tuple)) else data
         label = _array(item[self.label_key]) if self.label_key in item else None
-        centre = pick_slice(label.reshape(-1, *label.shape[-3:])[0]) if label is not None and label.ndim == 4 else None
+        centre = pick_slice(label.reshape(-1, *label.shape[-3:])[0]) if label is not None else None
         out = []
         for k in self.keys:
             x = _array(item[k])
