@@ -346,3 +346,56 @@ def outline_pixels(png: Any, colour: Sequence[float]) -> tuple[int, int]:
     near = np.all(np.abs(png[..., :3] - np.asarray(colour)) < 0.25, axis=-1)[: int(png.shape[0] * 0.92)]
     half = png.shape[1] // 2
     return int(near[:, :half].sum()), int(near[:, half:].sum())
+
+
+def write_dicom_series(
+    folder: Path,
+    volume: Any,
+    affine: Any,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    modality: str = "CT",
+) -> list[Path]:
+    """Write a ``(X, Y, Z)`` volume as a DICOM series of single-frame CT images, one file per slice, placed by the RAS
+    ``affine`` the way a scanner places them (``ImagePositionPatient`` / ``ImageOrientationPatient`` in LPS): the test
+    data of the DICOM inputs. Slice ``k`` is ``volume[:, :, k]`` (DICOM rows follow the volume's Y axis).
+
+    Returns:
+        the written files, slice 0 first.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    row, col = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+    series_uid, study_uid = series_uid or generate_uid(), study_uid or generate_uid()
+    frame_uid = generate_uid()
+    files = []
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"slice{k:04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "TEST01", "19700101", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
+        ds.ReferringPhysicianName, ds.Manufacturer = "", "tests"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, k + 1
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0.0, 0.0, k, 1.0])[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # between rows, between columns
+        ds.SliceThickness = float(spacing[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[0])
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(np.asarray(volume[:, :, k]).T.astype(np.int16)).tobytes()
+        pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+        files.append(path)
+    return files

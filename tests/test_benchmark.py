@@ -123,3 +123,22 @@ def test_scale_benchmark_reports_peak_memory_per_case_count(tmp_path):
     assert res["runs"]["disk 4"]["cache_mb"] > 1.5 * res["runs"]["disk 2"]["cache_mb"] > 0  # every case on disk
     assert res["runs"]["ram 4"]["cache_mb"] == 0
     assert "| on disk (`--cache_dir`) | 4 |" in format_scale_report(res)
+
+
+def test_inference_benchmark_counts_every_study_on_one_and_two_ranks(tmp_path):
+    """`benchmark --model infer`: each rank count segments every study once, in a fresh command; the table has a row
+    per rank count with its speed-up over one rank."""
+    from uniseg_components.checkpoints import save_checkpoint
+    from uniseg_components.data_benchmark import format_inference_report, run_inference_benchmark
+
+    cat = TaskCatalog.builtin("demo").select(dims=3)
+    for i in range(3):
+        vol = np.random.RandomState(i).normal(0, 100, (20, 20, 12)).astype(np.int16)
+        nib.save(nib.Nifti1Image(vol, np.diag([1.5, 1.5, 2.5, 1.0])), str(tmp_path / f"case{i}.nii.gz"))
+    ckpt = save_checkpoint(tmp_path / "model.pt", UniSeg.from_catalog(cat, features=[4, 8, 16, 16]), cat)
+    res = run_inference_benchmark(tmp_path, ckpt, ranks=(1, 2), device="cpu", work_dir=tmp_path / "work")
+    assert [(r["ranks"], r["studies"], r["failed"]) for r in res["runs"]] == [(1, 3, 0), (2, 3, 0)]
+    assert all(0 < r["studies_per_s"] <= r["in_run_studies_per_s"] for r in res["runs"])
+    assert len(list((tmp_path / "work" / "out_2").glob("case*_abdomen_ct.nii.gz"))) == 3
+    table = format_inference_report(res)
+    assert "| 1 | " in table and "| 2 | 1 | 3 | 0 |" in table and "1.00x" in table

@@ -207,5 +207,5 @@ def test_list_images(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no image folder"):
         list_images(tmp_path / "missing")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(ValueError, match="no image found"):
+    with pytest.raises(ValueError, match="no image found .*no DICOM file"):
         list_images(tmp_path / "empty_dir")

@@ -114,7 +114,13 @@ def test_infer_reports_a_damaged_and_a_truncated_image_and_segments_the_others(d
     assert set(err.value.failed) == {str(flipped), str(truncated)}
     assert "CRC" in err.value.failed[str(flipped)] and "ended before" in err.value.failed[str(truncated)]
     assert "2 of 3 image(s) could not be segmented" in str(err.value)
-    assert sorted(p.name for p in out.iterdir()) == [Path(good).name.replace(".nii.gz", "_abdomen_ct.nii.gz")]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [Path(good).name.replace(".nii.gz", "_abdomen_ct.nii.gz")]
+    summary = json.loads((out / "infer_summary_abdomen_ct.json").read_text())
+    assert (summary["done"], summary["failed"], sorted(summary["failures"])) == (
+        1,
+        2,
+        sorted([str(flipped), str(truncated)]),
+    )
 
 
 def test_infer_goes_on_after_an_image_that_fails_in_the_pipeline(demo, tmp_path):

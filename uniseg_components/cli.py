@@ -30,6 +30,7 @@ def _setup_logging(verbose: bool = True) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute module it copies, per SEG
 
 
 def demo_data(out: str = "demo_data", seed: int = 0, overwrite: bool = False, catalog: str = "demo") -> str:
@@ -248,27 +249,40 @@ def infer(
     mirror: bool = False,
     catalog: str = "",
     device: str = "",
+    dicom_seg: bool = False,
+    skip_existing: bool = False,
+    num_workers: Any = None,
 ) -> list[str]:
-    """Segment NIfTI images for one task, or for all tasks of their modality, into NIfTI label maps (the checkpoint's
-    bundle inference).
+    """Segment NIfTI images or DICOM series for one task, or for all tasks of their modality, into label maps (the
+    checkpoint's bundle inference); shards the studies across ranks under torchrun.
 
-    Output files are OUT/<image name>_<task>.nii.gz on the grid of the input image. With --task all the
-    network segments every task of the image's modalities (UniSeg and MedUniSeg: encoder once per window, decoder
-    once per task; Hermes: every target in one pass), and the label maps are merged with the catalog's label
-    offsets (logged).
+    Output files are OUT/<image name>_<task>.nii.gz on the grid of the input image (a DICOM series: its folder name,
+    plus _<SeriesInstanceUID> when the folder holds several series), with --dicom_seg also OUT/<name>_<task>.dcm, a
+    DICOM SEG referencing the series. With --task all the network segments every task of the image's modalities
+    (UniSeg and MedUniSeg: encoder once per window, decoder once per task; Hermes: every target in one pass), and the
+    label maps are merged with the catalog's label offsets (logged).
+
+    `torchrun --nproc_per_node=G -m uniseg_components infer ...` gives every rank its share of the images (each once),
+    a progress bar on rank 0 and a log line per image; a failing image is reported and the others go on; the run ends
+    with a summary (done, skipped, failed with reasons, images/s), also in OUT/infer_summary_<task>.json.
 
     Args:
         checkpoint: model.pt written by `train` or a bundle.
-        images: a NIfTI file, a folder of them, a datalist JSON, or a comma-separated list.
+        images: a NIfTI file, a folder of them, a DICOM series folder, a folder of study folders holding DICOM
+            series (one output per series), a datalist JSON, a CSV of paths (an image column under a header, else
+            the first column), or a comma-separated list.
         task: task name or id from the checkpoint's catalog, or "all".
         out: output folder, default "predictions".
         modality: with --task all, the image's channel modalities (e.g. CT or CT,PET) when its channel count
             fits several modality combinations of the catalog.
         mirror: mirroring test-time augmentation on every axis, default False.
         catalog: overrides the catalog stored in the checkpoint.
-        device: default CUDA when available.
+        device: default CUDA when available (under torchrun: cuda:LOCAL_RANK, or CPU).
+        dicom_seg: also write a DICOM SEG per DICOM series input (highdicom), read back and checked, default False.
+        skip_existing: leave out images whose outputs exist (an interrupted run continues), default False.
+        num_workers: DataLoader workers loading the next images during inference, default 4 on CUDA, 0 on CPU.
     Returns:
-        the written files.
+        the label maps of this rank's images, done or skipped.
     """
     from .workflows import infer as run_inference
 
@@ -282,6 +296,9 @@ def infer(
         mirror=mirror,
         catalog=catalog or None,
         device=device or None,
+        dicom_seg=bool(dicom_seg),
+        skip_existing=bool(skip_existing),
+        num_workers=None if num_workers in (None, "") else int(num_workers),
     )
     return [str(p) for p in written]
 
@@ -295,6 +312,11 @@ def benchmark(
     model: str = "all",
     workers: Any = None,
     scale_cases: Any = "10,40",
+    images: str = "",
+    checkpoint: str = "",
+    task: str = "abdomen_ct",
+    ranks: Any = "1,2",
+    infer_args: Any = None,
 ) -> str:
     """Measure parameters, time ratios and throughput of each method, and the data path, in one run on this machine.
 
@@ -304,7 +326,8 @@ def benchmark(
     sliding-window throughput; MedUniSeg and Hermes the same kinds of figures for their networks. "loader": batches/s
     of the train pipeline on synthetic 512x512x160 CT through the disk cache at the timed patch, for 0 and the
     default worker count, beside the UniSeg training step rate. "scale" (not in "all", minutes): peak RSS of a short
-    training run through the disk cache for 10 and 40 such cases.
+    training run through the disk cache for 10 and 40 such cases. "infer" (not in "all"): studies/s of `infer` over
+    the same studies on 1 and 2 ranks (torchrun), each a fresh command timed from start to exit.
 
     Args:
         catalog: catalog JSON or built-in name, default "" (each method's own: the paper's plan).
@@ -314,9 +337,14 @@ def benchmark(
         device: default CUDA when available.
         write: also write the markdown tables to this file.
         model: one name, a comma-separated list, or "all" (default: the methods and the loader): uniseg, meduniseg,
-            hermes, loader, scale.
+            hermes, loader, scale, infer.
         workers: loader worker counts, comma-separated, default 0 and the default count (1 if that is 0).
         scale_cases: case counts of "scale", default "10,40".
+        images: studies of "infer" (a NIfTI folder, a DICOM archive...), default the demo's --task images.
+        checkpoint: model of "infer", default an untrained UniSeg of the demo catalog.
+        task: task of "infer", default "abdomen_ct".
+        ranks: rank counts of "infer", comma-separated, default "1,2".
+        infer_args: more `infer` arguments for "infer", e.g. "--dicom_seg" (a string, split on spaces).
     Returns:
         the markdown tables.
     """
@@ -326,7 +354,7 @@ def benchmark(
     _setup_logging()
     names = [*METHODS, "loader"] if str(model) == "all" else as_list(model)
     patch_size = [int(v) for v in as_list(patch)] if patch else None
-    methods = [n for n in names if n not in ("loader", "scale")]
+    methods = [n for n in names if n not in ("loader", "scale", "infer")]
     sections = []
     if methods:
         sections.append(
@@ -347,6 +375,18 @@ def benchmark(
 
         res = run_scale_benchmark([int(n) for n in as_list(scale_cases)])
         sections.append(f"### scale\n\n{format_scale_report(res)}")
+    if "infer" in names:
+        from .data_benchmark import format_inference_report, run_inference_benchmark
+
+        res = run_inference_benchmark(
+            images or None,
+            checkpoint or None,
+            task=task,
+            ranks=[int(n) for n in as_list(ranks)],
+            device=device or None,
+            extra_args=str(infer_args or "").split(),
+        )
+        sections.append(f"### infer\n\n{format_inference_report(res)}")
     report = "\n\n".join(sections)
     if write:
         from .io import write_text

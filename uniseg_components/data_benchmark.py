@@ -1,6 +1,7 @@
 # Copyright (c) the uniseg_components contributors. Licensed under the Apache License, Version 2.0.
-"""``uniseg benchmark --model loader`` and ``--model scale``: the real-scale data path measured on synthetic
-clinical-size CT (512 x 512 x 160 voxels of 0.8 x 0.8 x 2 mm, int16, a body, a liver-like organ and a tumour).
+"""``uniseg benchmark --model loader``, ``--model scale`` and ``--model infer``: the real-scale data path measured on
+synthetic clinical-size CT (512 x 512 x 160 voxels of 0.8 x 0.8 x 2 mm, int16, a body, a liver-like organ and a
+tumour), and the inference throughput over many studies.
 
 * :func:`run_loader_benchmark`: batches/s of the bundles' real train pipeline (disk cache, task-balanced sampler,
   patch crop and augmentation) at the catalog's patch (halved per axis on a CPU), for 0 and the default number of
@@ -9,6 +10,8 @@ clinical-size CT (512 x 512 x 160 voxels of 0.8 x 0.8 x 2 mm, int16, a body, a l
 * :func:`run_scale_benchmark`: peak resident memory of a short training run through the disk cache for 10 and 40
   cases (each run in a fresh process, preprocessing included): it must not grow with the number of cases; the same
   runs with the cases kept in RAM show the growth the disk cache avoids.
+* :func:`run_inference_benchmark`: studies/s of ``uniseg infer`` on 1 and 2 ranks (``torchrun``) over the same
+  studies, each a fresh command timed from start to exit.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ __all__ = [
     "format_loader_report",
     "run_scale_benchmark",
     "format_scale_report",
+    "run_inference_benchmark",
+    "format_inference_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -336,3 +341,100 @@ def format_scale_report(res: dict[str, Any]) -> str:
             f"| {r['seconds']:.0f} s |"
         )
     return "\n".join(lines)
+
+
+def run_inference_benchmark(
+    images: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    task: str = "abdomen_ct",
+    ranks: Sequence[int] = (1, 2),
+    device: str | None = None,
+    extra_args: Sequence[str] = (),
+    work_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Studies per second of ``uniseg infer`` over a folder of studies, for each rank count: one process, or
+    ``torchrun --nproc_per_node=N`` (each rank on its own GPU, or N CPU processes of one thread each, torchrun's
+    default). Every run is a fresh command into an empty output folder, timed from start to exit (interpreter start,
+    checkpoint load, the whole inference and the summary); the in-run rate from the summary leaves out the start.
+
+    Args:
+        images: the studies (anything ``infer`` takes: a NIfTI folder, a DICOM archive...), default the demo's
+            ``task`` images (written to the work folder).
+        checkpoint: default an untrained UniSeg of the demo catalog's 3D tasks (the speed does not depend on the
+            weights).
+        task: default ``"abdomen_ct"``.
+        ranks: rank counts, default ``(1, 2)``.
+        device: ``"cpu"`` or ``"cuda"``, default CUDA when available.
+        extra_args: more ``infer`` arguments, e.g. ``("--dicom_seg",)``.
+        work_dir: where the demo, checkpoint and outputs go, default a temporary folder (removed).
+    """
+    from .checkpoints import save_checkpoint
+    from .demo import write_demo_collection
+    from .io import read_json
+    from .methods.uniseg import UniSeg
+    from .tasks import TaskCatalog
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="uniseg-infer-bench-")
+    root = Path(work_dir or tmp.name)  # type: ignore[union-attr]
+    runs = []
+    try:
+        if images is None:
+            demo = write_demo_collection(root / "demo", tasks=[task], overwrite=True)
+            images = next(p for p in demo.iterdir() if p.is_dir()) / "imagesTr"
+        if checkpoint is None:
+            catalog = TaskCatalog.builtin("demo").select(dims=3)
+            torch.manual_seed(0)
+            checkpoint = save_checkpoint(root / "model.pt", UniSeg.from_catalog(catalog), catalog)
+        for n in ranks:
+            out = root / f"out_{n}"
+            args = ["infer", str(checkpoint), str(images), "--task", task, "--out", str(out), *extra_args]
+            launch = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={n}"]
+            cmd = [sys.executable, *(launch if n > 1 else []), "-m", "uniseg_components", *args]
+            if device == "cpu" or n == 1:
+                cmd += ["--device", device if n == 1 else "cpu"]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            seconds = time.perf_counter() - t
+            summaries = sorted(out.glob("infer_summary_*.json"))
+            if not summaries:
+                raise RuntimeError(f"infer on {n} rank(s) wrote no summary:\n{proc.stderr[-3000:]}")
+            s = read_json(summaries[0], "summary")
+            threads = torch.get_num_threads() if n == 1 else int(os.environ.get("OMP_NUM_THREADS", 1))
+            runs.append(
+                {
+                    "ranks": n,
+                    "threads_per_rank": threads if device == "cpu" else None,
+                    "studies": s["done"],
+                    "failed": s["failed"],
+                    "seconds": seconds,
+                    "studies_per_s": s["done"] / seconds,
+                    "in_run_studies_per_s": s["images_per_s"],
+                }
+            )
+            logger.info("infer benchmark: %s", runs[-1])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"device": device, "task": task, "images": str(images), "extra_args": list(extra_args), "runs": runs}
+
+
+def format_inference_report(res: dict[str, Any]) -> str:
+    """The markdown table of :func:`run_inference_benchmark`, with each rank count's speed-up over the first."""
+    lines = [
+        "| ranks | threads per rank | studies | failed | command time | studies/s | speed-up | studies/s in the run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    first = res["runs"][0]["studies_per_s"] if res["runs"] else 0.0
+    for r in res["runs"]:
+        threads = "-" if r["threads_per_rank"] is None else str(r["threads_per_rank"])
+        lines.append(
+            f"| {r['ranks']} | {threads} | {r['studies']} | {r['failed']} | {r['seconds']:.1f} s | "
+            f"{r['studies_per_s']:.3f} | {r['studies_per_s'] / first if first else 0:.2f}x | "
+            f"{r['in_run_studies_per_s']:.3f} |"
+        )
+    extra = " ".join(res["extra_args"])
+    return (
+        f"`infer` of {res['images']} ({res['task']}{', ' + extra if extra else ''}) on {res['device']}\n\n"
+        + "\n".join(lines)
+    )

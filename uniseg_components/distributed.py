@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,7 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "shutdown_distributed",
+    "shard",
     "unwrap",
     "wait_for_file",
 ]
@@ -117,6 +120,12 @@ def shutdown_distributed() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def shard(items: Sequence[Any]) -> list[Any]:
+    """This rank's share of ``items``: every ``world_size``-th item from its rank on (each item goes to exactly one
+    rank, and ranks get near-equal counts of a sorted list); all of them in a single process."""
+    return list(items)[get_rank() :: get_world_size()]
 
 
 def unwrap(network: nn.Module) -> nn.Module:

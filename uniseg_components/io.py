@@ -5,8 +5,8 @@
   zips): the content goes to a temporary file in the target's folder, which is renamed into place only when the
   writing succeeded, so a reader (or a rerun after a crash) sees the old complete file or the new one, never half
   of one. :func:`write_text`, :func:`write_json` and :func:`save_torch` are its everyday forms.
-* :func:`list_images` turns a folder, a file, a datalist or a list into inference items; :func:`image_stem`
-  names outputs after their input.
+* :func:`list_images` turns a folder (of NIfTI files or DICOM series), a file, a datalist or a list into inference
+  items; :func:`image_stem` names outputs after their input.
 * :func:`save_label_map` writes every label map (2D and 3D, CLI and bundles; the bundles through
   :class:`uniseg_components.transforms.SaveLabelMapd`).
 
@@ -35,7 +35,11 @@ __all__ = [
     "as_list",
     "NIFTI_SUFFIXES",
     "image_files",
+    "SERIES_SEPARATOR",
+    "split_reference",
     "image_stem",
+    "output_path",
+    "pending_images",
     "list_images",
     "verify_image",
     "load_nifti",
@@ -130,11 +134,72 @@ def image_files(image: str | os.PathLike | Sequence[str]) -> list[str]:
     return [os.fspath(image)] if isinstance(image, (str, os.PathLike)) else [os.fspath(p) for p in image]
 
 
+#: separates a folder from the SeriesInstanceUID in the reference of one DICOM series of a folder holding several
+SERIES_SEPARATOR = "#"
+
+
+def split_reference(reference: str | os.PathLike) -> tuple[Path, str | None]:
+    """``(folder, SeriesInstanceUID or None)`` of a DICOM series reference: ``"<folder>"`` or ``"<folder>#<uid>"`` (see
+    :mod:`uniseg_components.dicom`); any other path comes back as ``(path, None)``."""
+    ref = os.fspath(reference)
+    folder, sep, uid = ref.rpartition(SERIES_SEPARATOR)
+    if sep and folder and uid and not Path(ref).exists() and Path(folder).is_dir():
+        return Path(folder), uid
+    return Path(ref), None
+
+
 def image_stem(path: str | os.PathLike | Sequence[str]) -> str:
-    """A file's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``; an
-    image stored as one file per channel (nnU-Net v2, a list) is named by its first file, as MONAI's metadata."""
-    name = Path(image_files(path)[0]).name
+    """An image's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``; a
+    DICOM series folder by its folder name (``"1.2.840.5"`` stays whole), one series of a folder holding several by
+    ``"<folder name>_<SeriesInstanceUID>"``; an image stored as one file per channel (nnU-Net v2, a list) by its first
+    file, as MONAI's metadata."""
+    folder, uid = split_reference(image_files(path)[0])
+    if uid is not None:
+        return f"{folder.name}_{uid}"
+    if folder.is_dir():
+        return folder.name
+    name = folder.name
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+
+
+def output_path(
+    source: str | os.PathLike | Sequence[str],
+    output_dir: str | os.PathLike,
+    postfix: str,
+    ext: str = ".nii.gz",
+    separate_folder: bool = False,
+) -> Path:
+    """Where the output of an image goes: ``<output_dir>/[<name>/]<name>_<postfix><ext>``, ``<name>`` its
+    :func:`image_stem` (the one naming rule of inference outputs: label maps, DICOM SEG, the skip test)."""
+    name = image_stem(source)
+    return (Path(output_dir) / name if separate_folder else Path(output_dir)) / f"{name}_{postfix}{ext}"
+
+
+def pending_images(
+    items: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    postfix: str,
+    exts: Sequence[str] = (".nii.gz",),
+    skip_existing: bool = True,
+    separate_folder: bool = False,
+) -> list[dict[str, Any]]:
+    """The inference items still to do: with ``skip_existing``, those whose outputs (one per extension of ``exts``,
+    at :func:`output_path`) do not all exist; every item otherwise. Outputs are written atomically, so an existing
+    one is complete: an interrupted run continues where it stopped.
+
+    Args:
+        items: ``[{"image": ...}, ...]`` as :func:`list_images` gives.
+        output_dir, postfix, separate_folder: as :func:`output_path`.
+        exts: the outputs each image gets, default ``(".nii.gz",)`` (add ``".dcm"`` for DICOM SEG).
+        skip_existing: default ``True``.
+    """
+    if not skip_existing:
+        return [dict(it) for it in items]
+    return [
+        dict(it)
+        for it in items
+        if not all(output_path(it["image"], output_dir, postfix, e, separate_folder).is_file() for e in as_list(exts))
+    ]
 
 
 def list_images(
@@ -145,10 +210,17 @@ def list_images(
 ) -> list[dict[str, Any]]:
     """Inference items ``[{"image": path, ...}, ...]`` from a folder, a datalist JSON file or a list.
 
+    DICOM: a folder without files matching ``pattern`` is searched for DICOM series (itself, or its study
+    sub-folders, recursively), one item per series (:func:`uniseg_components.dicom.series_references`); a folder
+    given in a list or datalist is such a search too. A folder with no DICOM file stays an item of its own, so that
+    reading it fails with its name.
+
     Args:
-        source: a folder (its files matching ``pattern``, sorted), a ``.json`` file holding a list of paths or
-            items (or a dict with a ``"test"``, ``"testing"``, ``"validation"`` or ``"val"`` list), a single image
-            file, or a list of paths / item dicts (a comma-separated string of paths is a list too).
+        source: a folder (its files matching ``pattern``, sorted; else its DICOM series), a ``.json`` file holding a
+            list of paths or items (or a dict with a ``"test"``, ``"testing"``, ``"validation"`` or ``"val"`` list),
+            a ``.csv`` file of paths (an ``image`` column, and ``task``, under a header row, else the first column;
+            relative paths from the CSV's folder), a single image file or series reference, or a list of paths /
+            item dicts (a comma-separated string of paths is a list too).
         pattern: glob for folders, default ``"*.nii*"``.
         keys: the entries an item keeps, default ``("image", "task")`` (a prepared datalist's items also carry
             labels, which inference does not read; an item's own task overrides the config's default).
@@ -166,7 +238,15 @@ def list_images(
         if not path.exists():
             raise FileNotFoundError(f"no image folder, image or datalist at {str(path)!r}.")
         if path.is_dir():
+            from .dicom import series_references
+
             entries: Sequence[Any] = sorted(str(p) for p in path.glob(pattern) if p.is_file())
+            entries = entries or series_references(path)
+            if not entries:
+                raise ValueError(f"no image found in {str(path)!r} (no file matching {pattern!r}, no DICOM file).")
+            return [{"image": e} for e in entries]
+        elif path.suffix.lower() == ".csv":
+            entries = _csv_entries(path)
         elif path.suffix == ".json":
             loaded = read_json(path, "image list")
             if isinstance(loaded, dict):
@@ -184,12 +264,52 @@ def list_images(
     ]
     if any("image" not in item for item in items):
         raise ValueError(f"every item of {source!r} needs an 'image' entry.")
+    items = [it for item in items for it in _series_items(item)]
     if not items:
         raise ValueError(f"no image found in {source!r} (pattern {pattern!r}).")
-    missing = [str(it["image"]) for it in items if must_exist and not Path(str(it["image"])).exists()]
+    missing = [str(it["image"]) for it in items if must_exist and not split_reference(str(it["image"]))[0].exists()]
     if missing:
         raise FileNotFoundError(f"image file(s) {missing} do not exist.")
     return items
+
+
+def _csv_entries(path: Path) -> list[Any]:
+    """The items of a CSV list of images: with a header row naming an ``image`` column (and optionally ``task``),
+    those columns; without one, the first column. Relative paths are taken from the CSV file's folder.
+
+    Raises:
+        ValueError: the file is not UTF-8 text; the message names it.
+    """
+    import csv
+
+    try:
+        rows = [r for r in csv.reader(path.read_text().splitlines()) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"image list {str(path)!r} is not a UTF-8 CSV file: {e}.") from e
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    columns = {"image": header.index("image")} if "image" in header else {"image": 0}
+    if "task" in header:
+        columns["task"] = header.index("task")
+    rows = rows[1:] if "image" in header else rows
+
+    def resolve(p: str) -> str:
+        return str(p if Path(p).is_absolute() else path.parent / p)
+
+    return [
+        {k: (resolve(row[i].strip()) if k == "image" else row[i].strip()) for k, i in columns.items() if i < len(row)}
+        for row in rows
+    ]
+
+
+def _series_items(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """``item`` once per DICOM series of its folder (``item`` itself when its image is not a folder, or a folder
+    holding no DICOM file)."""
+    image = item["image"]
+    if not isinstance(image, (str, os.PathLike)) or not Path(image).is_dir():
+        return [item]
+    from .dicom import series_references
+
+    return [{**item, "image": ref} for ref in series_references(image)] or [item]
 
 
 def _gzip_bytes(path: Path, keep: bool = True) -> bytes:

@@ -390,6 +390,20 @@ class TaskCatalog:
                 out[int(t.label_offset) + c] = f"{t.name}/{t.labels[c]}"  # type: ignore[arg-type]
         return out
 
+    def label_names(self, tasks: Sequence[TaskSpec | str | int], merged: bool = False) -> dict[int, str]:
+        """Label value -> name of a label map written by inference (0 -> ``"background"``).
+
+        Args:
+            tasks: the tasks segmented (names, ids or specs).
+            merged: ``False`` (default): the first task's own classes (``{1: "liver", 2: "tumour"}``); ``True``: the
+                merged map of ``tasks``, values with the catalog's offsets, names ``"task/class"``.
+        """
+        specs = [t if isinstance(t, TaskSpec) else self[t] for t in tasks]
+        if not merged:
+            return dict(enumerate(specs[0].labels))
+        names = {t.name for t in specs}
+        return {v: n for v, n in self.merged_label_names().items() if v == 0 or n.split("/")[0] in names}
+
     def tasks_for_channels(self, modalities: Sequence[str]) -> list[TaskSpec]:
         """Tasks whose input modalities equal ``modalities`` (used by ``--task all``)."""
         return [t for t in self.tasks if list(t.modalities) == list(modalities)]

@@ -74,7 +74,8 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 from monai.utils import MAX_SEED, TraceKeys
 
-from .io import image_stem, save_label_map
+from .dicom import image_readers, is_series_reference, write_dicom_seg
+from .io import output_path, save_label_map
 from .tasks import TaskCatalog, TaskSpec, UnknownTaskError, normalization_of
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "val_transforms",
     "inference_transforms",
     "SaveLabelMapd",
+    "SaveDicomSegd",
 ]
 
 #: UniSeg's CT window in HU: clipped to this range, then scaled linearly to [0, 1].
@@ -730,8 +732,9 @@ def deterministic_transforms(
     Args:
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
         keys: ``(image_key, label_key)``, default ``("image", "label")``; ``("image",)`` for inference.
-        reader: ``LoadImaged`` reader, default ``None`` = MONAI's choice by suffix (``NibabelReader`` for NIfTI;
-            see the module docstring); ``"ITKReader"`` forces ITK.
+        reader: ``LoadImaged`` reader of files, default ``None`` = MONAI's choice by suffix (``NibabelReader`` for
+            NIfTI; see the module docstring); ``"ITKReader"`` forces ITK. DICOM series folders are read by
+            :class:`~uniseg_components.dicom.DicomSeriesReader` whatever ``reader`` is.
         task_key: default ``"task"``.
         id_key: default ``"task_id"``.
         default_task: task of items without ``task_key`` (MONAI Label sends ``{"image", "label"}`` items; a bundle's
@@ -743,7 +746,7 @@ def deterministic_transforms(
     modes = ["bilinear"] + (["nearest"] if label_key else [])
     return [
         AttachTaskd(catalog, task_key=task_key, id_key=id_key, image_key=image_key, default=default_task),
-        LoadImaged(keys, reader=reader, image_only=True),
+        LoadImaged(keys, reader=image_readers(reader), image_only=True),
         EnsureChannelFirstd(keys),
         Squeeze2Dd(keys, catalog, task_key=task_key),
         CheckTaskInputd(catalog, image_key=image_key, label_key=label_key, task_key=task_key),
@@ -874,9 +877,7 @@ class SaveLabelMapd(SaveImaged):
 
     def output_path(self, source: str | os.PathLike) -> Path:
         """Where the label map of the image file ``source`` is written."""
-        name = image_stem(source)
-        folder = self.output_dir / name if self.separate_folder else self.output_dir
-        return folder / f"{name}_{self.output_postfix}{self.output_ext}"
+        return output_path(source, self.output_dir, self.output_postfix, self.output_ext, self.separate_folder)
 
     def _source(self, d: Mapping[Any, Any], label: Any) -> str:
         for src in (label, d.get(self.meta_key)):
@@ -890,4 +891,55 @@ class SaveLabelMapd(SaveImaged):
         d = dict(data)
         for key in self.key_iterator(d):
             save_label_map(d[key], self.output_path(self._source(d, d[key])))
+        return d
+
+
+class SaveDicomSegd(SaveLabelMapd):
+    """With ``enabled``, write each ``(1, X, Y, Z)`` label map of ``keys`` computed from a DICOM series as a DICOM SEG
+    object that references the series (:func:`~uniseg_components.dicom.write_dicom_seg`: one segment per label, named
+    by ``labels``, read back and checked), as ``<output_dir>/<name>_<output_postfix>.dcm`` beside the NIfTI map of
+    :class:`SaveLabelMapd`. Disabled, it passes the data through (the inference configs' ``dicom_seg: false``).
+
+    Args:
+        keys: keys of the label maps, e.g. ``"pred"``.
+        labels: label value -> segment name (``TaskCatalog.label_names``); 0 (background) is no segment.
+        output_dir: output folder, default ``"."``.
+        output_postfix: appended to the name, default ``"seg"``.
+        enabled: write the SEG, default ``True``.
+        separate_folder: one sub-folder per input, default ``False``.
+        meta_key: item key whose metadata names the source series when the label's does not, default ``"image"``.
+        description: the SEG's SeriesDescription, default the segment names.
+
+    Raises:
+        ValueError: the input is not a DICOM series (a SEG references its source images), or the map does not fit
+            it; the message names the input.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        labels: Mapping[int, str],
+        output_dir: str | os.PathLike = ".",
+        output_postfix: str = "seg",
+        enabled: bool = True,
+        separate_folder: bool = False,
+        meta_key: str = "image",
+        description: str = "",
+    ) -> None:
+        super().__init__(keys, output_dir, output_postfix, ".dcm", separate_folder, meta_key)
+        self.labels = {int(v): str(n) for v, n in labels.items()}
+        self.enabled, self.description = bool(enabled), str(description)
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            source = self._source(d, d[key])
+            if not is_series_reference(source):
+                raise ValueError(
+                    f"{source!r} is not a DICOM series: a DICOM SEG references its source series, so --dicom_seg "
+                    "takes DICOM series inputs only (the NIfTI label map is written all the same)."
+                )
+            write_dicom_seg(d[key], source, self.labels, self.output_path(source), description=self.description)
         return d

@@ -23,19 +23,33 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .bundle import bundle_dir
 from .checkpoints import load_checkpoint
 from .data import load_datalist
+from .dicom import is_series_reference, series_files
+from .distributed import get_rank, init_distributed, is_main_process, shard, shutdown_distributed
 from .inferers import tasks_for_image
-from .io import as_list, image_files, image_stem, list_images, read_json, verify_image
+from .io import (
+    as_list,
+    image_files,
+    image_stem,
+    list_images,
+    output_path,
+    pending_images,
+    read_json,
+    verify_image,
+    write_json,
+)
 from .methods import get_method, method_of
 from .metrics import TaskDiceAggregator, format_dice_table
 from .tasks import TaskCatalog
@@ -239,31 +253,54 @@ def infer(
     mirror: bool = False,
     catalog: str | os.PathLike | TaskCatalog | None = None,
     device: str | torch.device | None = None,
+    dicom_seg: bool = False,
+    skip_existing: bool = False,
+    num_workers: int | None = None,
+    progress: bool = True,
 ) -> list[Path]:
     """Segment images with a checkpoint through its bundle's ``inference.json``: label maps on each input's grid.
 
     Output files are ``out/<image name>_<task>.nii.gz`` (``_all`` for ``task="all"``, whose maps merge every task of the
-    image's modalities with the catalog's label offsets).
+    image's modalities with the catalog's label offsets), with ``dicom_seg`` also ``out/<image name>_<task>.dcm``.
+
+    At scale: under ``torchrun`` the images are sharded across the ranks (each exactly once; one device per rank,
+    CUDA ``LOCAL_RANK`` when available), rank 0 shows a progress bar of its share, every image gets a log line (time,
+    tasks, output), ``skip_existing`` leaves out images whose outputs exist (outputs are written atomically, so an
+    interrupted run continues where it stopped), a failing image is reported and the others go on, and the run
+    ends with a summary (done, skipped, failed with reasons, studies/s) logged and written to
+    ``out/infer_summary.json`` by rank 0.
 
     Args:
         checkpoint: ``model.pt`` written by training.
-        images: a NIfTI file, a folder of them, a datalist JSON, or a list / comma-separated string of files.
+        images: a NIfTI file, a folder of them, a DICOM series folder or a folder of study folders holding DICOM
+            series, a CSV of paths (:func:`uniseg_components.io.list_images`), a datalist JSON, or a list /
+            comma-separated string.
         task: task name or id of the checkpoint's catalog, or ``"all"``.
         out: output folder, default ``"predictions"``.
         modality: with ``task="all"``, the images' channel modalities (``"CT"``, ``["CT", "PET"]``) when the channel
             count fits several modality combinations of the catalog; default: from each image.
         mirror: mirroring test-time augmentation on every axis, default ``False``.
         catalog: overrides the catalog stored in the checkpoint.
-        device: default CUDA when available.
+        device: default CUDA when available (under torchrun: this rank's device).
+        dicom_seg: also write a DICOM SEG per DICOM series input, default ``False``.
+        skip_existing: leave out images whose outputs all exist, default ``False``.
+        num_workers: DataLoader workers that load the next images while the network works, default the bundle's
+            (4 on CUDA, 0 on CPU).
+        progress: show the progress bar (rank 0), default ``True``.
 
     Returns:
-        the written files, in input order.
+        this rank's outputs (label maps) of the images done or skipped, in input order.
 
     Raises:
         FileNotFoundError, ValueError: missing images, unknown task or modality, unreadable checkpoint (before any
             output is written).
+        ImagesFailed: (rank 0) some images failed; the others were done. The message lists the reasons.
     """
+    t_start = time.time()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     device = check_device(device)
+    if world > 1:
+        device = init_distributed(device)
     net, cat = load_checkpoint(checkpoint, catalog=catalog)
     items = list_images(images)
     split = [image_name(it["image"]) for it in items if not isinstance(it["image"], (str, os.PathLike))]
@@ -273,6 +310,7 @@ def infer(
             "channels into one 4-D NIfTI (channels last), or score such cases with evaluate."
         )
     all_tasks = str(task).lower() == "all"
+    postfix = "all" if all_tasks else cat[task].name
     mods = as_list(modality) or None
     fixed = None if all_tasks else [cat[task]]
     if all_tasks and mods is not None:
@@ -281,9 +319,17 @@ def infer(
             tasks_for_image(cat, None, mods)  # raises the error naming the catalog's modality combinations
         fixed = None if len({t.dims for t in fixed}) > 1 else fixed
     out = check_writable(out)
-    failed = verify_images([str(it["image"]) for it in items])
+    _check_unique_outputs([(it["image"], postfix) for it in items])
+    exts = [".nii.gz"] + ([".dcm"] if dicom_seg else [])
+    mine = shard(items)
+    todo = pending_images(mine, out, postfix, exts, skip_existing)
+    pending = {image_name(it["image"]) for it in todo}
+    skipped = [image_name(it["image"]) for it in mine if image_name(it["image"]) not in pending]
+    if skipped:
+        logger.info("skipping %d image(s) whose outputs exist in %s", len(skipped), out)
+    failed = verify_images([str(it["image"]) for it in todo])
     groups: dict[tuple[str, ...], list[str]] = {}
-    for it in items:
+    for it in todo:
         image = str(it["image"])
         if image in failed:
             continue
@@ -293,17 +339,85 @@ def infer(
             failed[image] = str(e)
             continue
         groups.setdefault(tuple(t.name for t in tasks), []).append(image)
-    _check_unique_outputs([(i, "all" if all_tasks else cat[task].name) for g in groups.values() for i in g])
-    written: dict[str, Path] = {}
-    for names, group in groups.items():
-        done, errors = _run_inference(
-            net, cat, checkpoint, group, [cat[n] for n in names], all_tasks, out, mirror, device
-        )
-        written.update(done)
-        failed.update(errors)
-    if failed:
-        raise ImagesFailed(written, failed)
-    return [written[str(it["image"])] for it in items]
+    done: dict[str, dict[str, Any]] = {}
+    bar = tqdm(
+        total=len(todo),
+        desc=f"infer (rank 0 of {world})" if world > 1 else "infer",
+        unit="image",
+        disable=not (progress and is_main_process()),
+    )
+    with bar, logging_redirect_tqdm():
+        bar.update(len(failed))
+        for names, group in groups.items():
+
+            def record(image: str, seconds: float, names: tuple[str, ...] = names) -> None:
+                outputs = [str(output_path(image, out, postfix, e)) for e in exts]
+                done[image] = {"outputs": outputs, "seconds": round(seconds, 3), "tasks": list(names)}
+                logger.info("%s: %.1f s, %s -> %s", image, seconds, ", ".join(names), ", ".join(outputs))
+                bar.update(1)
+
+            _, errors = _run_inference(
+                net, cat, checkpoint, group, [cat[n] for n in names], all_tasks, out, mirror, device,
+                dicom_seg=dicom_seg, num_workers=num_workers, on_image=record,
+            )  # fmt: skip
+            failed.update(errors)
+            bar.update(len(errors))
+    summary = _inference_summary(items, done, skipped, failed, out, postfix, time.time() - t_start, world)
+    if world > 1:
+        shutdown_distributed()
+    if summary["failed"] and is_main_process():
+        raise ImagesFailed({r["image"]: Path(r["outputs"][0]) for r in summary["outputs"]}, summary["failures"])
+    return [output_path(it["image"], out, postfix) for it in mine if image_name(it["image"]) not in failed]
+
+
+def _inference_summary(
+    items: Sequence[Mapping[str, Any]],
+    done: Mapping[str, Any],
+    skipped: Sequence[str],
+    failed: Mapping[str, str],
+    out: Path,
+    postfix: str,
+    seconds: float,
+    world: int,
+) -> dict[str, Any]:
+    """Gather every rank's results (a collective under torchrun) into the run's summary; rank 0 logs it and writes
+    ``out/infer_summary.json``."""
+    rank = get_rank()
+    mine = {
+        "done": [{"image": k, "rank": rank, **v} for k, v in done.items()],
+        "skipped": list(skipped),
+        "failed": dict(failed),
+    }
+    parts: list[Any] = [mine]
+    if world > 1 and torch.distributed.is_initialized():
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    all_done = sorted((r for p in parts for r in p["done"]), key=lambda r: r["image"])
+    all_skipped = [k for p in parts for k in p["skipped"]]
+    failures = {k: v for p in parts for k, v in p["failed"].items()}
+    rate = len(all_done) / seconds if seconds > 0 else 0.0
+    summary = {
+        "images": len(items),
+        "done": len(all_done),
+        "skipped": len(all_skipped),
+        "failed": len(failures),
+        "ranks": world,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(rate, 4),
+        "outputs": all_done,
+        "skipped_images": sorted(all_skipped),
+        "failures": failures,
+    }
+    if is_main_process():
+        write_json(out / f"infer_summary_{postfix}.json", summary, indent=2)
+        logger.info(
+            "infer: %d image(s): %d done, %d skipped, %d failed in %.1f s (%.3f images/s, %d rank(s)); summary in %s",
+            len(items), len(all_done), len(all_skipped), len(failures), seconds, rate, world,
+            out / f"infer_summary_{postfix}.json",
+        )  # fmt: skip
+        for image, reason in failures.items():
+            logger.error("failed: %s: %s", image, reason)
+    return summary
 
 
 class ImagesFailed(ValueError):
@@ -356,12 +470,16 @@ def check_writable(folder: str | os.PathLike) -> Path:
 
 
 def verify_images(paths: Sequence[str]) -> dict[str, str]:
-    """Check every image up front (:func:`uniseg_components.io.verify_image`: present, gzip CRC and length, header);
-    returns ``{path: reason}`` of those that fail, each logged."""
+    """Check every image up front (:func:`uniseg_components.io.verify_image`: present, gzip CRC and length, header;
+    a DICOM series: :func:`uniseg_components.dicom.series_files`, one regular volume); returns ``{path: reason}`` of
+    those that fail, each logged."""
     failed = {}
     for path in paths:
         try:
-            verify_image(path)
+            if is_series_reference(path):
+                series_files(path)
+            else:
+                verify_image(path)
         except (FileNotFoundError, ValueError) as e:
             failed[path] = str(e)
             logger.error("%s", e)
@@ -397,10 +515,14 @@ def _run_inference(
     out: Path,
     mirror: bool,
     device: Any,
+    dicom_seg: bool = False,
+    num_workers: int | None = None,
+    on_image: Callable[[str, float], None] | None = None,
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Run the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged). When the run stops on
     an image, the images it did not reach run one by one, so that one bad image never stops the others. An image is
-    a path or a list of paths (one per channel).
+    a path or a list of paths (one per channel). ``dicom_seg`` and ``num_workers`` set the config's keys of these
+    names (``None``: the config's); ``on_image(name, seconds)`` is called after each image (default: a log line).
 
     Returns:
         ``({image_name(image): output}, {image_name(image): reason})`` of the images done and failed.
@@ -420,6 +542,8 @@ def _run_inference(
             "output_postfix": postfix,
             "mirror_axes": list(range(net.plan.spatial_dims)) if mirror else [],
             "device": device,
+            "dicom_seg": bool(dicom_seg),
+            "num_workers": num_workers,
         }
     )
     overrides.update(m.bundle_overrides("inference"))
@@ -432,7 +556,7 @@ def _run_inference(
             m.bundle_for(net), ["inference.json"], "infer", {**overrides, "datalist": items, "images": items}, run=False
         )
         ext = wf.parser.get_parsed_content("output_ext")
-        done = _log_progress(wf, len(batch))
+        done = _log_progress(wf, len(batch), on_image)
         error: Exception | None = None
         try:
             wf.run()
@@ -441,9 +565,9 @@ def _run_inference(
         finally:
             wf.finalize()
         if error is None:
-            written.update({image_name(i): out / f"{image_stem(i)}_{postfix}{ext}" for i in batch})
+            written.update({image_name(i): output_path(i, out, postfix, ext) for i in batch})
         elif len(batch) > 1:  # the images before the failing one are done; the rest run one by one
-            written.update({image_name(i): out / f"{image_stem(i)}_{postfix}{ext}" for i in batch[: len(done)]})
+            written.update({image_name(i): output_path(i, out, postfix, ext) for i in batch[: len(done)]})
             for i in batch[len(done) :]:
                 run([i])
         else:
@@ -454,17 +578,13 @@ def _run_inference(
                 logger.error("%s: %s", image_name(batch[0]), cause)
 
     run(list(images))
-    names = {t.name for t in tasks}
-    legend = cat.merged_label_names() if all_tasks else dict(enumerate(tasks[0].labels))
-    if all_tasks:
-        legend = {v: n for v, n in legend.items() if v == 0 or n.split("/")[0] in names}
-    logger.info("%s: labels %s", ", ".join(sorted(names)), legend)
+    logger.info("%s: labels %s", ", ".join(sorted(t.name for t in tasks)), cat.label_names(tasks, all_tasks))
     return written, failed
 
 
-def _log_progress(wf: ConfigWorkflow, total: int) -> list[str]:
-    """Log ``[i/n] image (s)`` after every image of an inference workflow's evaluator; returns the list the handler
-    appends each finished image to."""
+def _log_progress(wf: ConfigWorkflow, total: int, on_image: Callable[[str, float], None] | None = None) -> list[str]:
+    """After every image of an inference workflow's evaluator, call ``on_image(image, seconds)`` (default: log
+    ``[i/n] image (s)``); returns the list the handler appends each finished image to."""
     from ignite.engine import Events
 
     evaluator = wf.parser.get_parsed_content("evaluator")
@@ -477,7 +597,10 @@ def _log_progress(wf: ConfigWorkflow, total: int) -> list[str]:
         name = (getattr(item.get("image"), "meta", None) or {}).get("filename_or_obj", "?")
         name = name[0] if isinstance(name, (list, tuple)) else name
         done.append(str(name))
-        logger.info("[%d/%d] %s (%.1f s)", len(done), total, name, time.time() - t0[0])
+        if on_image is not None:
+            on_image(str(name), time.time() - t0[0])
+        else:
+            logger.info("[%d/%d] %s (%.1f s)", len(done), total, name, time.time() - t0[0])
         t0[0] = time.time()
 
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, log)
