@@ -268,7 +268,7 @@ def infer(
     tasks, output), ``skip_existing`` leaves out images whose outputs exist (outputs are written atomically, so an
     interrupted run continues where it stopped), a failing image is reported and the others go on, and the run
     ends with a summary (done, skipped, failed with reasons, studies/s) logged and written to
-    ``out/infer_summary.json`` by rank 0.
+    ``out/infer_summary_<task>.json`` by rank 0.
 
     Args:
         checkpoint: ``model.pt`` written by training.
@@ -381,7 +381,7 @@ def _inference_summary(
     world: int,
 ) -> dict[str, Any]:
     """Gather every rank's results (a collective under torchrun) into the run's summary; rank 0 logs it and writes
-    ``out/infer_summary.json``."""
+    ``out/infer_summary_<task>.json`` (``<task>``: ``postfix``)."""
     rank = get_rank()
     mine = {
         "done": [{"image": k, "rank": rank, **v} for k, v in done.items()],
