@@ -23,7 +23,6 @@ from uniseg_components.io import list_images
 from uniseg_components.methods.uniseg import UniSeg
 from uniseg_components.tasks import TaskCatalog
 from uniseg_components.transforms import inference_transforms
-from uniseg_components.workflows import ImagesFailed
 
 pytest.importorskip("highdicom")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,7 +71,7 @@ def test_series_reads_like_the_nifti_of_the_same_volume(studies) -> None:
 def test_listing_finds_one_item_per_series_under_study_folders(studies, tmp_path) -> None:
     items = list_images(studies["archive"])
     assert [Path(it["image"]).name for it in items] == ["study0", "study1", "study2", "study3"]
-    # a folder holding two series: one reference per series, '<folder>#<SeriesInstanceUID>'
+    # a folder holding two series: one reference per series, '<folder>::<SeriesInstanceUID>'
     both = tmp_path / "both"
     write_dicom_series(both, _volume(5), AFFINE, series_uid="1.2.826.0.1.3680043.8.498.1")
     write_dicom_series(both / "tmp", _volume(6), AFFINE, series_uid="1.2.826.0.1.3680043.8.498.2")
@@ -80,8 +79,9 @@ def test_listing_finds_one_item_per_series_under_study_folders(studies, tmp_path
         f.rename(both / f"b_{f.name}")
     (both / "tmp").rmdir()
     refs = [it["image"] for it in list_images(both)]
-    assert refs == [f"{both}#1.2.826.0.1.3680043.8.498.1", f"{both}#1.2.826.0.1.3680043.8.498.2"]
+    assert refs == [f"{both}::1.2.826.0.1.3680043.8.498.1", f"{both}::1.2.826.0.1.3680043.8.498.2"]
     assert len(series_files(refs[1])) == 12
+    assert series_files(refs[1].replace("::", "#")) == series_files(refs[1])  # '#' is read as the separator too
     with pytest.raises(ValueError, match="holds 2 DICOM series"):
         series_files(both)
     # a CSV of paths: with a header (image, task; relative paths from the CSV's folder) or without (first column)
@@ -100,7 +100,32 @@ def test_listing_finds_one_item_per_series_under_study_folders(studies, tmp_path
         np.testing.assert_array_equal(load({"image": ref})["image"].numpy(), _volume(seed))
 
 
-@pytest.mark.parametrize("damage", ["missing", "spacing", "empty"])
+def test_archive_layouts_same_folder_names_dicomdir_and_non_image_objects(studies, tmp_path) -> None:
+    """p1/CT and p2/CT get different output names; a DICOMDIR, a SEG beside the slices and a folder of SEGs alone are
+    not image series; a CSV from a spreadsheet (byte order mark) reads, one with an empty path cell is refused."""
+    archive = tmp_path / "archive"
+    for i, p in enumerate(("p1", "p2")):
+        write_dicom_series(archive / p / "CT", _volume(i), AFFINE)
+    (archive / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    seg = cli.infer(str(studies["ckpt"]), str(studies["archive"] / "patient1"), task="abdomen_ct",
+                    out=str(tmp_path / "seg"), dicom_seg=True)  # fmt: skip
+    shutil.copy(Path(seg[0]).with_suffix("").with_suffix(".dcm"), archive / "p1" / "CT" / "seg.dcm")
+    shutil.copytree(tmp_path / "seg", archive / "results", ignore=shutil.ignore_patterns("*.json", "*.nii.gz"))
+    refs = [it["image"] for it in list_images(archive)]
+    uids = [find_series(archive / p / "CT")[0].uid for p in ("p1", "p2")]
+    assert refs == [f"{archive / 'p1' / 'CT'}::{uids[0]}", f"{archive / 'p2' / 'CT'}::{uids[1]}"]
+    assert len(series_files(refs[0])) == 12  # the SEG beside the slices is not a slice
+    out = tmp_path / "pred"
+    cli.infer(str(studies["ckpt"]), str(archive), task="abdomen_ct", out=str(out))
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"CT_{u}_abdomen_ct.nii.gz" for u in uids)
+    (tmp_path / "bom.csv").write_bytes("image\n".encode("utf-8-sig") + f"{studies['nifti']}\n".encode())
+    assert list_images(tmp_path / "bom.csv") == [{"image": str(studies["nifti"])}]
+    (tmp_path / "gap.csv").write_text(f"image,task\n{studies['nifti']},abdomen_ct\n,brain_mr\n")
+    with pytest.raises(ValueError, match=r"gap.csv.*no image path in row\(s\) \[3\]"):
+        list_images(tmp_path / "gap.csv")
+
+
+@pytest.mark.parametrize("damage", ["missing", "spacing", "empty", "tilt", "unreadable"])
 def test_irregular_series_is_refused_naming_the_folder(tmp_path, damage) -> None:
     folder = tmp_path / "study"
     files = write_dicom_series(folder, _volume(1), AFFINE)
@@ -116,6 +141,18 @@ def test_irregular_series_is_refused_naming_the_folder(tmp_path, damage) -> None
                                        float(ds.ImagePositionPatient[2]) + 0.7]  # fmt: skip
             ds.save_as(f)
         expected = "inconsistent slice spacing, from 2.500 to 3.200 mm"
+    elif damage == "tilt":
+        import pydicom
+
+        for k, f in enumerate(files):  # each slice 0.4 mm further along y: a 9 degree gantry tilt
+            ds = pydicom.dcmread(f)
+            ds.ImagePositionPatient = [ds.ImagePositionPatient[0], float(ds.ImagePositionPatient[1]) + 0.4 * k,
+                                       ds.ImagePositionPatient[2]]  # fmt: skip
+            ds.save_as(f)
+        expected = r"shifted in their plane .*up to 0.400 mm: a gantry tilt"
+    elif damage == "unreadable":
+        files[0].write_bytes(files[0].read_bytes()[:140])  # the preamble, then nothing: a truncated first slice
+        expected = r"1 DICOM file\(s\) of its folder cannot be read .*slice0000.dcm"
     else:
         for f in files:
             f.unlink()
@@ -194,8 +231,11 @@ def test_infer_on_a_series_equals_the_nifti_route_and_writes_a_seg(studies, tmp_
         str(out / "study0_abdomen_ct.dcm"),
     ]
 
-    with pytest.raises(ImagesFailed, match="is not a DICOM series"):  # a SEG needs source images
-        cli.infer(str(studies["ckpt"]), str(studies["nifti"]), task="abdomen_ct", out=str(out), dicom_seg=True)
+    # NIfTI beside DICOM with --dicom_seg: the NIfTI image gets its label map and no SEG (which needs source images)
+    cli.infer(str(studies["ckpt"]), f"{series},{studies['nifti']}", task="abdomen_ct", out=str(out), dicom_seg=True)
+    assert not (out / "nifti0_abdomen_ct.dcm").exists() and (out / "nifti0_abdomen_ct.nii.gz").is_file()
+    summary = json.loads((out / "infer_summary_abdomen_ct.json").read_text())
+    assert [len(r["outputs"]) for r in summary["outputs"]] == [2, 1] and summary["failed"] == 0
 
 
 def test_torchrun_shards_resumes_and_reports_a_corrupt_study(studies, tmp_path) -> None:

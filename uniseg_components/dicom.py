@@ -3,7 +3,7 @@
 highdicom).
 
 * A **series reference** names one DICOM series: a folder that holds one series (its DICOM files directly in it),
-  or ``<folder>#<SeriesInstanceUID>`` for one series of a folder that holds several. :func:`find_series` lists the
+  or ``<folder>::<SeriesInstanceUID>`` for one series of a folder that holds several. :func:`find_series` lists the
   series of a folder, :func:`series_references` the references of a folder of studies (one sub-folder per study),
   and :func:`series_files` checks a series and returns its files sorted along the slice normal.
 * :class:`DicomSeriesReader` is a MONAI ``ImageReader`` (ITK underneath) that reads a series reference; every
@@ -17,9 +17,12 @@ pydicom and highdicom are imported only when a DICOM series is read or written, 
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from .io import SERIES_SEPARATOR, atomic_path, split_reference
 
 __all__ = [
     "DicomSeries",
+    "NoImageSeries",
     "DicomSeriesReader",
     "is_dicom_file",
     "is_series_reference",
@@ -42,10 +46,13 @@ __all__ = [
     "read_dicom_seg",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: relative tolerance on slice distances: a gap of more than (1 + tol) x the slice spacing is a missing slice
 SPACING_TOLERANCE = 0.1
 
 _HEADER_TAGS = (
+    "SOPClassUID",
     "SeriesInstanceUID",
     "Modality",
     "ImagePositionPatient",
@@ -68,7 +75,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 
 def is_series_reference(source: Any) -> bool:
-    """True when ``source`` (a path or string) is a folder or ``<folder>#<uid>``: what :class:`DicomSeriesReader`
+    """True when ``source`` (a path or string) is a folder or ``<folder>::<uid>``: what :class:`DicomSeriesReader`
     reads. Only the form is checked; :func:`series_files` checks the content."""
     if not isinstance(source, (str, os.PathLike)):
         return False
@@ -77,14 +84,16 @@ def is_series_reference(source: Any) -> bool:
 
 @dataclass(frozen=True)
 class DicomSeries:
-    """One DICOM series of a folder.
+    """One DICOM image series of a folder.
 
     Attributes:
         folder: the folder holding its files.
         uid: its SeriesInstanceUID.
         files: its files, in the folder's (sorted) order.
         modality: the DICOM Modality of its first file (``"CT"``, ``"MR"``, ``"PT"``...).
-        shared: whether the folder holds other series too (then the reference carries the UID).
+        shared: whether the folder holds other image series too (then the reference carries the UID).
+        unreadable: files of the folder with a DICOM preamble whose header could not be read (they may belong to
+            this series: :func:`series_files` refuses the series while there are any).
     """
 
     folder: Path
@@ -92,67 +101,114 @@ class DicomSeries:
     files: tuple[str, ...]
     modality: str = ""
     shared: bool = False
+    unreadable: tuple[str, ...] = ()
 
     @property
     def reference(self) -> str:
-        """``"<folder>"``, or ``"<folder>#<uid>"`` when the folder holds several series."""
+        """``"<folder>"``, or ``"<folder>::<uid>"`` when the folder holds several series."""
         return f"{self.folder}{SERIES_SEPARATOR}{self.uid}" if self.shared else str(self.folder)
 
 
-def _read_header(path: str) -> Any:
+class NoImageSeries(ValueError):
+    """A folder holds DICOM files, but none of an image series (a DICOMDIR, SEG, SR or RTSTRUCT objects...)."""
+
+
+@lru_cache(maxsize=65536)
+def _cached_header(path: str, mtime_ns: int, size: int) -> Any:
     import pydicom
 
     return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
 
 
+def _read_header(path: str) -> Any:
+    """The header tags the checks need (cached per file, path, modification time and size: listing, checking and
+    reading a series read each header once per process)."""
+    st = os.stat(path)
+    return _cached_header(str(path), st.st_mtime_ns, st.st_size)
+
+
 def find_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """The DICOM series whose files lie directly in ``folder`` (sub-folders are not searched), by SeriesInstanceUID.
+    """The DICOM image series whose files lie directly in ``folder`` (sub-folders are not searched), by
+    SeriesInstanceUID. Files that are not images placed in space (no ImagePositionPatient / ImageOrientationPatient:
+    a DICOMDIR, DICOM SEG, SR, RTSTRUCT, a scanned document...) are left out.
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
-        ValueError: it holds no readable DICOM file; the message names it.
+        NoImageSeries: it holds DICOM files, none of an image series; the message names it.
+        ValueError: it holds no DICOM file, or only unreadable ones; the message names it.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"DICOM series folder {str(folder)!r} does not exist.")
     groups: dict[str, list[str]] = {}
     modality: dict[str, str] = {}
+    unreadable: list[str] = []
+    other = 0
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if not is_dicom_file(path):
+        if path.name.upper() == "DICOMDIR" or not is_dicom_file(path):
+            other += path.name.upper() == "DICOMDIR"
             continue
         try:
             header = _read_header(str(path))
-        except Exception:  # noqa: BLE001 - a damaged file is reported with its series (slice missing) or below
+        except Exception:  # noqa: BLE001 - reported with the series (series_files)
+            header = None
+        if header is None or "SOPClassUID" not in header:  # pydicom reads a truncated file as an empty dataset
+            unreadable.append(str(path))
             continue
         uid = str(getattr(header, "SeriesInstanceUID", "") or "")
-        if uid:
-            groups.setdefault(uid, []).append(str(path))
-            modality.setdefault(uid, str(getattr(header, "Modality", "") or ""))
+        if not uid or "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            other += 1
+            continue
+        groups.setdefault(uid, []).append(str(path))
+        modality.setdefault(uid, str(getattr(header, "Modality", "") or ""))
     if not groups:
-        raise ValueError(
-            f"{str(folder)!r} holds no readable DICOM series (no file with a DICOM preamble and a SeriesInstanceUID)."
-        )
+        if unreadable:
+            raise ValueError(
+                f"{str(folder)!r} holds no readable DICOM image series: {len(unreadable)} DICOM file(s) could not be "
+                f"read (e.g. {unreadable[0]!r})."
+            )
+        if other:
+            raise NoImageSeries(f"{str(folder)!r} holds {other} DICOM file(s), none of an image series.")
+        raise ValueError(f"{str(folder)!r} holds no readable DICOM series (no file with a DICOM preamble).")
     shared = len(groups) > 1
-    return [DicomSeries(folder, uid, tuple(files), modality[uid], shared) for uid, files in sorted(groups.items())]
+    return [
+        DicomSeries(folder, uid, tuple(files), modality[uid], shared, tuple(unreadable))
+        for uid, files in sorted(groups.items())
+    ]
 
 
 def series_references(folder: str | os.PathLike) -> list[str]:
-    """The series references under ``folder``: its own series when DICOM files lie directly in it, else those of
-    every sub-folder that holds DICOM files (searched recursively, sorted by path): one reference per series.
+    """The series references under ``folder``: its own series when DICOM files lie directly in it, and those of
+    every sub-folder holding DICOM files (searched recursively, sorted by path): one reference per image series.
+
+    A folder whose DICOM files hold no image series (a DICOMDIR, SEG or SR objects...) is left out (logged); one
+    whose files cannot be read is listed, so that inference reports it by name. Series of folders with the same
+    name (``p1/CT``, ``p2/CT``) are referenced with their UID (``<folder>::<uid>``), so that their outputs get
+    different names.
 
     Returns:
-        an empty list when no DICOM file lies in or under ``folder``.
+        an empty list when no DICOM image series lies in or under ``folder``.
     """
     folder = Path(folder)
-    refs: list[str] = []
+    found: list[DicomSeries | str] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         if any(is_dicom_file(Path(root) / f) for f in sorted(files)):
             try:
-                refs.extend(s.reference for s in find_series(root))
+                found.extend(find_series(root))
+            except NoImageSeries as e:
+                logger.info("%s", e)
             except ValueError:
-                refs.append(root)  # unreadable: listed, so that inference reports it by name
-    return refs
+                found.append(root)  # unreadable: listed, so that inference reports it by name
+    names = Counter(Path(s.folder if isinstance(s, DicomSeries) else s).name for s in found)
+    return [
+        (
+            s
+            if isinstance(s, str)
+            else (f"{s.folder}{SERIES_SEPARATOR}{s.uid}" if names[s.folder.name] > 1 else s.reference)
+        )
+        for s in found
+    ]
 
 
 def _series(reference: str | os.PathLike) -> DicomSeries:
@@ -161,7 +217,7 @@ def _series(reference: str | os.PathLike) -> DicomSeries:
     if uid is None:
         if len(series) > 1:
             raise ValueError(
-                f"{str(folder)!r} holds {len(series)} DICOM series; name one as '<folder>#<SeriesInstanceUID>' "
+                f"{str(folder)!r} holds {len(series)} DICOM series; name one as '<folder>::<SeriesInstanceUID>' "
                 f"(SeriesInstanceUIDs: {[s.uid for s in series]})."
             )
         return series[0]
@@ -174,15 +230,22 @@ def _series(reference: str | os.PathLike) -> DicomSeries:
 def series_files(reference: str | os.PathLike) -> list[str]:
     """The files of a series reference, sorted along the slice normal, after checking that they form one regular
     volume: every slice readable with the same orientation, size and pixel spacing, no two at the same position,
-    and equal distances between neighbouring slices (a larger gap is reported as missing slices).
+    each slice straight above the previous one (no gantry tilt), and equal distances between neighbouring slices (a
+    larger gap is reported as missing slices).
 
     Raises:
         FileNotFoundError: the folder does not exist.
-        ValueError: no readable series, several series and no UID, or an irregular volume; the message names the
-            series and what is wrong.
+        ValueError: no readable series, several series and no UID, unreadable files in the folder, or an irregular
+            volume (sheared by a gantry tilt, missing slices, uneven spacing...); the message names the series and
+            what is wrong.
     """
     series = _series(reference)
-    name = series.reference
+    name = os.fspath(reference)
+    if series.unreadable:
+        raise ValueError(
+            f"DICOM series {name!r}: {len(series.unreadable)} DICOM file(s) of its folder cannot be read (e.g. "
+            f"{series.unreadable[0]!r}); the series may lack slices."
+        )
     headers = []
     for path in series.files:
         try:
@@ -208,9 +271,18 @@ def series_files(reference: str | os.PathLike) -> list[str]:
         if not np.allclose(np.asarray(getattr(h, "PixelSpacing", [1.0, 1.0]), dtype=float), spacing, rtol=1e-4):
             raise ValueError(f"DICOM series {name!r}: {path!r} has another PixelSpacing than the others.")
     normal = np.cross(iop[:3], iop[3:])
-    position = {path: float(np.dot(np.asarray(h.ImagePositionPatient, dtype=float), normal)) for path, h in headers}
+    ipp = {path: np.asarray(h.ImagePositionPatient, dtype=float) for path, h in headers}
+    position = {path: float(np.dot(p, normal)) for path, p in ipp.items()}
     ordered = sorted(position, key=position.__getitem__)
     if len(ordered) > 1:
+        steps = np.diff(np.stack([ipp[p] for p in ordered]), axis=0)
+        in_plane = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+        if float(in_plane.max()) > 1e-2 * float(spacing.min()):
+            raise ValueError(
+                f"DICOM series {name!r}: the slices are shifted in their plane from one to the next (up to "
+                f"{float(in_plane.max()):.3f} mm: a gantry tilt or a sheared volume), which a voxel grid cannot "
+                "hold; resample it to an orthogonal grid first."
+            )
         z = np.array([position[p] for p in ordered])
         gaps = np.diff(z)
         same = np.flatnonzero(gaps < 1e-3)
@@ -244,7 +316,7 @@ class DicomSeriesReader(ITKReader):
     """
 
     def verify_suffix(self, filename: Sequence[Any] | Any) -> bool:
-        """True when every name is a series reference (a folder or ``<folder>#<uid>``)."""
+        """True when every name is a series reference (a folder or ``<folder>::<uid>``)."""
         return all(is_series_reference(f) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[Any] | Any, **kwargs: Any) -> Any:
@@ -335,6 +407,11 @@ def write_dicom_seg(
         raise ValueError(f"{name}: expected a (1, X, Y, Z) label map or (C, X, Y, Z) masks, got {tuple(arr.shape)}.")
     affine = np.asarray(getattr(label, "affine", np.eye(4)), dtype=float)
     values = sorted(int(v) for v in labels if int(v) != 0)
+    if tuple(arr.shape[1:3]) != (int(sources[0].Columns), int(sources[0].Rows)):
+        raise ValueError(
+            f"{name}: the label map is {arr.shape[1]} x {arr.shape[2]} voxels in plane, the series' slices "
+            f"{int(sources[0].Columns)} x {int(sources[0].Rows)} pixels (columns x rows)."
+        )
     index = _slice_index(affine, sources, name)
     if max(index) >= arr.shape[3] or min(index) < 0:
         raise ValueError(f"{name}: the series has slices outside the label map ({arr.shape[3]} slices).")

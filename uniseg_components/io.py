@@ -39,6 +39,7 @@ __all__ = [
     "split_reference",
     "image_stem",
     "output_path",
+    "output_paths",
     "pending_images",
     "list_images",
     "verify_image",
@@ -135,16 +136,19 @@ def image_files(image: str | os.PathLike | Sequence[str]) -> list[str]:
 
 
 #: separates a folder from the SeriesInstanceUID in the reference of one DICOM series of a folder holding several
-SERIES_SEPARATOR = "#"
+#: (``"::"``: MONAI's bundle configs turn a ``"#"`` in any string into ``"::"``, so ``"#"`` is read as an alias)
+SERIES_SEPARATOR = "::"
 
 
 def split_reference(reference: str | os.PathLike) -> tuple[Path, str | None]:
-    """``(folder, SeriesInstanceUID or None)`` of a DICOM series reference: ``"<folder>"`` or ``"<folder>#<uid>"`` (see
-    :mod:`uniseg_components.dicom`); any other path comes back as ``(path, None)``."""
+    """``(folder, SeriesInstanceUID or None)`` of a DICOM series reference: ``"<folder>"`` or ``"<folder>::<uid>"``
+    (``"<folder>#<uid>"`` too; see :mod:`uniseg_components.dicom`); any other path comes back as ``(path, None)``."""
     ref = os.fspath(reference)
-    folder, sep, uid = ref.rpartition(SERIES_SEPARATOR)
-    if sep and folder and uid and not Path(ref).exists() and Path(folder).is_dir():
-        return Path(folder), uid
+    if not Path(ref).exists():
+        for sep in (SERIES_SEPARATOR, "#"):
+            folder, found, uid = ref.rpartition(sep)
+            if found and folder and uid and Path(folder).is_dir():
+                return Path(folder), uid
     return Path(ref), None
 
 
@@ -184,8 +188,8 @@ def pending_images(
     separate_folder: bool = False,
 ) -> list[dict[str, Any]]:
     """The inference items still to do: with ``skip_existing``, those whose outputs (one per extension of ``exts``,
-    at :func:`output_path`) do not all exist; every item otherwise. Outputs are written atomically, so an existing
-    one is complete: an interrupted run continues where it stopped.
+    at :func:`output_path`; ``".dcm"``, the DICOM SEG, for DICOM series only) do not all exist; every item otherwise.
+    Outputs are written atomically, so an existing one is complete: an interrupted run continues where it stopped.
 
     Args:
         items: ``[{"image": ...}, ...]`` as :func:`list_images` gives.
@@ -198,7 +202,22 @@ def pending_images(
     return [
         dict(it)
         for it in items
-        if not all(output_path(it["image"], output_dir, postfix, e, separate_folder).is_file() for e in as_list(exts))
+        if not all(p.is_file() for p in output_paths(it["image"], output_dir, postfix, exts, separate_folder))
+    ]
+
+
+def output_paths(
+    source: Any,
+    output_dir: str | os.PathLike,
+    postfix: str,
+    exts: Sequence[str] = (".nii.gz",),
+    separate_folder: bool = False,
+) -> list[Path]:
+    """The outputs inference writes for an image, one per extension of ``exts`` (:func:`output_path`), except the
+    DICOM SEG (``".dcm"``) of an image that is not a DICOM series."""
+    series = isinstance(source, (str, os.PathLike)) and split_reference(source)[0].is_dir()
+    return [
+        output_path(source, output_dir, postfix, e, separate_folder) for e in as_list(exts) if e != ".dcm" or series
     ]
 
 
@@ -282,8 +301,8 @@ def _csv_entries(path: Path) -> list[Any]:
     """
     import csv
 
-    try:
-        rows = [r for r in csv.reader(path.read_text().splitlines()) if r and any(c.strip() for c in r)]
+    try:  # utf-8-sig: a spreadsheet's byte order mark is not part of the first cell
+        rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if any(c.strip() for c in r)]
     except UnicodeDecodeError as e:
         raise ValueError(f"image list {str(path)!r} is not a UTF-8 CSV file: {e}.") from e
     header = [c.strip().lower() for c in rows[0]] if rows else []
@@ -291,6 +310,15 @@ def _csv_entries(path: Path) -> list[Any]:
     if "task" in header:
         columns["task"] = header.index("task")
     rows = rows[1:] if "image" in header else rows
+
+    first = 2 if "image" in header else 1
+    empty = [
+        n
+        for n, row in enumerate(rows, start=first)
+        if len(row) <= columns["image"] or not row[columns["image"]].strip()
+    ]
+    if empty:
+        raise ValueError(f"image list {str(path)!r}: no image path in row(s) {empty}.")
 
     def resolve(p: str) -> str:
         return str(p if Path(p).is_absolute() else path.parent / p)

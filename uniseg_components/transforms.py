@@ -37,6 +37,7 @@ Design choices (see the function docstrings for details):
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -99,6 +100,8 @@ __all__ = [
     "SaveLabelMapd",
     "SaveDicomSegd",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: UniSeg's CT window in HU: clipped to this range, then scaled linearly to [0, 1].
 CT_WINDOW: tuple[float, float] = (-325.0, 325.0)
@@ -898,7 +901,8 @@ class SaveDicomSegd(SaveLabelMapd):
     """With ``enabled``, write each ``(1, X, Y, Z)`` label map of ``keys`` computed from a DICOM series as a DICOM SEG
     object that references the series (:func:`~uniseg_components.dicom.write_dicom_seg`: one segment per label, named
     by ``labels``, read back and checked), as ``<output_dir>/<name>_<output_postfix>.dcm`` beside the NIfTI map of
-    :class:`SaveLabelMapd`. Disabled, it passes the data through (the inference configs' ``dicom_seg: false``).
+    :class:`SaveLabelMapd`. Inputs that are not DICOM series get no SEG (a SEG references its source images): a
+    warning names them. Disabled, it passes the data through (the inference configs' ``dicom_seg: false``).
 
     Args:
         keys: keys of the label maps, e.g. ``"pred"``.
@@ -911,8 +915,7 @@ class SaveDicomSegd(SaveLabelMapd):
         description: the SEG's SeriesDescription, default the segment names.
 
     Raises:
-        ValueError: the input is not a DICOM series (a SEG references its source images), or the map does not fit
-            it; the message names the input.
+        ValueError: the map does not fit the series; the message names the input.
     """
 
     def __init__(
@@ -937,9 +940,7 @@ class SaveDicomSegd(SaveLabelMapd):
         for key in self.key_iterator(d):
             source = self._source(d, d[key])
             if not is_series_reference(source):
-                raise ValueError(
-                    f"{source!r} is not a DICOM series: a DICOM SEG references its source series, so --dicom_seg "
-                    "takes DICOM series inputs only (the NIfTI label map is written all the same)."
-                )
+                logger.warning("%s: not a DICOM series, so no DICOM SEG (it references its source series).", source)
+                continue
             write_dicom_seg(d[key], source, self.labels, self.output_path(source), description=self.description)
         return d

@@ -37,7 +37,7 @@ from .bundle import bundle_dir
 from .checkpoints import load_checkpoint
 from .data import load_datalist
 from .dicom import is_series_reference, series_files
-from .distributed import get_rank, init_distributed, is_main_process, shard, shutdown_distributed
+from .distributed import distributed_device, get_rank, init_distributed, is_main_process, shard, shutdown_distributed
 from .inferers import tasks_for_image
 from .io import (
     as_list,
@@ -45,6 +45,7 @@ from .io import (
     image_stem,
     list_images,
     output_path,
+    output_paths,
     pending_images,
     read_json,
     verify_image,
@@ -299,10 +300,12 @@ def infer(
     t_start = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     device = check_device(device)
-    if world > 1:
-        device = init_distributed(device)
+    if world > 1:  # one device per rank: CUDA LOCAL_RANK whatever CUDA device was named
+        device = init_distributed(
+            distributed_device() if device is None or device.type == "cuda" else device, timeout_s=INFERENCE_TIMEOUT_S
+        )
     net, cat = load_checkpoint(checkpoint, catalog=catalog)
-    items = list_images(images)
+    items = _list_once(images, world)
     split = [image_name(it["image"]) for it in items if not isinstance(it["image"], (str, os.PathLike))]
     if split:
         raise ValueError(
@@ -335,8 +338,9 @@ def infer(
             continue
         try:
             tasks = fixed or tasks_for_image(cat, image, mods)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - an unreadable image is reported; the others go on
             failed[image] = str(e)
+            logger.error("%s: %s", image, e)
             continue
         groups.setdefault(tuple(t.name for t in tasks), []).append(image)
     done: dict[str, dict[str, Any]] = {}
@@ -351,7 +355,7 @@ def infer(
         for names, group in groups.items():
 
             def record(image: str, seconds: float, names: tuple[str, ...] = names) -> None:
-                outputs = [str(output_path(image, out, postfix, e)) for e in exts]
+                outputs = [str(p) for p in output_paths(image, out, postfix, exts)]
                 done[image] = {"outputs": outputs, "seconds": round(seconds, 3), "tasks": list(names)}
                 logger.info("%s: %.1f s, %s -> %s", image, seconds, ", ".join(names), ", ".join(outputs))
                 bar.update(1)
@@ -362,12 +366,34 @@ def infer(
             )  # fmt: skip
             failed.update(errors)
             bar.update(len(errors))
-    summary = _inference_summary(items, done, skipped, failed, out, postfix, time.time() - t_start, world)
+    summary = _inference_summary(items, done, skipped, failed, out, postfix, t_start, world)
     if world > 1:
         shutdown_distributed()
     if summary["failed"] and is_main_process():
         raise ImagesFailed({r["image"]: Path(r["outputs"][0]) for r in summary["outputs"]}, summary["failures"])
     return [output_path(it["image"], out, postfix) for it in mine if image_name(it["image"]) not in failed]
+
+
+#: collective timeout of a sharded inference run: ranks that finish their share wait for the others in the summary
+INFERENCE_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _list_once(images: Any, world: int) -> list[dict[str, Any]]:
+    """``list_images(images)``, done by rank 0 alone and sent to the other ranks under torchrun (a DICOM archive is
+    searched once, not once per rank); an error of the listing is raised on every rank."""
+    if world <= 1 or not torch.distributed.is_initialized():
+        return list_images(images)
+    box: list[Any] = [None]
+    if is_main_process():
+        try:
+            box[0] = ("ok", list_images(images))
+        except (FileNotFoundError, ValueError) as e:
+            box[0] = (type(e).__name__, str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status != "ok":
+        raise (FileNotFoundError if status == "FileNotFoundError" else ValueError)(value)
+    return value
 
 
 def _inference_summary(
@@ -377,11 +403,12 @@ def _inference_summary(
     failed: Mapping[str, str],
     out: Path,
     postfix: str,
-    seconds: float,
+    t_start: float,
     world: int,
 ) -> dict[str, Any]:
-    """Gather every rank's results (a collective under torchrun) into the run's summary; rank 0 logs it and writes
-    ``out/infer_summary_<task>.json`` (``<task>``: ``postfix``)."""
+    """Gather every rank's results (a collective under torchrun) into the run's summary, timed from ``t_start`` to
+    the end of the gathering (the slowest rank); rank 0 logs it and writes ``out/infer_summary_<task>.json``
+    (``<task>``: ``postfix``)."""
     rank = get_rank()
     mine = {
         "done": [{"image": k, "rank": rank, **v} for k, v in done.items()],
@@ -392,6 +419,7 @@ def _inference_summary(
     if world > 1 and torch.distributed.is_initialized():
         parts = [None] * world
         torch.distributed.all_gather_object(parts, mine)
+    seconds = time.time() - t_start
     all_done = sorted((r for p in parts for r in p["done"]), key=lambda r: r["image"])
     all_skipped = [k for p in parts for k in p["skipped"]]
     failures = {k: v for p in parts for k, v in p["failed"].items()}
