@@ -257,3 +257,41 @@ def test_sampler_with_dataloader_and_train_transforms(collection, tmp_path):
         assert batch["image"].dtype == torch.float32
         seen[task.name] += 1
     assert seen == {"organ_ct": 2, "lesion_petct": 2, "head_us": 2}
+
+
+def test_prepare_with_nnunet_split_files_json_and_pkl(collection, tmp_path):
+    """`prepare --split`: nnU-Net v2's splits_final.json and v1's (UniSeg's) splits_final.pkl decide the validation
+    cases of the fold; one file per folder; errors name the file and the fold; a pickle runs no foreign code."""
+    import pickle
+    from collections import OrderedDict
+
+    from uniseg_components.data import read_split
+
+    ct, petct, us = collection
+    v2 = [{"train": ["case_001", "case_002", "case_003", "case_004"], "val": ["case_000"]},
+          {"train": ["case_000", "case_002", "case_003", "case_004"], "val": ["case_001"]}]  # fmt: skip
+    (tmp_path / "splits_final.json").write_text(json.dumps(v2))
+    v1 = [OrderedDict(train=np.array(["case_000"]), val=np.array(["case_001", "case_002"])) for _ in range(5)]
+    with open(tmp_path / "splits_final.pkl", "wb") as f:
+        pickle.dump(v1, f)
+    split = {ct.name: tmp_path / "splits_final.json", petct.name: tmp_path / "splits_final.pkl"}
+    d = json.loads(prepare(collection, CATALOG, tmp_path / "out", split=split, fold=1).read_text())
+    val = sorted((it["task"], Path(it["image"]).name) for it in d["validation"] if it["task"] != "head_us")
+    assert val == [("lesion_petct", "case_001.nii.gz"), ("lesion_petct", "case_002.nii.gz"),
+                       ("organ_ct", "case_001.nii.gz")]  # fmt: skip
+    assert sum(it["task"] == "head_us" for it in d["validation"]) == 1  # no split file: the seeded split
+    assert len(d["training"]) + len(d["validation"]) == 12
+    assert read_split(tmp_path / "splits_final.pkl", 4)["val"] == {"case_001", "case_002"}
+
+    with pytest.raises(ValueError, match=r"splits_final.json' has 2 fold\(s\) \(0-1\); fold 2"):
+        prepare(collection, CATALOG, tmp_path / "x", split=split, fold=2)
+    with pytest.raises(ValueError, match=r"1 case\(s\) are in neither .*Test02_PETCT/case_002"):
+        v1[0]["val"] = np.array(["case_001"])
+        with open(tmp_path / "splits_final.pkl", "wb") as f:
+            pickle.dump(v1, f)
+        prepare(collection, CATALOG, tmp_path / "x", split=split, fold=0)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump([{"train": [], "val": [], "run": Path}], f)  # names a class: not what a split file holds
+    with pytest.raises(ValueError, match="pathlib.*is not part of an nnU-Net split file"):
+        read_split(tmp_path / "evil.pkl")
+    assert not (tmp_path / "x").exists()

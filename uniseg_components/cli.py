@@ -110,6 +110,8 @@ def prepare(
     val_fraction: float = 0.2,
     seed: int = 0,
     tasks: Any = None,
+    split: Any = None,
+    fold: int = 0,
 ) -> str:
     """Validate MSD-format folders against a task catalog and write datalist.json and tasks.json.
 
@@ -128,6 +130,10 @@ def prepare(
         seed: split seed, default 0.
         tasks: which task each folder holds when the folder names differ from the catalog's `dataset` fields,
             as FOLDER=TASK pairs, comma-separated (e.g. Task03_Liver=liver,Task09_Spleen=spleen).
+        split: nnU-Net's splits_final.json or splits_final.pkl (nnU-Net v1, UniSeg) instead of the seeded split: the
+            cases of --fold's 'val' list are the validation cases. One file (or several, comma-separated) for all
+            folders, or FOLDER=FILE pairs, comma-separated, one per dataset (nnU-Net's one split per dataset).
+        fold: the fold of --split, default 0.
     Returns:
         the path of datalist.json.
     """
@@ -146,7 +152,12 @@ def prepare(
         if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
             raise ValueError(f"--tasks must be FOLDER=TASK pairs separated by commas, got {tasks!r}.")
         mapping = dict(pairs)
-    path = prepare_datalist(folders, cat, out, val_fraction=val_fraction, seed=seed, tasks=mapping)
+    splits: Any = as_list(split) or None
+    if splits and all("=" in p for p in splits):
+        splits = dict(p.split("=", 1) for p in splits)
+    path = prepare_datalist(
+        folders, cat, out, val_fraction=val_fraction, seed=seed, tasks=mapping, split=splits, fold=int(fold)
+    )
     logger.info("datalist written to %s", path)
     return str(path)
 

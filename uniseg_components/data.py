@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,8 @@ from .io import image_files, load_nifti, read_json, write_json
 from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
+    "read_split",
+    "case_id",
     "msd_folders",
     "dataset_folders",
     "read_msd_dataset",
@@ -365,6 +368,79 @@ def _check_label_values(lab: np.ndarray, path: str, task: TaskSpec) -> list[str]
     return []
 
 
+class _SplitUnpickler(pickle.Unpickler):
+    """Unpickles nnU-Net's ``splits_final.pkl`` (a list of dicts of numpy string arrays) and nothing else: a pickle
+    can run any code it names, so only the classes such a file needs are allowed."""
+
+    ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of an nnU-Net split file")
+        return super().find_class(module, name)
+
+
+def read_split(paths: str | os.PathLike | Sequence[str | os.PathLike], fold: int = 0) -> dict[str, set[str]]:
+    """The training and validation case identifiers of one fold of nnU-Net split files: ``splits_final.json``
+    (nnU-Net v2: a list of ``{"train": [...], "val": [...]}``, one per fold) or ``splits_final.pkl`` (nnU-Net v1 and
+    UniSeg: the same as a pickle of numpy arrays, read with only those classes allowed). Several files (one per
+    dataset) are joined.
+
+    Args:
+        paths: one split file or several (a list, or comma-separated).
+        fold: the fold index, default 0.
+
+    Returns:
+        ``{"train": {case ids}, "val": {case ids}}``.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: a file is not a split file, or has no fold ``fold``; the message names it.
+    """
+    from .io import as_list
+
+    out: dict[str, set[str]] = {"train": set(), "val": set()}
+    for path in [Path(p) for p in (as_list(paths) if not isinstance(paths, os.PathLike) else [paths])]:
+        if not path.is_file():
+            raise FileNotFoundError(f"split file {str(path)!r} does not exist.")
+        try:
+            if path.suffix == ".pkl":
+                with open(path, "rb") as f:
+                    folds = _SplitUnpickler(f).load()
+            else:
+                folds = read_json(path, "split file")
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+            raise ValueError(f"split file {str(path)!r} is not an nnU-Net splits_final.pkl ({e}).") from e
+        if not isinstance(folds, list) or not all(isinstance(f, Mapping) and {"train", "val"} <= set(f) for f in folds):
+            raise ValueError(
+                f"split file {str(path)!r}: expected a list of folds, each with 'train' and 'val' case lists "
+                "(nnU-Net's splits_final.json / .pkl)."
+            )
+        if not 0 <= fold < len(folds):
+            raise ValueError(f"split file {str(path)!r} has {len(folds)} fold(s) (0-{len(folds) - 1}); fold {fold}?")
+        for key in ("train", "val"):
+            out[key] |= {str(c) for c in np.asarray(folds[fold][key]).ravel().tolist()}
+    both = sorted(out["train"] & out["val"])
+    if both:
+        raise ValueError(f"split file(s) {paths!r}, fold {fold}: case(s) {both[:5]} are in both 'train' and 'val'.")
+    return out
+
+
+def case_id(item: Mapping[str, Any]) -> str:
+    """nnU-Net's case identifier of a datalist item: its label file's name without extension (``liver_001``)."""
+    from .io import image_stem
+
+    return image_stem(item["label"])
+
+
 def _split(items: list[dict[str, str]], val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
     """Seeded split of one task's items; >= 1 validation case when there are >= 2 cases and val_fraction > 0."""
     n = len(items)
@@ -391,6 +467,8 @@ def prepare(
     select_present: bool = False,
     num_workers: int = 1,
     log_every: int = 50,
+    split: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any] | None = None,
+    fold: int = 0,
 ) -> Path:
     """Validate MSD-format folders against a catalog and write ``datalist.json`` + ``tasks.json``.
 
@@ -412,7 +490,9 @@ def prepare(
     * ``<out_dir>/datalist.json``: ``{"catalog": "tasks.json", "training": [...], "validation": [...]}`` with
       items ``{"image": abs_path, "label": abs_path, "task": name}``. The split is per task and seeded: a
       fraction ``val_fraction`` of each task's cases (rounded; at least one when the task has >= 2 cases and
-      ``val_fraction > 0``, never all of them) goes to validation.
+      ``val_fraction > 0``, never all of them) goes to validation. With ``split``, fold ``fold`` of nnU-Net's split
+      file(s) decides instead (:func:`read_split`; cases by :func:`case_id`), so that models are evaluated on the
+      authors' folds; every case must be in the fold's ``train`` or ``val`` list.
 
     Args:
         dataset_dirs: one MSD folder or a sequence of them.
@@ -425,6 +505,10 @@ def prepare(
         select_present: write only the tasks that have data, renumbered, default ``False``.
         num_workers: threads reading files, default ``1`` (nibabel's gzip decoding releases the GIL).
         log_every: log progress every this many cases, default ``50``.
+        split: nnU-Net ``splits_final.json`` / ``.pkl`` file(s) for every folder (case ids unique across them, as
+            in UniSeg's merged dataset), or ``{folder name: file(s)}`` (nnU-Net's one split per dataset; folders
+            left out keep the seeded split), default ``None`` (the seeded split).
+        fold: the fold of ``split``, default ``0``.
 
     Returns:
         The path of ``datalist.json``.
@@ -516,6 +600,32 @@ def prepare(
             "written:\n  - " + "\n  - ".join(problems)
         )
 
+    folds: dict[str, dict[str, set[str]]] = {}  # task name -> its fold
+    if split:
+        by_folder = dict(split) if isinstance(split, Mapping) else {p.name: split for p in dataset_dirs}
+        unknown = sorted(set(by_folder) - {p.name for p in dataset_dirs})
+        if unknown:
+            raise ValueError(f"prepare: split files are given for folder(s) {unknown}, which are not dataset folders.")
+        read = {f: read_split(files, fold) for f, files in by_folder.items()}
+        folds = {t: read[p.name] for t, p in seen_tasks.items() if p.name in read}
+        used: dict[int, set[str]] = {}
+        outside = []
+        for it, t in cases:
+            if t.name not in folds:
+                continue
+            f = folds[t.name]
+            used.setdefault(id(f), set()).add(case_id(it))
+            if case_id(it) not in f["train"] | f["val"]:
+                outside.append(f"{seen_tasks[t.name].name}/{case_id(it)}")
+        if outside:
+            raise ValueError(
+                f"prepare: {len(outside)} case(s) are in neither the 'train' nor the 'val' list of fold {fold} of "
+                f"their split file (e.g. {outside[:5]}); nothing was written."
+            )
+        for f in read.values():
+            unused = sorted((f["train"] | f["val"]) - used.get(id(f), set()))
+            if unused:
+                logger.warning("prepare: %d case(s) of a split are not in the data (e.g. %s).", len(unused), unused[:5])
     training: list[dict[str, str]] = []
     validation: list[dict[str, str]] = []
     for task in catalog:
@@ -523,7 +633,11 @@ def prepare(
         if not items:
             continue
         items.sort(key=lambda it: image_files(it["image"])[0])
-        tr, va = _split(items, val_fraction, np.random.default_rng([seed, task.id]))
+        if task.name in folds:
+            tr = [it for it in items if case_id(it) in folds[task.name]["train"]]
+            va = [it for it in items if case_id(it) in folds[task.name]["val"]]
+        else:
+            tr, va = _split(items, val_fraction, np.random.default_rng([seed, task.id]))
         training += tr
         validation += va
         logger.info("prepare: task %r: %d training, %d validation case(s).", task.name, len(tr), len(va))
