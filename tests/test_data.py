@@ -282,6 +282,12 @@ def test_prepare_with_nnunet_split_files_json_and_pkl(collection, tmp_path):
     assert sum(it["task"] == "head_us" for it in d["validation"]) == 1  # no split file: the seeded split
     assert len(d["training"]) + len(d["validation"]) == 12
     assert read_split(tmp_path / "splits_final.pkl", 4)["val"] == {"case_001", "case_002"}
+    # a case in both lists (the authors' 11-task split has two) is used for both, as nnU-Net does
+    v2[0]["train"].append("case_000")
+    (tmp_path / "splits_final.json").write_text(json.dumps(v2))
+    d = json.loads(prepare([ct], CATALOG, tmp_path / "both", split=tmp_path / "splits_final.json").read_text())
+    names = [[Path(it["image"]).name for it in d[k]] for k in ("training", "validation")]
+    assert names == [[f"case_00{i}.nii.gz" for i in range(5)], ["case_000.nii.gz"]]
 
     with pytest.raises(ValueError, match=r"splits_final.json' has 2 fold\(s\) \(0-1\); fold 2"):
         prepare(collection, CATALOG, tmp_path / "x", split=split, fold=2)

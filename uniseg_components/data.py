@@ -391,8 +391,9 @@ class _SplitUnpickler(pickle.Unpickler):
 def read_split(paths: str | os.PathLike | Sequence[str | os.PathLike], fold: int = 0) -> dict[str, set[str]]:
     """The training and validation case identifiers of one fold of nnU-Net split files: ``splits_final.json``
     (nnU-Net v2: a list of ``{"train": [...], "val": [...]}``, one per fold) or ``splits_final.pkl`` (nnU-Net v1 and
-    UniSeg: the same as a pickle of numpy arrays, read with only those classes allowed). Several files (one per
-    dataset) are joined.
+    UniSeg: the same as a pickle of lists or numpy arrays, read with only those classes allowed). Several files (one
+    per dataset) are joined. A case in both lists of the fold is kept in both (with a warning), as nnU-Net would use
+    it: the authors' ``splits_final_11_tasks.pkl`` has two such cases.
 
     Args:
         paths: one split file or several (a list, or comma-separated).
@@ -429,8 +430,11 @@ def read_split(paths: str | os.PathLike | Sequence[str | os.PathLike], fold: int
         for key in ("train", "val"):
             out[key] |= {str(c) for c in np.asarray(folds[fold][key]).ravel().tolist()}
     both = sorted(out["train"] & out["val"])
-    if both:
-        raise ValueError(f"split file(s) {paths!r}, fold {fold}: case(s) {both[:5]} are in both 'train' and 'val'.")
+    if both:  # the authors' splits_final_11_tasks.pkl has two: follow the file, as nnU-Net does
+        logger.warning(
+            "split file(s) %s, fold %d: %d case(s) are in both 'train' and 'val' (%s); they are used for both, as "
+            "nnU-Net does.", paths, fold, len(both), both[:5],
+        )  # fmt: skip
     return out
 
 
