@@ -18,7 +18,19 @@ from typing import Any
 from . import workflows as _workflows
 from .io import as_list, write_json
 
-__all__ = ["demo_data", "plan", "prepare", "train", "evaluate", "infer", "benchmark", "package", "export", "main"]
+__all__ = [
+    "demo_data",
+    "plan",
+    "prepare",
+    "train",
+    "evaluate",
+    "infer",
+    "benchmark",
+    "package",
+    "export",
+    "import_weights",
+    "main",
+]
 
 logger = logging.getLogger("uniseg_components")
 
@@ -454,6 +466,30 @@ def package(
     return str(path)
 
 
+def import_weights(
+    checkpoint: str, out: str = "model.pt", catalog: str = "uniseg_11tasks", unsafe: bool = False
+) -> str:
+    """Convert the UniSeg authors' released checkpoint (yeerwen/UniSeg: an nnU-Net v1 .model file, or a bare state
+    dict) to this project's checkpoint, for evaluate, infer and the fine-tune bundle's --pretrained.
+
+    Every tensor of the authors' layout (conv_blocks_context, conv_blocks_localization, tu, seg_outputs,
+    intermedia_prompt, fusion_layer) goes to its place in UniSeg with its spatial axes reversed (nnU-Net's z,y,x to
+    MONAI's x,y,z); a missing, unused or misshapen tensor is an error naming it, and nothing is written.
+
+    Args:
+        checkpoint: the authors' checkpoint file.
+        out: the checkpoint to write, default "model.pt".
+        catalog: the tasks it was trained on, in the authors' task-id order, default "uniseg_11tasks".
+        unsafe: unpickle anything in the file (only for a file you trust), default False: weights_only loading.
+    Returns:
+        the written checkpoint.
+    """
+    from .methods.uniseg.import_weights import import_authors_weights
+
+    _setup_logging()
+    return str(import_authors_weights(checkpoint, out, catalog=catalog, unsafe=bool(unsafe)))
+
+
 def export(checkpoint: str, out: str = "models", formats: Any = "torchscript,onnx", catalog: str = "") -> list[str]:
     """Export a checkpoint of any method to TorchScript (``model.ts``) and ONNX (``model_<kind>.onnx`` per input kind).
 
@@ -566,6 +602,7 @@ COMMANDS = {
     "benchmark": benchmark,
     "package": package,
     "export": export,
+    "import-weights": import_weights,
 }
 
 
