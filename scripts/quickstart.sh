@@ -16,9 +16,9 @@ mkdir -p "$WORK"
 echo "== 1/3 train UniSeg with $B ($EPOCHS epochs x $BATCHES_PER_TASK batches per task; outputs in $WORK)"
 "$PY" -m monai.bundle run training --config_file "$B/configs/train.json" --bundle_root "$WORK" \
     --epochs "$EPOCHS" --batches_per_task "$BATCHES_PER_TASK" --val_interval "$EPOCHS"
-echo "== 2/3 evaluate on the held-out cases"
+echo "== 2/3 evaluate the final weights on the held-out cases (Gaussian window, overlap 0.5, mirroring: the papers' protocol)"
 "$PY" -m monai.bundle run --config_file "['$B/configs/train.json','$B/configs/evaluate.json']" --bundle_root "$WORK"
-"$PY" -m uniseg_components evaluate "$WORK/models/model.pt" "$WORK/demo_data/datalist.json" \
+"$PY" -m uniseg_components evaluate "$WORK/models" "$WORK/demo_data/datalist.json" \
     --output "$WORK/eval/evaluation_original_grid.json" --pictures "$WORK/eval/pictures"
 echo "== 3/3 segment a held-out CT image for all CT tasks"
 IMAGE=$("$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(next(i['image'] for i in d['validation'] if i['task']=='abdomen_ct'))" "$WORK/demo_data/datalist.json")

@@ -228,9 +228,12 @@ def torchrun_training(bundle: str, bundle_root: Path, *args: str, overlays: Sequ
 
 
 def evaluate_run(bundle: str, bundle_root: Path, capsys: Any) -> str:
-    """Run ``train.json`` + ``evaluate.json`` on a trained bundle root; check that it printed the Dice table and that
-    the loaded best model scores what it scored in training's validation. Returns what it printed."""
-    run(workflow(bundle, ["train.json", "evaluate.json"], bundle_root))
+    """Run ``train.json`` + ``evaluate.json`` on a trained bundle root with the best weights and training's validation
+    protocol (no mirroring, train.json's window weighting); check that it printed the Dice table and that the loaded
+    best model scores what it scored in training's validation. Returns what it printed."""
+    mode = json.loads(Path(config(bundle, "train.json")).read_text())["validate"]["inferer"].get("mode", "gaussian")
+    overrides = {"eval_checkpoint": "best", "eval_mirror": False, "validate#inferer#mode": mode}
+    run(workflow(bundle, ["train.json", "evaluate.json"], bundle_root, "eval", **overrides))
     out = capsys.readouterr().out
     assert "mean over tasks" in out
     saved = json.loads((bundle_root / "eval" / "dice_per_task.json").read_text())

@@ -18,6 +18,7 @@ from conftest import (  # noqa: E402
     FAST,
     assert_same_training_state,
     batch_recorder_overlay,
+    config,
     error_chain,
     evaluate_run,
     interrupted_and_resumed,
@@ -174,3 +175,30 @@ def test_distributed_helpers_and_data_errors(tmp_path):
     with pytest.raises(ValueError, match="neither a datalist.json nor MSD"):
         ensure_datalist(tmp_path)
     assert find_bundle_root("no_such_bundle") == "."
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    ["uniseg_universal_segmentation", "meduniseg_universal_segmentation", "hermes_universal_segmentation",
+     "uniseg_finetune_segmentation"],
+)  # fmt: skip
+def test_evaluate_config_defaults_to_the_papers_protocol(bundle, tmp_path) -> None:
+    """evaluate.json scores the final weights with a Gaussian window and mirroring on every axis (the papers'
+    protocol); --eval_checkpoint best and --eval_mirror False give training's validation setting."""
+    from types import SimpleNamespace
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([config(bundle, "train.json"), config(bundle, "evaluate.json")])
+    net = SimpleNamespace(plan=SimpleNamespace(spatial_dims=3))  # what the expressions read of network_def
+    parser.update({"bundle_root": str(tmp_path), "network_def": net})
+    loader = next(h for h in parser.get("validate#handlers") if "CheckpointLoader" in h["_target_"])
+    assert loader["load_path"].startswith("@")  # a key of its own, so that the choice below reaches it
+    assert parser.get("validate#inferer#mode") == "gaussian"
+    assert parser.get_parsed_content(loader["load_path"][1:]) == str(tmp_path / "models" / "model_final.pt")
+    assert parser.get_parsed_content("validate#inferer#mirror_axes") == [0, 1, 2]
+    parser.update({"eval_checkpoint": "best", "eval_mirror": False})
+    parser.parse(reset=True)
+    assert parser.get_parsed_content(loader["load_path"][1:]) == str(tmp_path / "models" / "model.pt")
+    assert parser.get_parsed_content("validate#inferer#mirror_axes") == []

@@ -195,3 +195,21 @@ def test_prepare_cli_maps_renamed_folders_to_tasks(tmp_path):
     assert len(d["training"]) + len(d["validation"]) == 3
     with pytest.raises(ValueError, match="FOLDER=TASK"):
         cli.prepare(str(renamed), catalog="demo", out=str(tmp_path / "out2"), tasks="Task99_Ultrasound")
+
+
+def test_checkpoint_file_picks_the_final_or_the_best_weights(tmp_path):
+    """evaluate's checkpoint argument: a file as given; a run folder or bundle root: model_final.pt (the papers'
+    choice) or, with which="best", model.pt."""
+    from uniseg_components.workflows import checkpoint_file
+
+    (tmp_path / "models").mkdir()
+    for name in ("model.pt", "model_final.pt"):
+        (tmp_path / "models" / name).write_bytes(b"")
+    assert checkpoint_file(tmp_path) == tmp_path / "models" / "model_final.pt"
+    assert checkpoint_file(tmp_path / "models", "best") == tmp_path / "models" / "model.pt"
+    assert checkpoint_file(tmp_path / "models" / "model.pt", "final") == tmp_path / "models" / "model.pt"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no model_final.pt \(final weights\) in .*empty"):
+        checkpoint_file(tmp_path / "empty")
+    with pytest.raises(ValueError, match="which must be 'final' or 'best'"):
+        checkpoint_file(tmp_path, "last")

@@ -216,28 +216,32 @@ def evaluate(
     checkpoint: str,
     datalist: str,
     split: str = "validation",
-    mirror: bool = False,
+    mirror: bool = True,
     device: str = "",
     output: str = "",
     predictions: str = "",
     pictures: str = "",
+    which: str = "final",
 ) -> float:
     """Segment the held-out cases of a datalist with the checkpoint's bundle inference and print Dice per task and
-    class on each file's own grid.
+    class on each file's own grid, with the papers' protocol by default: the final weights, Gaussian sliding window
+    (overlap 0.5) and mirroring on every axis (8 passes in 3D).
 
     Beside the model's Dice, the table shows what an all-background prediction would score on the same cases
     (1 for a class absent from a case, else 0), the baseline the model must beat.
 
     Args:
-        checkpoint: model.pt written by `train` or a bundle.
+        checkpoint: a checkpoint file, or a training output folder or bundle root: then its model_final.pt (--which
+            final, default) or model.pt (--which best: the best validation Dice).
         datalist: datalist.json from `prepare`.
         split: "validation" (default) or "training".
-        mirror: mirroring test-time augmentation on every axis, default False.
+        mirror: mirroring test-time augmentation on every axis, default True (--mirror False: one pass).
         device: default CUDA when available.
         output: optional JSON file for the per-task results.
         predictions: optional folder that keeps the label maps (PREDICTIONS/<task>/<image>_<task>.nii.gz).
         pictures: optional folder for one quick-look PNG per task (PICTURES/<task>.png: three held-out cases, each on
             the slice with the most ground truth, ground-truth outlines beside the prediction's).
+        which: "final" (default, the papers' choice) or "best", for a folder.
     Returns:
         the mean Dice over tasks.
     """
@@ -252,6 +256,7 @@ def evaluate(
         device=device or None,
         predictions=predictions or None,
         pictures=pictures or None,
+        which=which,
     )
     print(res["table"])
     for task, path in res["pictures"].items():

@@ -63,6 +63,7 @@ __all__ = [
     "raise_root_cause",
     "check_device",
     "check_writable",
+    "checkpoint_file",
     "verify_images",
     "train",
     "infer",
@@ -635,25 +636,56 @@ def _log_progress(wf: ConfigWorkflow, total: int, on_image: Callable[[str, float
     return done
 
 
+#: the checkpoint files a training run writes, by ``which`` (:func:`checkpoint_file`)
+CHECKPOINT_FILES = {"final": "model_final.pt", "best": "model.pt"}
+
+
+def checkpoint_file(checkpoint: str | os.PathLike, which: str = "final") -> Path:
+    """The checkpoint to evaluate: ``checkpoint`` itself when it is a file; in a training output folder (or a bundle
+    root, through its ``models/``) the final weights, ``model_final.pt`` (``which="final"``, the papers' choice), or
+    the best by validation Dice, ``model.pt`` (``which="best"``).
+
+    Raises:
+        ValueError: ``which`` is neither ``"final"`` nor ``"best"``.
+        FileNotFoundError: the folder holds no such checkpoint; the message names what training writes.
+    """
+    if which not in CHECKPOINT_FILES:
+        raise ValueError(f"which must be 'final' or 'best', got {which!r}.")
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return path
+    for folder in (path, path / "models"):
+        if (folder / CHECKPOINT_FILES[which]).is_file():
+            return folder / CHECKPOINT_FILES[which]
+    raise FileNotFoundError(
+        f"no {CHECKPOINT_FILES[which]} ({which} weights) in {str(path)!r} or its models/: training writes "
+        "model_final.pt (final) and model.pt (best validation Dice, or final without validation)."
+    )
+
+
 def evaluate(
     checkpoint: str | os.PathLike,
     datalist: str | os.PathLike,
     split: str = "validation",
-    mirror: bool = False,
+    mirror: bool = True,
     device: str | torch.device | None = None,
     predictions: str | os.PathLike | None = None,
     pictures: str | os.PathLike | None = None,
     pictures_per_task: int = 3,
+    which: str = "final",
 ) -> dict[str, Any]:
     """Segment every case of a datalist split for its own task (:func:`infer`, the bundle's inference) and score the
     label maps against the label files, on each file's own grid, beside an all-background baseline; optionally draw
     a quick-look PNG per task (:func:`uniseg_components.visualize.write_quicklook`).
 
+    The defaults are the papers' protocol: the final weights, Gaussian sliding window with overlap 0.5, and
+    mirroring on every axis (8 passes in 3D).
+
     Args:
-        checkpoint: ``model.pt`` written by training.
+        checkpoint: a checkpoint file, or a training output folder / bundle root (see :func:`checkpoint_file`).
         datalist: ``datalist.json`` from ``prepare``.
         split: ``"validation"`` (default) or ``"training"``.
-        mirror: mirroring TTA on every axis, default ``False``.
+        mirror: mirroring TTA on every axis, default ``True``.
         device: default CUDA when available.
         predictions: folder that keeps the label maps (``<task>/<image>_<task>.nii.gz``), default ``None`` (a
             temporary folder, removed afterwards).
@@ -661,6 +693,7 @@ def evaluate(
             each on the slice with the most ground-truth foreground: ground-truth outlines beside the prediction's),
             default ``None`` (none drawn).
         pictures_per_task: cases per quick-look, default 3.
+        which: for a folder, ``"final"`` (default) or ``"best"`` weights.
 
     A case whose image or label is missing, damaged or does not fit is reported by name and left out; the others are
     scored (``"failed"`` lists the files and reasons).
@@ -675,6 +708,8 @@ def evaluate(
     """
     if split not in ("validation", "training"):
         raise ValueError(f"split must be 'validation' or 'training', got {split!r}.")
+    checkpoint = checkpoint_file(checkpoint, which)
+    logger.info("evaluate: %s (mirroring %s)", checkpoint, "on" if mirror else "off")
     net, cat = load_checkpoint(checkpoint)
     train_items, val_items, _ = load_datalist(datalist)
     chosen = val_items if split == "validation" else train_items
