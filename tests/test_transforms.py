@@ -447,3 +447,30 @@ def test_builders_validate_keys():
         T.deterministic_transforms(CATALOG, keys=("a", "b", "c"))
     with pytest.raises(ValueError, match="dims must be 2 or 3"):
         T.augmentation_transforms(4)
+
+
+def test_normalize_inside_the_nonzero_mask_when_the_task_asks():
+    """A task with nonzero_mask z-scores MR channels with the statistics of the non-zero region (any channel) and
+    leaves 0 outside it (nnU-Net's use_mask_for_norm); without it, the whole channel counts (UniSeg's setting)."""
+    from conftest import task_dict
+
+    from uniseg_components.tasks import TaskCatalog
+
+    tasks = [task_dict("brain", 0, modalities=("T1", "FLAIR")), task_dict("brain_masked", 1, modalities=("T1", "FLAIR"),
+             nonzero_mask=True)]  # fmt: skip
+    cat = TaskCatalog(tasks, "brains")
+    x = torch.zeros(2, 8, 8, 8)
+    x[0, 2:6, 2:6, 2:6] = torch.linspace(100, 300, 64).reshape(4, 4, 4)
+    x[1, 2:6, 2:6, 3:6] = 50.0 + torch.arange(48.0).reshape(4, 4, 3)  # FLAIR is 0 on one slice of the brain
+    masked = T.NormalizeModalityd("image", cat)({"image": x, "task": "brain_masked"})["image"]
+    brain = x[0] != 0
+    for c in range(2):
+        inside = masked[c][brain]
+        assert inside.mean().abs() < 1e-5 and inside.std(unbiased=False) == pytest.approx(1.0, abs=1e-5)
+        assert (masked[c][~brain] == 0).all()  # the background stays 0
+    whole = T.NormalizeModalityd("image", cat)({"image": x, "task": "brain"})["image"]
+    assert whole[0].mean().abs() < 1e-5 and (whole[0][~brain] < 0).all()  # background shifted below 0
+    assert cat.to_dict()["tasks"][1]["nonzero_mask"] is True and "nonzero_mask" not in cat.to_dict()["tasks"][0]
+    assert TaskCatalog.from_dict(cat.to_dict()) == cat
+    with pytest.raises(ValueError, match="nonzero_mask must be true or false"):
+        TaskCatalog([task_dict("b", 0, modalities=("T1",), nonzero_mask="yes")], "x")

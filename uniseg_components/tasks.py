@@ -92,6 +92,10 @@ class TaskSpec:
             statistics of the foreground voxels of the training set: ``uniseg plan --ct_normalization foreground``
             writes them with ``ct_window`` = their 0.5 and 99.5 percentiles); default ``None`` = scale the window
             linearly to [0, 1] (UniSeg's scheme).
+        nonzero_mask: z-score the non-CT channels over the image's non-zero region only (any channel non-zero)
+            and set the voxels outside it to 0: nnU-Net's ``use_mask_for_norm``, for data whose background is 0 and
+            that is cropped to its non-zero region (skull-stripped BraTS MR); default ``False`` (the whole channel,
+            UniSeg's setting).
     """
 
     name: str
@@ -106,6 +110,7 @@ class TaskSpec:
     description: str = ""
     ct_window: tuple[float, float] | None = None
     ct_zscore: tuple[float, float] | None = None
+    nonzero_mask: bool = False
 
     def __post_init__(self) -> None:
         # normalise sequences to tuples so specs are hashable and compare by value
@@ -113,6 +118,8 @@ class TaskSpec:
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if not isinstance(self.nonzero_mask, bool):
+            raise ValueError(f"task {self.name!r}: nonzero_mask must be true or false, got {self.nonzero_mask!r}.")
         for name in ("ct_window", "ct_zscore"):
             value = getattr(self, name)
             if value is not None:
@@ -176,8 +183,11 @@ class TaskSpec:
         return self.labels[1:]
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as JSON-ready values; ``ct_window`` / ``ct_zscore`` only when set."""
+        """The spec as JSON-ready values; ``ct_window`` / ``ct_zscore`` only when set, ``nonzero_mask`` only when
+        true."""
         d = asdict(self)
+        if not d["nonzero_mask"]:
+            del d["nonzero_mask"]
         for k in ("modalities", "labels", "spacing", "patch_size"):
             d[k] = list(d[k])
         for k in ("ct_window", "ct_zscore"):

@@ -493,7 +493,9 @@ class NormalizeModalityd(TaskMapTransform):
       ``ct_window``, default [-325, 325] HU), then scale linearly to [0, 1]; when the task has ``ct_zscore``
       ``(mean, std)`` (nnU-Net's foreground statistics, written by ``uniseg plan``), z-score with it instead.
     * All other modalities (MR, PET, US, ...): per-volume, per-channel z-score ``(x - mean) / max(std, eps)``
-      over the whole channel (UniSeg ran nnU-Net with the non-zero mask off). ``std`` is the population std.
+      over the whole channel (UniSeg ran nnU-Net with the non-zero mask off), or, for a task with
+      ``nonzero_mask``, with the mean and std of the non-zero region (any channel non-zero) and 0 outside it
+      (nnU-Net's ``use_mask_for_norm``). ``std`` is the population std.
 
     The output is float32 with the input's shape ``(C, *spatial)`` and metadata.
 
@@ -531,12 +533,17 @@ class NormalizeModalityd(TaskMapTransform):
             )
         img = img.float() if img.dtype != torch.float32 else img.clone()
         lo, hi = task.ct_window or self.ct_window
+        mask = (img != 0).any(dim=0) if task.nonzero_mask else None
         for c, modality in enumerate(task.modalities):
             ch = img[c]
             if normalization_of(modality) == "ct" and task.ct_zscore is not None:
                 img[c] = (ch.clamp(lo, hi) - task.ct_zscore[0]) / task.ct_zscore[1]
             elif normalization_of(modality) == "ct":
                 img[c] = (ch.clamp(lo, hi) - lo) / (hi - lo)
+            elif mask is not None and bool(mask.any()):
+                inside = ch[mask]
+                std = inside.std(unbiased=False).clamp_min(self.eps)
+                img[c] = torch.where(mask, (ch - inside.mean()) / std, torch.zeros_like(ch))
             else:
                 std = ch.std(unbiased=False).clamp_min(self.eps)
                 img[c] = (ch - ch.mean()) / std
