@@ -401,7 +401,7 @@ def write_dicom_seg(
 
     name = f"DICOM SEG of {os.fspath(reference)!r}"
     files = series_files(reference)
-    sources = [pydicom.dcmread(f) for f in files]
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]  # the SEG needs their attributes only
     arr = np.rint(torch.as_tensor(label).detach().cpu().numpy()).astype(np.int64)
     if arr.ndim != 4:
         raise ValueError(f"{name}: expected a (1, X, Y, Z) label map or (C, X, Y, Z) masks, got {tuple(arr.shape)}.")
