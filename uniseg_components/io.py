@@ -231,8 +231,8 @@ def list_images(
 
     DICOM: a folder without files matching ``pattern`` is searched for DICOM series (itself, or its study
     sub-folders, recursively), one item per series (:func:`uniseg_components.dicom.series_references`); a folder
-    given in a list or datalist is such a search too. A folder with no DICOM file stays an item of its own, so that
-    reading it fails with its name.
+    given in a list or datalist is such a search too. Such a listed folder with no DICOM image stays an item of its
+    own, so that reading it fails with its name; ``source`` itself holding neither images nor DICOM files raises.
 
     Args:
         source: a folder (its files matching ``pattern``, sorted; else its DICOM series), a ``.json`` file holding a
