@@ -7,7 +7,7 @@ highdicom).
   series of a folder, :func:`series_references` the references of a folder of studies (one sub-folder per study),
   and :func:`series_files` checks a series and returns its files sorted along the slice normal.
 * :class:`DicomSeriesReader` is a MONAI ``ImageReader`` (ITK underneath) that reads a series reference; every
-  ``LoadImage`` of the project has it (:func:`image_readers`), so training, evaluation, inference and the bundles
+  ``LoadImage`` of the project has it (:func:`with_series_reader`), so training, evaluation, inference and the bundles
   read DICOM series wherever they read NIfTI files. The image's affine is RAS, as for NIfTI.
 * :func:`write_dicom_seg` writes a label map on a series' grid as a DICOM Segmentation object (one segment per
   label, named after the catalog) that references the source series, and reads it back to check it.
@@ -41,7 +41,7 @@ __all__ = [
     "find_series",
     "series_references",
     "series_files",
-    "image_readers",
+    "with_series_reader",
     "write_dicom_seg",
     "read_dicom_seg",
 ]
@@ -331,10 +331,15 @@ class DicomSeriesReader(ITKReader):
         return images if len(images) > 1 else images[0]
 
 
-def image_readers(reader: Any = None) -> list[Any]:
-    """Readers for ``LoadImage(d)``: ``reader`` (if given), then :class:`DicomSeriesReader`, which MONAI tries first
-    (the last registered); files fall through to ``reader`` or to MONAI's choice by suffix."""
-    return [*(ensure_tuple(reader) if reader is not None else ()), DicomSeriesReader()]
+def with_series_reader(loader: Any) -> Any:
+    """``loader`` (a ``LoadImage`` or ``LoadImaged`` built with ``reader=None``) with :class:`DicomSeriesReader`
+    registered: MONAI then picks by suffix as before and tries this reader first, which takes series references only.
+    A loader with a reader of its own is returned unchanged (MONAI would try every reader on every file, logging each
+    miss); that reader reads folders itself."""
+    inner = getattr(loader, "_loader", loader)
+    if getattr(inner, "auto_select", False):
+        loader.register(DicomSeriesReader())
+    return loader
 
 
 def _property_codes(label: str) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import LoadImage
 
-from .dicom import image_readers
+from .dicom import with_series_reader
 from .tasks import TaskSpec
 
 __all__ = [
@@ -288,7 +288,7 @@ def tasks_for_image(catalog: Any, image: Any, modalities: Sequence[str] | None =
         if not loaded:
             nonlocal image
             image = image() if callable(image) else image
-            loaded.append(LoadImage(reader=image_readers(), image_only=True, ensure_channel_first=True)(image))
+            loaded.append(with_series_reader(LoadImage(image_only=True, ensure_channel_first=True))(image))
         return loaded[0]
 
     if modalities is not None:

@@ -75,7 +75,7 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 from monai.utils import MAX_SEED, TraceKeys
 
-from .dicom import image_readers, is_series_reference, write_dicom_seg
+from .dicom import is_series_reference, with_series_reader, write_dicom_seg
 from .io import output_path, save_label_map
 from .tasks import TaskCatalog, TaskSpec, UnknownTaskError, normalization_of
 
@@ -743,8 +743,8 @@ def deterministic_transforms(
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
         keys: ``(image_key, label_key)``, default ``("image", "label")``; ``("image",)`` for inference.
         reader: ``LoadImaged`` reader of files, default ``None`` = MONAI's choice by suffix (``NibabelReader`` for
-            NIfTI; see the module docstring); ``"ITKReader"`` forces ITK. DICOM series folders are read by
-            :class:`~uniseg_components.dicom.DicomSeriesReader` whatever ``reader`` is.
+            NIfTI; see the module docstring) and, for DICOM series folders,
+            :class:`~uniseg_components.dicom.DicomSeriesReader`; ``"ITKReader"`` forces ITK for everything.
         task_key: default ``"task"``.
         id_key: default ``"task_id"``.
         default_task: task of items without ``task_key`` (MONAI Label sends ``{"image", "label"}`` items; a bundle's
@@ -756,7 +756,7 @@ def deterministic_transforms(
     modes = ["bilinear"] + (["nearest"] if label_key else [])
     return [
         AttachTaskd(catalog, task_key=task_key, id_key=id_key, image_key=image_key, default=default_task),
-        LoadImaged(keys, reader=image_readers(reader), image_only=True),
+        with_series_reader(LoadImaged(keys, reader=reader, image_only=True)),
         EnsureChannelFirstd(keys),
         Squeeze2Dd(keys, catalog, task_key=task_key),
         CheckTaskInputd(catalog, image_key=image_key, label_key=label_key, task_key=task_key),
