@@ -215,7 +215,12 @@ def main() -> None:
     parser.add_argument("zips", nargs="+", type=Path)
     parser.add_argument("--monailabel", type=Path, required=True, help="the monailabel command of its venv")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder, default a temporary one")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder (kept), default a temporary one per bundle, removed after a pass",
+    )
     args = parser.parse_args()
     reports = []
     for z in args.zips:
@@ -230,6 +235,8 @@ def main() -> None:
         report["total_s"] = round(time.time() - t, 1)
         print(json.dumps(report), flush=True)
         reports.append(report)
+        if args.work is None:  # our own temporary folder: removed after a pass, kept (and named above) after a failure
+            shutil.rmtree(work, ignore_errors=True)
     print(f"{len(reports)} bundle(s) pass in a real MONAI Label server")
 
 

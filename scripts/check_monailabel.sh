@@ -11,7 +11,8 @@
 # #1841, and the server exits at start-up; pynetdicom and dicomweb-client are pinned to releases that accept it).
 # No model-zoo download (the bundle is a local folder of the app, zoo_source github), no SAM2 (sam2 false).
 # The project's own environment (.venv, scripts/setup_env.sh) writes the demo studies and checks the answers.
-# Environment: VENV_MONAILABEL, PORT (default 8765), WORK (scratch folder, default a temporary one).
+# Environment: VENV_MONAILABEL, PORT (default 8765), WORK (scratch folder, kept; default a temporary one per bundle,
+# removed after it passed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then

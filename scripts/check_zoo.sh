@@ -11,7 +11,7 @@
 #   3. ci/verify_bundle.py -m min (the CPU pre-merge) and -m full (shape check, TorchScript export);
 #   4. the zoo's flake8, black and isort settings (setup.cfg, pyproject.toml) on the bundle's scripts/;
 #   5. every pinned version has a wheel for Python 3.10, 3.11 and 3.12 on the package index (pip index versions).
-# Environment: WORK (scratch folder, default a new temporary one), PYTHON (default python3), TORCH_SPEC (what to
+# Environment: WORK (scratch folder, kept; default a new temporary one, removed when every check passed), PYTHON (default python3), TORCH_SPEC (what to
 # install for torch first, default torch==<pytorch_version>: the CPU wheel on the project's machines).
 # Exits non-zero at the first failing check; prints one line per check and bundle with its time.
 set -euo pipefail
@@ -24,7 +24,11 @@ SCHEMA=$(realpath "$2")
 shift 2
 [ -f "$ZOO/ci/verify_bundle.py" ] || { echo "$ZOO is not a model-zoo checkout (no ci/verify_bundle.py)" >&2; exit 2; }
 [ -f "$SCHEMA" ] || { echo "schema $SCHEMA not found" >&2; exit 2; }
-WORK=${WORK:-$(mktemp -d)}
+if [ -z "${WORK:-}" ]; then
+    # our own scratch folder (a venv and the zoo's ci/: about 3 GB): removed after a pass, kept after a failure
+    WORK=$(mktemp -d)
+    trap 'rc=$?; if [ $rc -eq 0 ]; then rm -rf "$WORK"; else echo "scratch folder kept for inspection: $WORK" >&2; fi' EXIT
+fi
 mkdir -p "$WORK"
 WORK=$(realpath "$WORK")
 VENV="$WORK/venv"
