@@ -21,7 +21,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import numpy as np
 from monai.data import ITKReader
 from monai.utils import ensure_tuple
 
-from .io import SERIES_SEPARATOR, atomic_path, split_reference
+from .io import SERIES_SEPARATOR, atomic_path, is_series_reference, split_reference
 
 __all__ = [
     "DicomSeries",
@@ -60,7 +60,6 @@ _HEADER_TAGS = (
     "PixelSpacing",
     "Rows",
     "Columns",
-    "InstanceNumber",
 )
 
 
@@ -72,14 +71,6 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
             return f.read(4) == b"DICM"
     except OSError:
         return False
-
-
-def is_series_reference(source: Any) -> bool:
-    """True when ``source`` (a path or string) is a folder or ``<folder>::<uid>``: what :class:`DicomSeriesReader`
-    reads. Only the form is checked; :func:`series_files` checks the content."""
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    return split_reference(source)[0].is_dir()
 
 
 @dataclass(frozen=True)
@@ -202,12 +193,7 @@ def series_references(folder: str | os.PathLike) -> list[str]:
                 found.append(root)  # unreadable: listed, so that inference reports it by name
     names = Counter(Path(s.folder if isinstance(s, DicomSeries) else s).name for s in found)
     return [
-        (
-            s
-            if isinstance(s, str)
-            else (f"{s.folder}{SERIES_SEPARATOR}{s.uid}" if names[s.folder.name] > 1 else s.reference)
-        )
-        for s in found
+        s if isinstance(s, str) else replace(s, shared=s.shared or names[s.folder.name] > 1).reference for s in found
     ]
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "image_files",
     "SERIES_SEPARATOR",
     "split_reference",
+    "is_series_reference",
     "image_stem",
     "output_path",
     "output_paths",
@@ -152,6 +153,13 @@ def split_reference(reference: str | os.PathLike) -> tuple[Path, str | None]:
     return Path(ref), None
 
 
+def is_series_reference(source: Any) -> bool:
+    """True when ``source`` (a path or string) is a folder or ``<folder>::<uid>``: a DICOM series reference, what
+    :class:`uniseg_components.dicom.DicomSeriesReader` reads. Only the form is checked;
+    :func:`uniseg_components.dicom.series_files` checks the content."""
+    return isinstance(source, (str, os.PathLike)) and split_reference(source)[0].is_dir()
+
+
 def image_stem(path: str | os.PathLike | Sequence[str]) -> str:
     """An image's name without its image extension: ``"case_001.nii.gz"`` -> ``"case_001"``, ``"x.mha"`` -> ``"x"``; a
     DICOM series folder by its folder name (``"1.2.840.5"`` stays whole), one series of a folder holding several by
@@ -215,7 +223,7 @@ def output_paths(
 ) -> list[Path]:
     """The outputs inference writes for an image, one per extension of ``exts`` (:func:`output_path`), except the
     DICOM SEG (``".dcm"``) of an image that is not a DICOM series."""
-    series = isinstance(source, (str, os.PathLike)) and split_reference(source)[0].is_dir()
+    series = is_series_reference(source)
     return [
         output_path(source, output_dir, postfix, e, separate_folder) for e in as_list(exts) if e != ".dcm" or series
     ]
