@@ -259,6 +259,22 @@ def test_sampler_with_dataloader_and_train_transforms(collection, tmp_path):
     assert seen == {"organ_ct": 2, "lesion_petct": 2, "head_us": 2}
 
 
+def test_prepare_with_one_split_file_for_all_folders(collection, tmp_path, caplog):
+    """One split file covering the cases of every folder (UniSeg's merged dataset): each folder's cases follow it,
+    and no folder is told that the other folders' cases are missing from the data."""
+    import logging
+
+    ct, petct, _ = collection
+    (tmp_path / "split.json").write_text(json.dumps([{"train": ["case_001", "case_002", "case_003", "case_004"],
+                                                      "val": ["case_000"]}]))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        d = json.loads(prepare([ct, petct], CATALOG, tmp_path / "out", split=tmp_path / "split.json").read_text())
+    assert sorted((it["task"], Path(it["image"]).name) for it in d["validation"]) == [
+        ("lesion_petct", "case_000.nii.gz"), ("organ_ct", "case_000.nii.gz")
+    ]  # fmt: skip
+    assert "not in the data" not in caplog.text
+
+
 def test_prepare_with_nnunet_split_files_json_and_pkl(collection, tmp_path):
     """`prepare --split`: nnU-Net v2's splits_final.json and v1's (UniSeg's) splits_final.pkl decide the validation
     cases of the fold; one file per folder; errors name the file and the fold; a pickle runs no foreign code."""

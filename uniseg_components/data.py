@@ -35,7 +35,7 @@ import torch.distributed as dist
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import Sampler
 
-from .io import image_files, load_nifti, read_json, write_json
+from .io import as_list, image_files, image_stem, load_nifti, read_json, write_json
 from .tasks import TaskCatalog, TaskSpec
 
 __all__ = [
@@ -406,8 +406,6 @@ def read_split(paths: str | os.PathLike | Sequence[str | os.PathLike], fold: int
         FileNotFoundError: a file does not exist.
         ValueError: a file is not a split file, or has no fold ``fold``; the message names it.
     """
-    from .io import as_list
-
     out: dict[str, set[str]] = {"train": set(), "val": set()}
     for path in [Path(p) for p in (as_list(paths) if not isinstance(paths, os.PathLike) else [paths])]:
         if not path.is_file():
@@ -440,8 +438,6 @@ def read_split(paths: str | os.PathLike | Sequence[str | os.PathLike], fold: int
 
 def case_id(item: Mapping[str, Any]) -> str:
     """nnU-Net's case identifier of a datalist item: its label file's name without extension (``liver_001``)."""
-    from .io import image_stem
-
     return image_stem(item["label"])
 
 
@@ -610,26 +606,34 @@ def prepare(
         unknown = sorted(set(by_folder) - {p.name for p in dataset_dirs})
         if unknown:
             raise ValueError(f"prepare: split files are given for folder(s) {unknown}, which are not dataset folders.")
-        read = {f: read_split(files, fold) for f, files in by_folder.items()}
-        folds = {t: read[p.name] for t, p in seen_tasks.items() if p.name in read}
-        used: dict[int, set[str]] = {}
+        source = {name: str(files if isinstance(files, (str, os.PathLike)) else as_list(files)) for name, files in
+                  by_folder.items()}  # fmt: skip
+        read: dict[str, dict[str, set[str]]] = {}  # each split file (or list of files) read once
+        for name, files in by_folder.items():
+            if source[name] not in read:
+                read[source[name]] = read_split(files, fold)
+        folds = {t: read[source[p.name]] for t, p in seen_tasks.items() if p.name in source}
+        listed = {key: f["train"] | f["val"] for key, f in read.items()}
+        used: dict[str, set[str]] = {key: set() for key in read}
         outside = []
         for it, t in cases:
-            if t.name not in folds:
+            folder = seen_tasks[t.name].name
+            if folder not in source:
                 continue
-            f = folds[t.name]
-            used.setdefault(id(f), set()).add(case_id(it))
-            if case_id(it) not in f["train"] | f["val"]:
-                outside.append(f"{seen_tasks[t.name].name}/{case_id(it)}")
+            key, cid = source[folder], case_id(it)
+            used[key].add(cid)
+            if cid not in listed[key]:
+                outside.append(f"{folder}/{cid}")
         if outside:
             raise ValueError(
                 f"prepare: {len(outside)} case(s) are in neither the 'train' nor the 'val' list of fold {fold} of "
                 f"their split file (e.g. {outside[:5]}); nothing was written."
             )
-        for f in read.values():
-            unused = sorted((f["train"] | f["val"]) - used.get(id(f), set()))
+        for key, ids in listed.items():
+            unused = sorted(ids - used[key])
             if unused:
-                logger.warning("prepare: %d case(s) of a split are not in the data (e.g. %s).", len(unused), unused[:5])
+                logger.warning("prepare: %d case(s) of split %s are not in the data (e.g. %s).", len(unused), key,
+                               unused[:5])  # fmt: skip
     training: list[dict[str, str]] = []
     validation: list[dict[str, str]] = []
     for task in catalog:
