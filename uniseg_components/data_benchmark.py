@@ -391,8 +391,8 @@ def run_inference_benchmark(
             args = ["infer", str(checkpoint), str(images), "--task", task, "--out", str(out), *extra_args]
             launch = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={n}"]
             cmd = [sys.executable, *(launch if n > 1 else []), "-m", "uniseg_components", *args]
-            if device == "cpu" or n == 1:
-                cmd += ["--device", device if n == 1 else "cpu"]
+            if device == "cpu" or n == 1:  # several CUDA ranks: each takes its LOCAL_RANK's GPU
+                cmd += ["--device", device]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             seconds = time.perf_counter() - t
