@@ -19,7 +19,7 @@ from monai.transforms import Compose
 
 from uniseg_components.data import DiskCacheDataset, cached_dataset, default_num_workers, load_datalist
 from uniseg_components.tasks import TaskCatalog
-from uniseg_components.transforms import deterministic_transforms, train_transforms
+from uniseg_components.transforms import TaskRandCropd, deterministic_transforms, train_transforms
 
 
 def _items(root: Path, n: int = 3) -> list[dict[str, str]]:
@@ -94,10 +94,21 @@ def test_disk_cache_bad_case_names_the_file(tmp_path):
 
 
 def test_cached_dataset_in_ram_without_cache_dir(tmp_path):
+    """Training transforms: the deterministic part is cached (RAM or disk), the random part runs per access in a
+    PatchDataset that takes the sampler's (index, force) pairs; validation transforms: the cached dataset itself."""
+    from uniseg_components.data import PatchDataset
+    from uniseg_components.transforms import FORCE_FG_KEY, val_transforms
+
     items = _items(tmp_path, 2)
-    assert isinstance(cached_dataset(items, train_transforms(mixed_catalog())), CacheDataset)
-    ds = cached_dataset(items, train_transforms(mixed_catalog()), cache_dir=tmp_path / "c", num_workers=2)
-    assert isinstance(ds, DiskCacheDataset) and len(_cached(tmp_path / "c")) == 2
+    cat = mixed_catalog()
+    ds = cached_dataset(items, train_transforms(cat))
+    assert isinstance(ds, PatchDataset) and isinstance(ds.dataset, CacheDataset) and len(ds) == 2
+    assert ds.data == items and FORCE_FG_KEY not in ds[(0, True)] and tuple(ds[1]["image"].shape[1:]) == (16, 16, 12)
+    assert bool(ds[(0, True)]["label"].sum() > 0)
+    assert not any(isinstance(t, TaskRandCropd) for t in ds.dataset.transform.transforms)  # nothing random cached
+    assert isinstance(cached_dataset(items, val_transforms(cat)), CacheDataset)
+    ds = cached_dataset(items, train_transforms(cat), cache_dir=tmp_path / "c", num_workers=2)
+    assert isinstance(ds.dataset, DiskCacheDataset) and len(_cached(tmp_path / "c")) == 2
 
 
 def test_cache_keys_of_path_items_differ(tmp_path):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import mixed_catalog
-from monai.data import DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose, Identityd
 
 from uniseg_components.data import TaskBalancedBatchSampler, load_datalist, prepare, read_msd_dataset
 from uniseg_components.tasks import TaskCatalog
@@ -257,6 +258,76 @@ def test_sampler_with_dataloader_and_train_transforms(collection, tmp_path):
         assert batch["image"].dtype == torch.float32
         seen[task.name] += 1
     assert seen == {"organ_ct": 2, "lesion_petct": 2, "head_us": 2}
+
+
+def test_sampler_foreground_positions_follow_nnunets_rule():
+    """nnU-Net v1 (UniSeg): positions j >= round(B * (1 - 0.33)) are forced: 1 of 2, 1 of 3, 1 of 4, 2 of 6."""
+
+    def flags(b):
+        return TaskBalancedBatchSampler(TASK_IDS, b, oversample_foreground=0.33).foreground_flags()
+
+    flags = {b: flags(b) for b in (1, 2, 3, 4, 6)}
+    assert flags == {1: [False], 2: [False, True], 3: [False, False, True], 4: [False, False, False, True],
+                     6: [False] * 4 + [True] * 2}  # fmt: skip
+    plain = TaskBalancedBatchSampler(TASK_IDS, 2, batches_per_task=3)
+    pairs = TaskBalancedBatchSampler(TASK_IDS, 2, batches_per_task=3, oversample_foreground=0.33)
+    assert [[i for i, _ in b] for b in pairs] == list(plain)  # same draws, flags added
+    assert all([f for _, f in b] == [False, True] for b in pairs)
+    with pytest.raises(ValueError, match="oversample_foreground"):
+        TaskBalancedBatchSampler(TASK_IDS, 2, oversample_foreground=1.5)
+
+
+def test_measured_foreground_rate_matches_the_rule(tmp_path):
+    """Through the bundles' dataset (cached_dataset -> PatchDataset) and a DataLoader: every forced position holds
+    foreground, the free one only by chance, so the measured rate is 1/2 plus a little at batch size 2."""
+    from conftest import task_dict
+    from monai.data import MetaTensor
+
+    from uniseg_components.data import PatchDataset, cached_dataset
+    from uniseg_components.transforms import TaskRandCropd
+
+    catalog = TaskCatalog([task_dict("tiny", 0, dims=2, modalities=["US"], patch=(16, 16))])
+    items = []
+    for k in range(4):
+        lab = torch.zeros(1, 96, 96)
+        lab[0, 10 + 15 * k : 12 + 15 * k, 40:42] = 1
+        items.append({"image": MetaTensor(torch.rand(1, 96, 96)), "label": MetaTensor(lab), "task": "tiny"})
+    ds = cached_dataset(items, Compose([Identityd(["image", "label"]), TaskRandCropd(catalog=catalog)]))
+    assert isinstance(ds, PatchDataset) and isinstance(ds.dataset, CacheDataset) and ds.data == items
+    ds.transform.set_random_state(0)
+    sampler = TaskBalancedBatchSampler.from_items(items, catalog, 2, batches_per_task=300, oversample_foreground=0.33)
+    hits = np.asarray([[bool(lab.sum() > 0) for lab in b["label"]] for b in DataLoader(ds, batch_sampler=sampler)])
+    assert hits.shape == (300, 2) and hits[:, 1].all()
+    assert hits[:, 0].mean() < 0.1  # 2x2 foreground in 96x96: a free 16x16 patch holds it ~5% of the time
+    assert 0.5 <= hits.mean() < 0.55
+
+
+def test_sampler_frequencies_follow_the_task_weights():
+    """Hermes' dataset-weighted sampling: a task's share is weight x cases (normalised), in mixed batches (each
+    batch from one stackable group) and in single-task batches."""
+    ids = [0] * 10 + [1] * 20 + [2] * 30 + [3] * 5
+    weights = {0: 1.0, 1: 2.0, 2: 0.5, 3: 4.0}
+    expected = np.asarray([10, 40, 15, 20]) / 85
+    groups = {0: "a", 1: "a", 2: "a", 3: "b"}
+    for mix in (True, False):
+        s = TaskBalancedBatchSampler(ids, 4, batches_per_task=1000, mix_tasks=mix, groups=groups, weights=weights)
+        assert np.allclose([s.shares()[t] for t in range(4)], expected)
+        batches = s.global_batches()
+        tasks = np.asarray(ids)[np.asarray(batches)]
+        assert len(batches) == 4000
+        freq = np.bincount(tasks.ravel(), minlength=4) / tasks.size
+        assert np.abs(freq - expected).max() < 0.02, freq
+        assert all(len({groups[t] for t in row}) == 1 for row in tasks.tolist())  # stackable batches only
+        if mix:
+            assert np.mean([len(set(row)) > 1 for row in tasks.tolist()]) > 0.5  # batches do mix tasks
+        else:
+            assert all(len(set(row)) == 1 for row in tasks.tolist())
+    s = TaskBalancedBatchSampler(ids, 2)
+    assert np.allclose(list(s.shares().values()), 0.25)  # task-balanced without weights
+    with pytest.raises(ValueError, match="no entry for task id"):
+        TaskBalancedBatchSampler(ids, 2, weights={0: 1.0})
+    with pytest.raises(ValueError, match="positive"):
+        TaskBalancedBatchSampler(ids, 2, weights={0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0})
 
 
 def test_prepare_with_one_split_file_for_all_folders(collection, tmp_path, caplog):

@@ -346,3 +346,14 @@ def test_catalogs_and_packaging_load_without_torch_or_monai():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_sample_weight_field():
+    """Hermes' dataset weight per task: default 1 (left out of the JSON), round trip, positive numbers only."""
+    plain = TaskSpec.from_dict(task_dict("a", 0))
+    assert plain.sample_weight == 1.0 and "sample_weight" not in plain.to_dict()
+    heavy = TaskSpec.from_dict(task_dict("a", 0, sample_weight=1.8))
+    assert heavy.to_dict()["sample_weight"] == 1.8 and TaskSpec.from_dict(heavy.to_dict()) == heavy
+    for bad in (0, -1.0, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="sample_weight"):
+            TaskSpec.from_dict(task_dict("a", 0, sample_weight=bad))

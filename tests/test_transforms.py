@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import mixed_catalog
+from conftest import mixed_catalog, task_dict
 from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
 
@@ -417,8 +417,8 @@ def test_small_volume_is_padded_to_the_patch():
     assert out["image"].shape == (1, 24, 20) and out["label"].shape == (1, 24, 20)
 
 
-def test_foreground_oversampling_one_third():
-    """pos=1, neg=2: about 1/3 of the crops contain a tiny foreground (plus the few random crops that hit it)."""
+def test_foreground_oversampling_one_third_without_the_sampler():
+    """Items without the sampler's flag: a foreground sample with chance 1/3, the others placed uniformly."""
     lab = torch.zeros(1, 128, 128)
     lab[0, 60:62, 70:72] = 1
     d = {"image": MetaTensor(torch.rand(1, 128, 128)), "label": MetaTensor(lab), "task": "head_us"}
@@ -426,8 +426,74 @@ def test_foreground_oversampling_one_third():
     crop.set_random_state(0)
     n = 400
     hits = sum(bool(crop(d)["label"].sum() > 0) for _ in range(n))
-    # expected 1/3 + 2/3 * P(a background crop hits the foreground) ~ 1/3 + 2/3 * (24 * 20) / 128**2 ~ 0.35
+    # expected 1/3 + 2/3 * P(a random crop hits the foreground) ~ 1/3 + 2/3 * (25 * 21) / (105 * 109) ~ 0.36
     assert 0.28 < hits / n < 0.45, hits / n
+
+
+def test_forced_flag_decides_the_foreground():
+    """The sampler's flag: force=True always centres the patch on foreground (of any class the case has, each
+    about equally often), force=False places it uniformly (here it almost never holds the tiny foreground)."""
+    lab = torch.zeros(1, 128, 128)
+    lab[0, 60:62, 70:72] = 1
+    lab[0, 10:50, 10:50] = 2  # a large second class: must not crowd out the small one
+    catalog = TaskCatalog([task_dict("two", 0, ["background", "small", "large"], dims=2, modalities=["US"])])
+    d = {"image": MetaTensor(torch.rand(1, 128, 128)), "label": MetaTensor(lab), "task": "two"}
+    crop = T.TaskRandCropd(catalog=catalog)
+    crop.set_random_state(0)
+    forced = [crop({**d, T.FORCE_FG_KEY: True})["label"] for _ in range(200)]
+    assert all(bool((p > 0).any()) for p in forced)
+    small = sum(bool((p == 1).any()) for p in forced) / len(forced)
+    assert 0.35 < small < 0.65, small  # class drawn uniformly, not by voxel count (40x40 vs 2x2)
+    free = [crop({**d, T.FORCE_FG_KEY: False}) for _ in range(200)]
+    assert sum(bool((p["label"] == 1).any()) for p in free) / len(free) < 0.1
+    assert all(T.FORCE_FG_KEY not in p for p in free)
+
+
+def test_rotated_and_scaled_patch_is_resampled_from_real_context():
+    """Rotation and scaling are one resampling of the image around the patch centre: an image with content
+    everywhere gives a patch without a single zero even at +-30 degrees on every axis and zoom-out 1.4, where
+    cropping the patch first and rotating it (the former pipeline) fills the corners with zeros."""
+    torch.manual_seed(0)
+    img = MetaTensor(torch.rand(1, 64, 64, 64) + 1.0)
+    lab = torch.zeros(1, 64, 64, 64)
+    lab[0, 28:36, 28:36, 28:36] = 1
+    lab[0, 30:34, 30:34, 30:34] = 2
+    d = {"image": img, "label": MetaTensor(lab), "task": "organ_ct"}
+    crop = T.TaskRandCropd(catalog=CATALOG, prob_rotate=1.0, prob_scale=1.0)
+    crop.set_random_state(1)
+    for _ in range(12):
+        out = crop({**d, T.FORCE_FG_KEY: True})
+        assert tuple(out["image"].shape) == (1, 16, 16, 12)
+        assert float(out["image"].min()) >= 1.0  # bilinear between values in [1, 2]: no zero anywhere
+        assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0, 2.0}  # nearest: labels stay labels
+    # the extremes of the ranges together
+    grid = crop.grid((64, 64, 64), (24, 24, 26), (16, 16, 12), (np.pi / 6,) * 3, 1.4)
+    extreme = crop.resample(img, grid, mode="bilinear", padding_mode="zeros")
+    assert float(extreme.min()) >= 1.0
+    # crop-then-rotate, as before: zero-filled corners
+    from monai.transforms import Rotate
+
+    patch = img[:, 24:40, 24:40, 26:38]
+    assert float(Rotate((np.pi / 6,) * 3, padding_mode="zeros")(patch).min()) == 0.0
+
+
+def test_unaugmented_patch_is_an_exact_crop_and_scale_zooms_out():
+    img = MetaTensor(torch.arange(40 * 36, dtype=torch.float32).reshape(1, 40, 36))
+    lab = MetaTensor(torch.zeros(1, 40, 36))
+    crop = T.TaskRandCropd(catalog=CATALOG)
+    crop.set_random_state(0)
+    for _ in range(5):
+        state = crop.R.get_state()
+        out = crop({"image": img, "label": lab, "task": "head_us", T.FORCE_FG_KEY: False})
+        crop.R.set_state(state)
+        i, j = crop.place(lab, (24, 20), False)
+        assert torch.equal(out["image"].as_tensor(), img[:, i : i + 24, j : j + 20].as_tensor())
+    # a scale above 1 samples a larger region (zoom out): a centred bar 10 voxels wide gets narrower
+    bar = torch.zeros(1, 40, 36)
+    bar[0, :, 13:23] = 1
+    grid = crop.grid((40, 36), (8, 8), (24, 20), None, 2.0)
+    out = crop.resample(MetaTensor(bar), grid, mode="nearest", padding_mode="zeros")
+    assert int(out[0, 12].sum()) == 5
 
 
 def test_set_random_state_makes_pipeline_deterministic(ct_case, us_case):

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose, RandomizableTrait, Transform, apply_transform
 from torch.utils.data import Sampler
 
 from .io import as_list, image_files, image_stem, load_nifti, read_json, write_json
 from .tasks import TaskCatalog, TaskSpec
+from .transforms import FORCE_FG_KEY
 
 __all__ = [
     "read_split",
@@ -53,6 +55,7 @@ __all__ = [
     "transform_hash",
     "item_hash",
     "DiskCacheDataset",
+    "PatchDataset",
     "cached_dataset",
 ]
 
@@ -744,10 +747,21 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             group, then an item of that task uniformly.
         groups: with ``mix_tasks``, task id -> group key (tasks whose images can be stacked: same channel count
             and patch size; :meth:`from_items` derives it from the catalog), default ``None`` = one group.
+        weights: task id -> weight of each of its items (Hermes' dataset weights), default ``None`` = task-balanced.
+            With weights, items are drawn in proportion to their task's weight, so a task's expected share of the
+            samples is ``weight * items / sum(weight * items)``: with ``mix_tasks`` each batch's group is drawn by
+            its share and each element's task by its share within the group; without, each batch's task is drawn
+            by its share (instead of the equal quotas).
+        oversample_foreground: nnU-Net's foreground oversampling rate, default ``None`` (off: the sampler yields
+            plain indices). With a rate ``p``, batch positions ``j >= round(batch_size * (1 - p))`` are forced to
+            hold foreground (nnU-Net v1 / UniSeg: ``p = 0.33``, the last of 2, 1 of 3, 2 of 6), and the sampler
+            yields ``(index, force)`` pairs, which :class:`PatchDataset` hands to
+            :class:`~uniseg_components.transforms.TaskRandCropd`.
 
     Raises:
         ValueError: for an empty ``task_ids``, negative task ids, ``batch_size`` or ``batches_per_task`` < 1,
-            ``num_replicas`` < 1, ``rank`` outside ``[0, num_replicas)`` or a task without a group.
+            ``num_replicas`` < 1, ``rank`` outside ``[0, num_replicas)``, a task without a group or a weight, a
+            weight that is not positive, or ``oversample_foreground`` outside ``[0, 1]``.
     """
 
     def __init__(
@@ -760,6 +774,8 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
         mix_tasks: bool = False,
         groups: Mapping[int, Any] | None = None,
+        weights: Mapping[int, float] | None = None,
+        oversample_foreground: float | None = None,
     ) -> None:
         ids = [int(t) for t in (task_ids.tolist() if hasattr(task_ids, "tolist") else task_ids)]
         if not ids:
@@ -792,6 +808,18 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         missing = [t for t in self.indices if groups is not None and t not in groups]
         if missing:
             raise ValueError(f"groups has no entry for task id(s) {missing}.")
+        if oversample_foreground is not None and not 0.0 <= float(oversample_foreground) <= 1.0:
+            raise ValueError(f"oversample_foreground must be in [0, 1] or None, got {oversample_foreground}.")
+        self.oversample_foreground = None if oversample_foreground is None else float(oversample_foreground)
+        self.weights: dict[int, float] | None = None
+        if weights is not None:
+            missing = [t for t in self.indices if t not in weights]
+            if missing:
+                raise ValueError(f"weights has no entry for task id(s) {missing}.")
+            bad = {t: weights[t] for t in self.indices if not float(weights[t]) > 0}
+            if bad:
+                raise ValueError(f"weights must be positive, got {bad}.")
+            self.weights = {t: float(weights[t]) for t in self.indices}
         keys = {t: (0 if groups is None else groups[t]) for t in self.tasks}
         #: the groups of tasks that may share a batch (with ``mix_tasks``), in order of their first task
         self.groups: list[list[int]] = []
@@ -811,6 +839,7 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         task_key: str = "task",
         mix_tasks: bool = False,
         default_task: str | int | None = None,
+        weighted: bool = False,
         **kwargs: Any,
     ) -> TaskBalancedBatchSampler:
         """Build the sampler from datalist items ``{"task": name or id, ...}`` (the dataset's ``data``).
@@ -823,7 +852,9 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             mix_tasks: batches may mix tasks with the same channel count and patch size, default ``False``.
             default_task: task of items without ``task_key`` (the same default the transforms' ``AttachTaskd`` is
                 given), default ``None`` (every item needs one).
-            kwargs: ``batches_per_task``, ``seed``, ``num_replicas``, ``rank``.
+            weighted: draw items by their task's ``sample_weight`` (the catalog field; Hermes' dataset-weighted
+                sampling), default ``False`` (task-balanced).
+            kwargs: ``batches_per_task``, ``seed``, ``num_replicas``, ``rank``, ``oversample_foreground``.
 
         Raises:
             ValueError: an item without a task and no ``default_task``; unknown tasks (``UnknownTaskError``).
@@ -835,7 +866,8 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             )
         groups = {t.id: (t.num_channels, tuple(t.patch_size)) for t in catalog}
         ids = [catalog[it.get(task_key, default_task)].id for it in items]
-        return cls(ids, batch_size, mix_tasks=mix_tasks, groups=groups, **kwargs)
+        weights = {t.id: t.sample_weight for t in catalog} if weighted else None
+        return cls(ids, batch_size, mix_tasks=mix_tasks, groups=groups, weights=weights, **kwargs)
 
     @property
     def tasks(self) -> list[int]:
@@ -851,10 +883,51 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         """Set the epoch: the batches of each epoch are drawn from ``(seed, epoch)``."""
         self.epoch = int(epoch)
 
-    def global_batches(self) -> list[list[int]]:
-        """All batches of the current epoch, in order, for all ranks (padded to a multiple of the ranks)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def shares(self) -> dict[int, float]:
+        """Each task's expected share of the samples: equal without weights, else weight times items,
+        normalised."""
+        if self.weights is None:
+            return {t: 1.0 / len(self.indices) for t in self.tasks}
+        mass = {t: self.weights[t] * len(self.indices[t]) for t in self.tasks}
+        total = sum(mass.values())
+        return {t: m / total for t, m in mass.items()}
+
+    def foreground_flags(self) -> list[bool]:
+        """Which positions of a batch are forced to hold foreground (all ``False`` without
+        ``oversample_foreground``)."""
+        if self.oversample_foreground is None:
+            return [False] * self.batch_size
+        first = round(self.batch_size * (1.0 - self.oversample_foreground))
+        return [j >= first for j in range(self.batch_size)]
+
+    def _weighted_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        """The batches of an epoch drawn by the tasks' shares (see ``weights``)."""
+        share = self.shares()
         if self.mix_tasks:
+            mass = np.asarray([sum(share[t] for t in g) for g in self.groups])
+            picks = rng.choice(len(self.groups), size=self.total_batches, p=mass / mass.sum())
+            tasks = np.zeros((self.total_batches, self.batch_size), dtype=int)
+            for i, g in enumerate(self.groups):
+                rows = np.flatnonzero(picks == i)
+                p = np.asarray([share[t] for t in g]) / mass[i]
+                tasks[rows] = rng.choice(np.asarray(g), size=(len(rows), self.batch_size), p=p)
+        else:
+            p = np.asarray([share[t] for t in self.tasks])
+            order = rng.choice(np.asarray(self.tasks), size=self.total_batches, p=p / p.sum())
+            tasks = np.repeat(order[:, None], self.batch_size, axis=1)
+        items = np.empty_like(tasks)
+        for t, idx in self.indices.items():
+            where = tasks == t
+            items[where] = idx[rng.integers(0, len(idx), size=int(where.sum()))]
+        return items.tolist()
+
+    def global_batches(self) -> list[list[int]]:
+        """All batches of the current epoch, in order, for all ranks (padded to a multiple of the ranks), as
+        dataset indices."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is not None:
+            batches = self._weighted_batches(rng)
+        elif self.mix_tasks:
             sizes = np.asarray([len(g) for g in self.groups])
             picks = rng.choice(len(self.groups), size=self.total_batches, p=sizes / sizes.sum())
             # each element's task uniformly within its batch's group, then an item of that task uniformly
@@ -875,8 +948,14 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
         pad = -len(batches) % self.num_replicas
         return batches + [batches[i % len(batches)] for i in range(pad)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.global_batches()[self.rank :: self.num_replicas]
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, bool]]]:
+        mine = self.global_batches()[self.rank :: self.num_replicas]
+        if self.oversample_foreground is None:
+            yield from mine
+        else:
+            flags = self.foreground_flags()
+            for batch in mine:
+                yield list(zip(batch, flags))
 
     def __len__(self) -> int:
         return -(-self.total_batches // self.num_replicas)
@@ -1020,16 +1099,55 @@ class _Precompute:
         return self.indices[k]
 
 
+class PatchDataset(torch.utils.data.Dataset):
+    """The training dataset of the bundles: ``dataset`` holds the deterministic preprocessing (cached), and
+    ``transform``, the random part (patch crop and augmentation), runs on every access.
+
+    An index is an int, or the ``(index, force)`` pair a :class:`TaskBalancedBatchSampler` with
+    ``oversample_foreground`` yields; ``force`` reaches :class:`~uniseg_components.transforms.TaskRandCropd` as the
+    item key ``force_key``, so the batch position decides whether the patch is forced to hold foreground. The
+    cached item is not copied: the crop makes new tensors before anything else changes them.
+
+    Args:
+        dataset: the cached dataset of the deterministic transforms (``CacheDataset`` or :class:`DiskCacheDataset`).
+        transform: the random transforms (a ``Compose``).
+        force_key: default ``"force_fg"``.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, force_key: str = FORCE_FG_KEY) -> None:
+        self.dataset, self.transform, self.force_key = dataset, transform, force_key
+
+    @property
+    def data(self) -> Sequence[Mapping[str, Any]]:
+        """The items of the underlying dataset."""
+        return self.dataset.data
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> Any:
+        index, force = key if isinstance(key, (tuple, list)) else (key, None)
+        item = dict(self.dataset[int(index)])
+        if force is not None:
+            item[self.force_key] = bool(force)
+        return apply_transform(self.transform, item)
+
+
 def cached_dataset(
     data: Sequence[Mapping[str, Any]],
     transform: Any,
     cache_dir: str | os.PathLike | None = None,
     cache_rate: float = 1.0,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> Dataset:
     """The train and validation datasets of the bundles: in RAM (MONAI's ``CacheDataset``, the default, right for
     small collections such as the demo) or, with ``cache_dir``, on disk (:class:`DiskCacheDataset`, filled here
     with :meth:`~DiskCacheDataset.precompute`, for collections of any size).
+
+    The transforms up to the first random one (MONAI's rule) are cached; when there are random ones (training),
+    the result is a :class:`PatchDataset` that runs them per access and takes the sampler's ``(index, force)``
+    pairs.
 
     Args:
         data: the items.
@@ -1037,9 +1155,17 @@ def cached_dataset(
         cache_dir: a folder for the disk cache, default ``None`` (RAM).
         cache_rate: share of the items cached in RAM without ``cache_dir``, default ``1.0``.
         num_workers: processes preprocessing the disk cache (threads filling the RAM cache), default 0.
+        progress: show a progress bar while the disk cache is filled, default ``True``.
     """
+    random: Any = None
+    if isinstance(transform, Compose):
+        first = transform.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+        if first is not None:
+            transform, random = Compose(transform.transforms[:first]), Compose(transform.transforms[first:])
+    ds: Dataset
     if cache_dir is None or str(cache_dir) == "":
-        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers or 1)
-    ds = DiskCacheDataset(data, transform, cache_dir)
-    ds.precompute(num_workers=num_workers)
-    return ds
+        ds = CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers or 1)
+    else:
+        ds = DiskCacheDataset(data, transform, cache_dir)
+        ds.precompute(num_workers=num_workers, progress=progress)
+    return ds if random is None else PatchDataset(ds, random)

@@ -14,6 +14,7 @@ Axis order: ``spacing`` and ``patch_size`` follow MONAI's array order after ``Or
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,6 +97,9 @@ class TaskSpec:
             and set the voxels outside it to 0: nnU-Net's ``use_mask_for_norm``, for data whose background is 0 and
             that is cropped to its non-zero region (skull-stripped BraTS MR); default ``False`` (the whole channel,
             UniSeg's setting).
+        sample_weight: weight of each of this task's training cases when the batch sampler draws cases by weight
+            (Hermes' dataset weights: a task's share of the samples is its weight times its number of cases);
+            default ``1.0``. Task-balanced sampling (UniSeg, MedUniSeg) ignores it.
     """
 
     name: str
@@ -111,6 +115,7 @@ class TaskSpec:
     ct_window: tuple[float, float] | None = None
     ct_zscore: tuple[float, float] | None = None
     nonzero_mask: bool = False
+    sample_weight: float = 1.0
 
     def __post_init__(self) -> None:
         # normalise sequences to tuples so specs are hashable and compare by value
@@ -120,6 +125,9 @@ class TaskSpec:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         if not isinstance(self.nonzero_mask, bool):
             raise ValueError(f"task {self.name!r}: nonzero_mask must be true or false, got {self.nonzero_mask!r}.")
+        if isinstance(self.sample_weight, bool) or not isinstance(self.sample_weight, (int, float)):
+            raise ValueError(f"task {self.name!r}: sample_weight must be a number, got {self.sample_weight!r}.")
+        object.__setattr__(self, "sample_weight", float(self.sample_weight))
         for name in ("ct_window", "ct_zscore"):
             value = getattr(self, name)
             if value is not None:
@@ -166,6 +174,8 @@ class TaskSpec:
             raise ValueError(f"{where}: ct_window must be (low, high) with low < high, got {list(self.ct_window)}.")
         if self.ct_zscore is not None and not self.ct_zscore[1] > 0:
             raise ValueError(f"{where}: ct_zscore must be (mean, std) with std > 0, got {list(self.ct_zscore)}.")
+        if not (math.isfinite(self.sample_weight) and self.sample_weight > 0):
+            raise ValueError(f"{where}: sample_weight must be a positive number, got {self.sample_weight}.")
 
     @property
     def num_classes(self) -> int:
@@ -184,10 +194,12 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as JSON-ready values; ``ct_window`` / ``ct_zscore`` only when set, ``nonzero_mask`` only when
-        true."""
+        true, ``sample_weight`` only when not 1."""
         d = asdict(self)
         if not d["nonzero_mask"]:
             del d["nonzero_mask"]
+        if d["sample_weight"] == 1.0:
+            del d["sample_weight"]
         for k in ("modalities", "labels", "spacing", "patch_size"):
             d[k] = list(d[k])
         for k in ("ct_window", "ct_zscore"):

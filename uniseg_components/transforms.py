@@ -57,23 +57,21 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
-    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     Randomizable,
-    RandRotated,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
-    RandZoomd,
+    Resample,
     SaveImaged,
     Spacingd,
-    SpatialPadd,
     SqueezeDim,
 )
 from monai.transforms.inverse import InvertibleTransform
-from monai.utils import MAX_SEED, TraceKeys
+from monai.transforms.utils import create_grid, create_rotate, create_scale, create_translate
+from monai.utils import MAX_SEED, TraceKeys, ensure_tuple_rep
 
 from .dicom import is_series_reference, with_series_reader, write_dicom_seg
 from .io import output_path, save_label_map
@@ -90,6 +88,7 @@ __all__ = [
     "TaskSpacingd",
     "NormalizeModalityd",
     "PerTaskd",
+    "FORCE_FG_KEY",
     "TaskRandCropd",
     "augmentation_transforms",
     "deterministic_transforms",
@@ -608,23 +607,62 @@ class PerTaskd(Randomizable, MapTransform):
         return self.transforms[task.name](dict(data))
 
 
-class TaskRandCropd(PerTaskd):
-    """Pad to the task's patch, then crop one patch with 1/3 foreground oversampling (nnU-Net's scheme).
+#: the item key through which the batch sampler tells :class:`TaskRandCropd` whether a sample must hold foreground
+FORCE_FG_KEY = "force_fg"
 
-    Per task: ``SpatialPadd(keys, task.patch_size)`` then ``RandCropByLabelClassesd(keys, label_key,
-    task.patch_size, ratios=[neg, pos / F, ..., pos / F], num_classes=task.num_classes, num_samples=1)`` with
-    ``F`` foreground classes. With the default ``pos=1, neg=2`` one crop in three is centred on a foreground voxel
-    of a foreground class drawn uniformly among those the case has (as nnU-Net v2 does, so that a small tumour is
-    sampled as often as the organ around it), the others on a background voxel. Works for 2D and 3D tasks.
-    Returns one dict (not MONAI's list of samples), with spatial shape ``task.patch_size``.
+
+def _crop_with_padding(img: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """``img[:, start : start + size]`` on every spatial axis, zero-filled where the window leaves the image."""
+    shape = img.shape[1:]
+    out = img[(slice(None),) + tuple(slice(max(0, s), min(n, s + k)) for s, k, n in zip(start, size, shape))]
+    pad: list[int] = []
+    for s, k, n in reversed(list(zip(start, size, shape))):
+        pad += [max(0, -s), max(0, s + k - n)]
+    return torch.nn.functional.pad(out, pad) if any(pad) else out.clone()
+
+
+class TaskRandCropd(Randomizable, MapTransform):
+    """One training patch per item: nnU-Net's patch placement with foreground oversampling, and its rotation and
+    scaling done in the same single resampling.
+
+    The patch (``task.patch_size``) is placed as nnU-Net v1 (used by UniSeg) places it:
+
+    - a **foreground** sample is centred on a voxel of a foreground class drawn uniformly among the classes the
+      case has (a small tumour is sampled as often as the organ around it), the voxel uniformly among that class's
+      voxels, then shifted just enough to keep the patch inside the image;
+    - any other sample is placed uniformly at random where it fits inside the image (it may hold foreground by
+      chance). A case without foreground falls back to this. An image smaller than the patch is centred in it.
+
+    Whether a sample is a foreground sample comes from the batch sampler through the item key ``force_key``
+    (:class:`~uniseg_components.data.TaskBalancedBatchSampler` with ``oversample_foreground`` forces the last third
+    of each batch, as nnU-Net does); for an item without that key it is drawn with probability ``oversample``.
+
+    Then, per sample, rotation is drawn with probability ``prob_rotate`` (one angle per axis, uniform in
+    ``+-rotation``; 2D: in-plane) and scaling with ``prob_scale`` (one factor for all axes: with probability 1/2
+    uniform in ``[scale_range[0], 1)``, else in ``[1, scale_range[1]]``, nnU-Net's draw; a factor above 1 samples a
+    larger region, i.e. zooms out). If either is drawn, the patch is sampled from the whole image around the
+    patch's centre through the rotated and scaled grid (MONAI's ``Resample``: bilinear image, nearest label): one
+    resampling, which is what nnU-Net's crop of an enlarged patch, spatial transform and centre crop compute, so the
+    patch holds real image context wherever the image has it, never zero-filled corners. Voxels that fall outside
+    the image are 0 (label 0), as nnU-Net pads. Otherwise the patch is cut out exactly. Works for 2D and 3D tasks.
 
     Args:
-        keys: keys to pad and crop, default ``("image", "label")``.
+        keys: keys to crop, default ``("image", "label")``; every key is resampled on the same grid.
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
-        label_key: key of the label that drives the crop centres, default ``"label"``.
+        label_key: key of the label that drives the foreground centres, default ``"label"``.
         task_key: key of the task, default ``"task"``.
-        pos: weight of foreground-centred crops, default ``1.0``.
-        neg: weight of other crops, default ``2.0``.
+        oversample: chance of a foreground sample for items without ``force_key``, default ``1/3``.
+        prob_rotate: default ``0.0`` (the training pipeline's augmentation uses 0.2).
+        prob_scale: default ``0.0`` (the training pipeline's augmentation uses 0.2).
+        rotation: largest rotation in radians per axis, default ``pi / 6`` (30 degrees).
+        scale_range: ``(min, max)`` coordinate scale, default ``(0.7, 1.4)``.
+        mode: interpolation per key, default ``("bilinear", "nearest")``.
+        force_key: the item key that forces (``True``) or forbids (``False``) a foreground sample, default
+            ``"force_fg"`` (removed from the item).
+
+    Raises:
+        ValueError: without a catalog, for ``oversample`` outside ``[0, 1]``, a bad ``scale_range``, or an item
+            without ``label_key``.
     """
 
     def __init__(
@@ -633,34 +671,91 @@ class TaskRandCropd(PerTaskd):
         catalog: TaskCatalog | str | os.PathLike | None = None,
         label_key: str = "label",
         task_key: str = "task",
-        pos: float = 1.0,
-        neg: float = 2.0,
+        oversample: float = 1.0 / 3.0,
+        prob_rotate: float = 0.0,
+        prob_scale: float = 0.0,
+        rotation: float = float(np.pi / 6),
+        scale_range: Sequence[float] = (0.7, 1.4),
+        mode: Sequence[str] | str = ("bilinear", "nearest"),
+        force_key: str = FORCE_FG_KEY,
     ) -> None:
         if catalog is None:
             raise ValueError("TaskRandCropd needs a catalog (TaskCatalog, catalog JSON path or built-in name).")
-        catalog = TaskCatalog.resolve(catalog)
-        crops = {
-            t.name: Compose(
-                [
-                    SpatialPadd(keys, spatial_size=t.patch_size),
-                    RandCropByLabelClassesd(
-                        keys,
-                        label_key,
-                        spatial_size=t.patch_size,
-                        ratios=[neg] + [pos / (t.num_classes - 1)] * (t.num_classes - 1),
-                        num_classes=t.num_classes,
-                        num_samples=1,
-                        warn=False,
-                    ),
-                ]
-            )
-            for t in catalog
-        }
-        super().__init__(crops, catalog, task_key)
+        if not 0.0 <= float(oversample) <= 1.0:
+            raise ValueError(f"oversample must be in [0, 1], got {oversample}.")
+        lo, hi = (float(s) for s in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be (min, max) with 0 < min <= max, got {tuple(scale_range)}.")
+        super().__init__(keys)
+        self.catalog = TaskCatalog.resolve(catalog)
+        self.label_key, self.task_key, self.force_key = label_key, task_key, force_key
+        self.oversample = float(oversample)
+        self.prob_rotate, self.prob_scale = float(prob_rotate), float(prob_scale)
+        self.rotation, self.scale_range = abs(float(rotation)), (lo, hi)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.resample = Resample(norm_coords=True)
+
+    def randomize(self, data: Any = None) -> None:
+        """Nothing drawn ahead: :meth:`place` and :meth:`draw` draw from ``self.R`` per sample."""
+
+    def place(self, label: torch.Tensor, patch: Sequence[int], force: bool) -> list[int]:
+        """The first voxel of the patch on every spatial axis of ``label`` ``(1, *spatial)`` (negative where the
+        image is smaller than the patch and gets padded)."""
+        shape = label.shape[1:]
+        lo = [-((p - n) // 2) if n < p else 0 for n, p in zip(shape, patch)]
+        hi = [a if n < p else n - p for a, n, p in zip(lo, shape, patch)]
+        if force:
+            lab = label[0]
+            present = [int(c) for c in torch.unique(lab).tolist() if c > 0]
+            if present:
+                where = torch.nonzero(lab == present[int(self.R.randint(len(present)))])
+                voxel = where[int(self.R.randint(len(where)))].tolist()
+                return [min(max(v - p // 2, a), b) for v, p, a, b in zip(voxel, patch, lo, hi)]
+        return [int(self.R.randint(a, b + 1)) for a, b in zip(lo, hi)]
+
+    def draw(self, dims: int) -> tuple[tuple[float, ...] | None, float | None]:
+        """Draw ``(angles or None, scale or None)`` for one sample of spatial rank ``dims``."""
+        angles = None
+        if self.R.rand() < self.prob_rotate:
+            angles = tuple(float(a) for a in self.R.uniform(-self.rotation, self.rotation, 1 if dims == 2 else 3))
+        scale = None
+        if self.R.rand() < self.prob_scale:
+            lo, hi = self.scale_range
+            scale = float(self.R.uniform(lo, 1.0) if self.R.rand() < 0.5 and lo < 1 else self.R.uniform(max(lo, 1), hi))
+        return angles, scale
+
+    def grid(
+        self, shape: Sequence[int], start: Sequence[int], patch: Sequence[int], angles: Any, scale: float | None
+    ) -> torch.Tensor:
+        """The sampling grid ``(dims + 1, *patch)`` in voxels relative to the image centre (MONAI's ``Resample``
+        convention): the patch's own grid, scaled, rotated, then moved to the patch centre."""
+        dims = len(patch)
+        affine = create_translate(dims, [s + (p - 1) / 2 - (n - 1) / 2 for s, p, n in zip(start, patch, shape)])
+        if angles is not None:
+            affine = affine @ create_rotate(dims, angles)
+        if scale is not None:
+            affine = affine @ create_scale(dims, [scale] * dims)
+        grid = np.asarray(affine) @ np.asarray(create_grid(patch)).reshape(dims + 1, -1)
+        return torch.as_tensor(grid.reshape(dims + 1, *patch), dtype=torch.float32)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = super().__call__(data)
-        return out[0] if isinstance(out, list) else out
+        d = dict(data)
+        task = _task_of(self.catalog, d, self.task_key)
+        force = d.pop(self.force_key, None)
+        force = bool(self.R.rand() < self.oversample) if force is None else bool(force)
+        if self.label_key not in d:
+            raise ValueError(f"TaskRandCropd: the item of task {task.name!r} has no {self.label_key!r}.")
+        patch = tuple(task.patch_size)
+        shape = tuple(d[self.label_key].shape[1:])
+        start = self.place(d[self.label_key], patch, force)
+        angles, scale = self.draw(task.dims)
+        grid = None if angles is None and scale is None else self.grid(shape, start, patch, angles, scale)
+        for key, mode in self.key_iterator(d, self.mode):
+            if grid is None:
+                d[key] = _crop_with_padding(d[key], start, patch)
+            else:
+                d[key] = self.resample(d[key], grid, mode=mode, padding_mode="zeros")
+        return d
 
 
 def augmentation_transforms(
@@ -668,16 +763,14 @@ def augmentation_transforms(
     image_key: str = "image",
     label_key: str = "label",
 ) -> list[Callable]:
-    """nnU-Net's "moreDA" augmentation as used by UniSeg (reference: uniseg.md section 12), for one spatial rank.
+    """The intensity and mirroring part of nnU-Net's "moreDA" augmentation as used by UniSeg (reference: uniseg.md
+    section 12), for one spatial rank; rotation and scaling come before it, in :class:`TaskRandCropd`.
 
-    In order (probabilities per sample): rotation +-30 deg on every axis (one angle per axis; 2D: in-plane)
-    p 0.2; scaling 0.7-1.4 p 0.2; Gaussian noise (std drawn in [0, 0.1]) p 0.1; Gaussian blur sigma 0.5-1
+    In order (probabilities per sample): Gaussian noise (std drawn in [0, 0.1]) p 0.1; Gaussian blur sigma 0.5-1
     p 0.2; multiplicative brightness 0.75-1.25 p 0.15; contrast 0.75-1.25 around the mean, range preserved
     p 0.15; low-resolution simulation (zoom 0.5-1) p 0.25; inverted gamma 0.7-1.5 p 0.1; gamma 0.7-1.5 p 0.3
-    (both keep mean and std); mirroring of each spatial axis p 0.5. The spatial size is kept; the label is
-    resampled with nearest neighbour so it stays integer-valued. Differences from batchgenerators: rotation and
-    scaling are two resamplings (not one), padded with zeros; blur, noise and low-resolution are not drawn per
-    channel.
+    (both keep mean and std); mirroring of each spatial axis p 0.5. Differences from batchgenerators: blur, noise
+    and low-resolution are not drawn per channel.
 
     Args:
         dims: 2 or 3.
@@ -688,19 +781,7 @@ def augmentation_transforms(
         raise ValueError(f"dims must be 2 or 3, got {dims}.")
     keys = (image_key, label_key)
     linear = "trilinear" if dims == 3 else "bilinear"
-    angle = np.pi / 6
-    rot = {"range_x": angle} if dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
     return [
-        RandRotated(keys, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True, **rot),
-        RandZoomd(
-            keys,
-            prob=0.2,
-            min_zoom=0.7,
-            max_zoom=1.4,
-            mode=(linear, "nearest"),
-            padding_mode="constant",
-            keep_size=True,
-        ),
         RandGaussianNoised(image_key, prob=0.1, mean=0.0, std=0.1, sample_std=True),
         RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
         RandScaleIntensityd(image_key, factors=(-0.25, 0.25), prob=0.15),
@@ -776,11 +857,12 @@ def random_transforms(
     augment: bool = True,
     task_key: str = "task",
 ) -> list[Callable]:
-    """Training-time random transforms: per-task patch crop, then (optionally) the moreDA augmentation.
+    """Training-time random transforms: the patch crop, then (optionally) nnU-Net's augmentation.
 
-    ``TaskRandCropd`` (pad to the task patch, crop it with 1/3 foreground oversampling), then
-    :func:`augmentation_transforms` for the task's spatial rank (one shared pipeline per rank). The output has
-    the task's patch size: ``image`` ``(C, *task.patch_size)``, ``label`` ``(1, *task.patch_size)``.
+    :class:`TaskRandCropd` places the patch (foreground oversampling) and, with ``augment``, rotates (p 0.2, +-30
+    degrees per axis) and scales it (p 0.2, 0.7-1.4) in the same single resampling; then, with ``augment``,
+    :func:`augmentation_transforms` for the task's spatial rank (one shared pipeline per rank). The output has the
+    task's patch size: ``image`` ``(C, *task.patch_size)``, ``label`` ``(1, *task.patch_size)``.
 
     Args:
         catalog: a :class:`TaskCatalog`, a catalog JSON path or a built-in catalog name.
@@ -792,7 +874,9 @@ def random_transforms(
     image_key, label_key = _split_keys(keys)
     if label_key is None:
         raise ValueError(f"random_transforms needs (image_key, label_key), got keys={tuple(keys)}.")
-    out: list[Callable] = [TaskRandCropd((image_key, label_key), catalog, label_key=label_key, task_key=task_key)]
+    p = 0.2 if augment else 0.0
+    crop = TaskRandCropd((image_key, label_key), catalog, label_key, task_key, prob_rotate=p, prob_scale=p)
+    out: list[Callable] = [crop]
     if augment:
         by_dims = {dims: Compose(augmentation_transforms(dims, image_key, label_key)) for dims in catalog.dims}
         out.append(PerTaskd({t.name: by_dims[t.dims] for t in catalog}, catalog, task_key=task_key))
