@@ -70,6 +70,25 @@ def test_read_msd_dataset(collection):
     assert items[0]["label"].endswith("labelsTr/case_000.nii.gz")
 
 
+def test_read_nnunet_v1_raw_folder(collection, tmp_path):
+    """nnU-Net v1 raw data (the UniSeg authors' conversion output): dataset.json lists ./imagesTr/x.nii.gz, the disk
+    holds x_0000.nii.gz, x_0001.nii.gz (one per modality): those are read, and prepare accepts the folder."""
+    petct = collection[1]
+    for p in sorted((petct / "imagesTr").glob("*.nii.gz")):
+        img = nib.load(p)
+        data = np.asarray(img.dataobj)
+        for c in range(data.shape[-1]):
+            nib.save(
+                nib.Nifti1Image(data[..., c], img.affine), p.with_name(p.name.replace(".nii.gz", f"_{c:04d}.nii.gz"))
+            )
+        p.unlink()
+    items = read_msd_dataset(petct)
+    assert len(items) == 3 and all(isinstance(it["image"], list) and len(it["image"]) == 2 for it in items)
+    assert items[0]["image"][1].endswith("imagesTr/case_000_0001.nii.gz") and Path(items[0]["image"][1]).is_file()
+    train, val, _ = load_datalist(prepare([petct], CATALOG, tmp_path / "prep", val_fraction=0.0))
+    assert len(train) == 3 and all(it["task"] == "lesion_petct" and len(it["image"]) == 2 for it in train)
+
+
 def test_load_datalist_resolves_relative_channel_files(tmp_path):
     (tmp_path / "datalist.json").write_text(
         json.dumps({"training": [{"image": ["a_0000.nii.gz", "/abs/a_0001.nii.gz"], "label": "a.nii.gz", "task": "t"}]})

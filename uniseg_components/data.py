@@ -79,8 +79,22 @@ def _read_dataset_json(folder: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _nnunet_v1_channels(root: Path, image: str, meta: Mapping[str, Any]) -> list[str] | None:
+    """nnU-Net v1 raw data lists ``./imagesTr/x.nii.gz`` but stores ``imagesTr/x_0000.nii.gz``, one file per entry
+    of ``modality``: those files when the listed one is absent and the first channel file exists, else ``None``."""
+    listed = root / image
+    if listed.exists() or not listed.name.endswith(".nii.gz"):
+        return None
+    stem = listed.name[: -len(".nii.gz")]
+    modality = meta.get("modality")
+    count = len(modality) if isinstance(modality, dict) and modality else 1
+    files = [listed.with_name(f"{stem}_{c:04d}.nii.gz") for c in range(count)]
+    return [str(f.resolve()) for f in files] if files[0].exists() else None
+
+
 def _msd_cases(root: Path, meta: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
-    """MSD v1 ``training``: ``[{"image": file or [files], "label": file}]`` relative to the folder."""
+    """MSD v1 ``training``: ``[{"image": file or [files], "label": file}]`` relative to the folder; nnU-Net v1 raw
+    data (the same list, with one ``<case>_<XXXX>.nii.gz`` file per channel on disk) too."""
     out = []
     for i, item in enumerate(meta["training"]):
         image = item.get("image") if isinstance(item, dict) else None
@@ -90,9 +104,11 @@ def _msd_cases(root: Path, meta: Mapping[str, Any], path: Path) -> list[dict[str
         if not (images_ok and isinstance(item.get("label"), str)):
             raise ValueError(f"{str(path)!r}: training[{i}] must be {{'image': path, 'label': path}}, got {item!r}.")
         files = [str((root / p).resolve()) for p in ([image] if isinstance(image, str) else image)]
-        out.append(
-            {"image": files[0] if isinstance(image, str) else files, "label": str((root / item["label"]).resolve())}
-        )
+        v1 = _nnunet_v1_channels(root, image, meta) if isinstance(image, str) else None
+        if v1 is not None:
+            files, image = v1, v1
+        one = isinstance(image, str) or len(files) == 1
+        out.append({"image": files[0] if one else files, "label": str((root / item["label"]).resolve())})
     return out
 
 
@@ -157,12 +173,14 @@ def dataset_folders(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def read_msd_dataset(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read the training cases of an MSD v1 or nnU-Net v2 folder.
+    """Read the training cases of an MSD v1, nnU-Net v1 or nnU-Net v2 folder.
 
     Args:
         folder: a folder with ``dataset.json``. MSD v1: keys ``modality``, ``labels``, ``training`` (a list of
             ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` relative to the folder; the image
-            is one file, channels last). nnU-Net v2: keys ``channel_names``, ``labels``, ``file_ending`` (default
+            is one file, channels last). nnU-Net v1 raw data (what the UniSeg authors' conversion scripts write):
+            the same, with ``imagesTr/x_0000.nii.gz``, ``x_0001.nii.gz``... (one per ``modality`` entry) on disk in
+            place of the listed ``x.nii.gz``. nnU-Net v2: keys ``channel_names``, ``labels``, ``file_ending`` (default
             ``".nii.gz"``) and no ``training`` list: the cases are the files of ``labelsTr/``, with one image file
             ``imagesTr/<case>_<XXXX><file_ending>`` per channel (or the ``dataset`` mapping when present).
 
