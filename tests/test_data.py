@@ -16,7 +16,7 @@ from conftest import mixed_catalog
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose, Identityd
 
-from uniseg_components.data import TaskBalancedBatchSampler, load_datalist, prepare, read_msd_dataset
+from uniseg_components.data import TaskBalancedBatchSampler, case_id, load_datalist, prepare, read_msd_dataset
 from uniseg_components.tasks import TaskCatalog
 from uniseg_components.transforms import train_transforms
 
@@ -407,3 +407,46 @@ def test_prepare_with_nnunet_split_files_json_and_pkl(collection, tmp_path):
     with pytest.raises(ValueError, match="pathlib.*is not part of an nnU-Net split file"):
         read_split(tmp_path / "evil.pkl")
     assert not (tmp_path / "x").exists()
+
+
+def test_split_by_case_prefix_script(tmp_path):
+    """scripts/split_by_case_prefix.py: the authors' merged MOTS-style nnU-Net v1 raw folder (cases told apart by
+    their first four characters) becomes one linked folder per task, which prepare reads with the case names (so an
+    nnU-Net split file matches); a case without a prefix stops it before anything is written."""
+    import importlib.util
+
+    from conftest import task_dict
+
+    spec = importlib.util.spec_from_file_location(
+        "split_script", Path(__file__).parents[1] / "scripts/split_by_case_prefix.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    src = make_msd(tmp_path / "raw", "Task091_MOTS", 5, num_classes=3, seed=4)
+    meta = json.loads((src / "dataset.json").read_text())
+    names = ["live_0000", "live_0001", "kidn_0000", "kidn_0001", "kidn_0002"]
+    for i, name in enumerate(names):  # nnU-Net v1 layout: listed x.nii.gz, stored x_0000.nii.gz
+        (src / "imagesTr" / f"case_{i:03d}.nii.gz").rename(src / "imagesTr" / f"{name}_0000.nii.gz")
+        (src / "labelsTr" / f"case_{i:03d}.nii.gz").rename(src / "labelsTr" / f"{name}.nii.gz")
+        meta["training"][i] = {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+    (src / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "split"
+    assert script.main([str(src), "--out", str(out), "--map", "live=MOTS_liver"]) == 1 and not out.exists()
+    assert script.main([str(src), "--out", str(out), "--map", "live=MOTS_liver,kidn=MOTS_kidney"]) == 0
+    assert sorted(p.name for p in (out / "MOTS_kidney" / "imagesTr").iterdir()) == [
+        f"{n}_0000.nii.gz" for n in names[2:]
+    ]
+    assert (out / "MOTS_liver" / "labelsTr" / "live_0001.nii.gz").is_symlink()
+    catalog = TaskCatalog(
+        [
+            task_dict(name, i, ["background", name, "tumour"], dataset=f"MOTS_{name}", spacing=(2, 2, 2))
+            for i, name in enumerate(("liver", "kidney"))
+        ]
+    )
+    (tmp_path / "split.json").write_text(json.dumps([{"train": ["live_0000", "kidn_0000", "kidn_0001"],
+                                                      "val": ["live_0001", "kidn_0002"]}]))  # fmt: skip
+    dl = prepare([out / "MOTS_liver", out / "MOTS_kidney"], catalog, tmp_path / "prep", split=tmp_path / "split.json")
+    train, val, _ = load_datalist(dl)
+    assert sorted((it["task"], case_id(it)) for it in val) == [("kidney", "kidn_0002"), ("liver", "live_0001")]
+    assert len(train) == 3
+    assert script.main([str(src), "--out", str(out), "--map", "live=MOTS_liver,kidn=MOTS_kidney"]) == 1  # not empty
