@@ -18,7 +18,7 @@ from uniseg_components.handlers import GradientClipHandler
 from uniseg_components.inferers import MirroredPredictor, TaskSlidingWindowInferer, merge_task_labels
 from uniseg_components.losses import TaskDiceCELoss
 from uniseg_components.methods.uniseg import UniSeg
-from uniseg_components.metrics import TaskDice, TaskDiceAggregator, case_dice, format_dice_table
+from uniseg_components.metrics import TaskDice, TaskDiceAggregator, case_dice, format_dice_table, mean_over_classes
 from uniseg_components.tasks import TaskCatalog
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -122,8 +122,11 @@ def test_format_dice_table():
         assert word in text
     assert "0.5000" in text  # organs mean
     assert "0.7000" in text  # mean over tasks (0.5 + 0.9) / 2
-    last = text.splitlines()[-1]
-    assert last.startswith("mean over tasks") and last.endswith("0.7000")
+    tasks_line, classes_line = text.splitlines()[-2:]
+    assert tasks_line.startswith("mean over tasks") and tasks_line.endswith("0.7000")
+    # the papers' average: every class counts once, (0.75 + 0.25 + 0.9) / 3
+    assert classes_line.startswith("mean over classes") and classes_line.endswith("0.6333")
+    assert mean_over_classes(details) == pytest.approx(1.9 / 3) and mean_over_classes({}) == 0.0
     assert "mean over tasks" not in format_dice_table({})
 
 

@@ -61,6 +61,8 @@ def test_trained_model_beats_all_background_on_held_out_cases(trained):
     res = evaluate_checkpoint(trained["result"]["checkpoint"], trained["datalist"])
     assert res["cases"] == 2
     assert res["mean"] > res["baseline_mean"] + 0.2
+    values = [v for classes in res["per_task"].values() for v in classes.values()]
+    assert res["mean_over_classes"] == pytest.approx(sum(values) / len(values))  # brain_mr's 3 classes weigh 3x
     brain = res["per_task"]["brain_mr"]
     assert brain["grey matter"] > 0.4 and brain["white matter"] > 0.4
     assert "all-bg" in res["table"] and "brain_mr" in res["table"]

@@ -21,7 +21,15 @@ from monai.utils import evenly_divisible_all_gather
 
 from .tasks import TaskCatalog
 
-__all__ = ["case_dice", "task_means", "mean_over_tasks", "TaskDiceAggregator", "TaskDice", "format_dice_table"]
+__all__ = [
+    "case_dice",
+    "task_means",
+    "mean_over_tasks",
+    "mean_over_classes",
+    "TaskDiceAggregator",
+    "TaskDice",
+    "format_dice_table",
+]
 
 
 def task_means(details: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -34,6 +42,13 @@ def mean_over_tasks(details: dict[str, dict[str, float]]) -> float:
     task weighs the same); 0.0 for an empty table."""
     means = task_means(details)
     return sum(means.values()) / len(means) if means else 0.0
+
+
+def mean_over_classes(details: dict[str, dict[str, float]]) -> float:
+    """The papers' average of a ``{task: {class: Dice}}`` table: the mean over every class of every task (UniSeg
+    reports the mean of its 17 class values, so a task with more classes weighs more); 0.0 for an empty table."""
+    values = [v for classes in details.values() for v in classes.values()]
+    return sum(values) / len(values) if values else 0.0
 
 
 def case_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -164,7 +179,8 @@ def format_dice_table(
     baseline: dict[str, dict[str, float]] | None = None,
     baseline_name: str = "all-bg",
 ) -> str:
-    """A plain-text table of ``{task: {class: dice}}`` with each task's mean and the mean over tasks.
+    """A plain-text table of ``{task: {class: dice}}`` with each task's mean, the mean over tasks and the mean over
+    classes (the papers' average).
 
     Args:
         details: the model's Dice per task and class.
@@ -190,4 +206,6 @@ def format_dice_table(
     if means:
         bm_all = mean_over_tasks(base_details) if base_means else None
         lines.append(f"{'mean over tasks':<49} {mean_over_tasks(details):7.4f}{cell(bm_all)}")
+        bc_all = mean_over_classes(base_details) if base_means else None
+        lines.append(f"{'mean over classes (the papers)':<49} {mean_over_classes(details):7.4f}{cell(bc_all)}")
     return "\n".join(lines)

@@ -52,7 +52,7 @@ from .io import (
     write_json,
 )
 from .methods import get_method, method_of
-from .metrics import TaskDiceAggregator, format_dice_table
+from .metrics import TaskDiceAggregator, format_dice_table, mean_over_classes
 from .tasks import TaskCatalog
 from .visualize import QuickLookCase, write_quicklook
 
@@ -699,8 +699,9 @@ def evaluate(
     scored (``"failed"`` lists the files and reasons).
 
     Returns:
-        ``{"mean", "baseline_mean", "per_task", "baseline_per_task", "cases" (scored), "failed", "table",
-        "pictures"}`` (``pictures``: task -> PNG path).
+        ``{"mean", "mean_over_classes", "baseline_mean", "per_task", "baseline_per_task", "cases" (scored),
+        "failed", "table", "pictures"}`` (``mean``: over tasks; ``mean_over_classes``: over every class of every
+        task, the papers' average; ``pictures``: task -> PNG path).
 
     Raises:
         ValueError: unknown split or no case of the checkpoint's tasks; ``ImagesFailed`` when no case could be
@@ -796,6 +797,7 @@ def evaluate(
     table = format_dice_table(per_task, title=title, baseline=base)
     return {
         "mean": model.mean(),
+        "mean_over_classes": mean_over_classes(per_task),
         "baseline_mean": baseline.mean(),
         "per_task": per_task,
         "baseline_per_task": base,
