@@ -197,6 +197,24 @@ def test_ct_normalization_from_foreground(tmp_path):
     assert (tmp_path / "plan" / "fingerprint.json").is_file()
 
 
+def test_nonzero_mask_planned_by_nnunets_rule(tmp_path):
+    """z-scored data whose crop to the non-zero region keeps < 3/4 of the volume (skull-stripped MR on a zero
+    background) gets nonzero_mask; MR without a zero background and CT do not."""
+    cases = [((24, 24, 12), (1.0, 1.0, 1.0))] * 3
+    stripped = msd_v1(tmp_path, "Task01_Brain", cases, channel_names=("T1",))
+    for p in sorted((stripped / "imagesTr").glob("*.nii.gz")):
+        img = nib.load(p)
+        lab = np.asarray(nib.load(stripped / "labelsTr" / p.name).dataobj)
+        _save(p, np.where(lab > 0, np.asarray(img.dataobj), 0.0).astype(np.float32), (1.0, 1.0, 1.0))
+    whole = msd_v1(tmp_path, "Task02_MR", cases, channel_names=("T1",))
+    ct = msd_v1(tmp_path, "Task03_CT", cases)
+    fps = {f.name: fingerprint_dataset(f, progress=False) for f in (stripped, whole, ct)}
+    assert fps["Task01_Brain"]["nonzero_fraction"] == pytest.approx((8 * 8 * 4) / (24 * 24 * 12))
+    assert fps["Task02_MR"]["nonzero_fraction"] == 1.0 and fps["Task03_CT"]["nonzero_fraction"] is None
+    catalog = TaskCatalog.load(plan([stripped, whole, ct], tmp_path / "plan", progress=False))
+    assert [t.nonzero_mask for t in catalog] == [True, False, False]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_dataset_json_without_labels(tmp_path):
     folder = msd_v1(tmp_path, "Task01_CT", [((16, 16, 8), (1.0, 1.0, 1.0))], labels={})

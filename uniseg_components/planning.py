@@ -76,6 +76,8 @@ ACTIVATION_BYTES = 2.25
 PARAMETER_BYTES = 16
 #: foreground voxels sampled per case for the CT intensity statistics (as nnU-Net)
 FOREGROUND_SAMPLES = 10000
+#: nnU-Net's rule: z-score inside the non-zero region when cropping to it keeps less than this share of the volume
+NONZERO_MASK_BELOW = 0.75
 
 
 def canonical_modality(name: str, where: str = "dataset.json") -> str:
@@ -112,8 +114,26 @@ def _geometry(path: str) -> tuple[tuple[float, ...], tuple[int, ...], int]:
     return tuple(spacing), tuple(size), channels
 
 
-def _fingerprint_case(item: Mapping[str, Any], ct_channels: Sequence[int], seed: int) -> dict[str, Any]:
-    """Spacing and shape of one case (all its files must agree) and, for ``ct_channels``, foreground samples."""
+def _nonzero_fraction(files: Sequence[str]) -> float:
+    """The share of the image volume inside the bounding box of its non-zero voxels (any channel): what cropping to
+    the non-zero region keeps (1.0 when nothing would be cropped)."""
+    mask: np.ndarray | None = None
+    for f in files:
+        nz = np.asarray(load_nifti(f)[0]) != 0
+        nz = nz.reshape(*nz.shape[:3], -1).any(axis=-1) if nz.ndim > 3 else nz  # channels last
+        mask = nz if mask is None else mask | nz
+    if mask is None or not mask.any():
+        return 1.0
+    others = [tuple(a for a in range(mask.ndim) if a != ax) for ax in range(mask.ndim)]
+    box = [np.flatnonzero(mask.any(axis=o)) for o in others]
+    return float(np.prod([b[-1] - b[0] + 1 for b in box]) / mask.size)
+
+
+def _fingerprint_case(
+    item: Mapping[str, Any], ct_channels: Sequence[int], seed: int, nonzero: bool = False
+) -> dict[str, Any]:
+    """Spacing and shape of one case (all its files must agree), for ``ct_channels`` foreground samples and, with
+    ``nonzero``, the share of the volume its non-zero region's bounding box keeps (``nonzero_fraction``)."""
     files = image_files(item["image"])
     for p in (*files, item["label"]):
         if not os.path.isfile(p):
@@ -132,6 +152,8 @@ def _fingerprint_case(item: Mapping[str, Any], ct_channels: Sequence[int], seed:
         if sh != shape:
             raise ValueError(f"{p}: shape {list(sh)} differs from {list(shape)} of {files[0]} (same case).")
     out: dict[str, Any] = {"spacing": list(spacing), "shape": list(shape)}
+    if nonzero:
+        out["nonzero_fraction"] = _nonzero_fraction(files)
     if ct_channels:
         label, _ = load_nifti(item["label"])
         fg = np.flatnonzero(label.reshape(-1) > 0)
@@ -158,7 +180,9 @@ def fingerprint_dataset(
 
     Returns:
         ``{"folder", "name", "modalities", "labels", "dims", "cases": [{"image", "label", "spacing", "shape"}],
-        "ct_foreground": {"percentile_00_5", "percentile_99_5", "mean", "std", "samples"} or None}``.
+        "ct_foreground": {"percentile_00_5", "percentile_99_5", "mean", "std", "samples"} or None,
+        "nonzero_fraction"}``: the median share of the volume that cropping to the non-zero region keeps, for
+        datasets with a z-scored (non-CT) channel (their images are read), else ``None``.
 
     Raises:
         FileNotFoundError, ValueError: naming ``dataset.json`` (no labels, unknown channel names, no cases) or the
@@ -174,11 +198,12 @@ def fingerprint_dataset(
     if not cases:
         raise ValueError(f"{where}: the dataset has no training cases.")
     ct = [c for c, m in enumerate(modalities) if normalization_of(m) == "ct"]
+    zscored = any(normalization_of(m) == "zscore" for m in modalities)
     workers = max(1, int(num_workers or os.cpu_count() or 1))
 
     def one(i: int) -> dict[str, Any] | str:
         try:
-            return _fingerprint_case(cases[i], ct, seed=i)
+            return _fingerprint_case(cases[i], ct, seed=i, nonzero=zscored)
         except (OSError, ValueError) as e:
             return str(e)
 
@@ -211,6 +236,7 @@ def fingerprint_dataset(
         "dims": dims,
         "cases": out_cases,
         "ct_foreground": stats,
+        "nonzero_fraction": float(np.median([r["nonzero_fraction"] for r in results])) if zscored else None,  # type: ignore[index]
     }
 
 
@@ -366,6 +392,10 @@ def plan_catalog(
             clip to the foreground's 0.5 / 99.5 percentiles, z-score with its mean and std).
         name: catalog name, default ``"planned"``.
 
+    A dataset with z-scored (non-CT) channels whose crop to the non-zero region keeps less than 3/4 of the volume
+    (median over cases) gets ``nonzero_mask``: z-score inside that region (nnU-Net's ``use_mask_for_norm`` rule,
+    e.g. skull-stripped BraTS).
+
     Raises:
         ValueError: for an unknown ``ct_normalization`` or no fingerprints.
     """
@@ -407,6 +437,8 @@ def plan_catalog(
                 "ct_window": [stats["percentile_00_5"], stats["percentile_99_5"]],
                 "ct_zscore": [stats["mean"], max(stats["std"], 1e-8)],
             }
+        if fp.get("nonzero_fraction") is not None and fp["nonzero_fraction"] < NONZERO_MASK_BELOW:
+            extra["nonzero_mask"] = True
         task_name = _task_name(fp["name"], taken)
         taken.add(task_name)
         tasks.append(
