@@ -29,6 +29,8 @@ if [ ! -x "$ML_VENV/bin/monailabel" ]; then
     "$ML_VENV/bin/pip" install -q monailabel==0.8.5 "pydicom<3" "pynetdicom<3" "dicomweb-client<0.60"
     echo "installed in $(( SECONDS - t0 )) s"
 fi
+# the Hermes bundle's optimiser (LAMB) for MONAI Label's /train/; a pure-Python wheel, nothing to do when present
+"$ML_VENV/bin/pip" install -q "pytorch-optimizer==4.1.0"
 "$ML_VENV/bin/python" -c "import monailabel, monai, torch, torchvision; print('monailabel', monailabel.__version__, '| monai', \
     monai.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
 WORK_ARG=()

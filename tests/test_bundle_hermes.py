@@ -7,7 +7,9 @@ Runs the configs on a tiny demo collection (3 cases per 3D task, 1 batch per tas
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.engines.utils import IterationEvents
 
 pytest.importorskip("nilearn")
 
@@ -27,6 +30,7 @@ from conftest import (  # noqa: E402
     config,
     evaluate_run,
     interrupted_and_resumed,
+    latest_state,
     monai_label_pipeline,
     monai_label_training,
     recorded_batches,
@@ -42,13 +46,24 @@ from uniseg_components.checkpoints import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
+from uniseg_components.handlers import GradientClipHandler  # noqa: E402
 from uniseg_components.methods.hermes import Hermes  # noqa: E402
 from uniseg_components.methods.hermes.incremental import extended_catalog  # noqa: E402
+from uniseg_components.optimizers import WarmupPolyLR  # noqa: E402
 from uniseg_components.tasks import TaskCatalog  # noqa: E402
 
 BUNDLE = "hermes_universal_segmentation"
 INFERENCE, METADATA = config(BUNDLE, "inference.json"), config(BUNDLE, "metadata.json")
 TASKS = ["abdomen_ct", "brain_mr", "lesion_petct"]
+#: the previous recipe (AdamW, no warm-up, no EMA, clipping at 12, plain Dice): the overrides docs/README.md gives
+PREVIOUS = {
+    "optimizer_name": "adamw",
+    "optimizer_eps": 1e-8,
+    "warmup_epochs": 0,
+    "ema_decay": 0,
+    "max_grad_norm": 12.0,
+    "adaptive_tversky": False,
+}
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -93,15 +108,139 @@ def test_train_writes_model_tensorboard_and_dice_table(trained):
 
 
 def test_train_recipe_and_properties(trained):
+    """The default is the authors' recipe; the previous one is the overrides the docs give."""
+    from pytorch_optimizer import Lamb
+
     wf = workflow(BUNDLE, "train.json", trained / "recipe", dataset_dir=str(trained / "demo_data"))
     assert wf.check_properties() in (None, [])
     p = wf.parser
     assert p["epochs"] == 200 and p["batches_per_task"] == 40 and p["batch_size"] == 2 and p["mix_tasks"] is True
     assert p["learning_rate"] == 0.002 and p["weight_decay"] == 1e-5 and p["poly_power"] == 0.9
-    assert p["optimizer"]["_target_"] == "torch.optim.AdamW" and p["modality_weight"] == 0.01
-    assert p["train"]["trainer"]["decollate"] is False
+    assert p["modality_weight"] == 0.01 and p["train"]["trainer"]["decollate"] is False
     assert p["training"] == p["run"]
     assert isinstance(p.get_parsed_content("network_def"), Hermes)
+    opt = p.get_parsed_content("optimizer")
+    assert isinstance(opt, Lamb) and opt.defaults["max_grad_norm"] == 1.0 and opt.pre_norm
+    group = opt.param_groups[0]
+    assert group["lr"] == pytest.approx(0.002 * math.exp(-10)) and group["betas"] == (0.9, 0.999)
+    assert group["eps"] == 1e-5 and group["weight_decay"] == 1e-5 and group["weight_decouple"] is False
+    sched = p.get_parsed_content("lr_scheduler")
+    assert isinstance(sched, WarmupPolyLR) and (sched.total_iters, sched.warmup_epochs, sched.power) == (200, 5, 0.9)
+    ema = p.get_parsed_content("ema")
+    assert ema.decay == 0.99 and ema.ramp_up and p.get_parsed_content("eval_network") is ema.network
+    assert ema.network is not p.get_parsed_content("network")
+    assert p.get_parsed_content("validate#evaluator").network is ema.network
+    loss = p.get_parsed_content("loss")
+    assert loss.adaptive_tversky and loss.detach_alpha and loss.alpha_range == (0.2, 0.8)
+    assert not any(isinstance(h, GradientClipHandler) for h in p.get_parsed_content("train#handlers"))
+    trainer = p.get_parsed_content("train#trainer")  # the EMA updates after every optimiser step
+    assert trainer.has_event_handler(ema, IterationEvents.MODEL_COMPLETED)
+
+    # the previous recipe, as docs/README.md gives it
+    old = workflow(BUNDLE, "train.json", trained / "recipe_old", dataset_dir=str(trained / "demo_data"), **PREVIOUS)
+    p = old.parser
+    opt = p.get_parsed_content("optimizer")
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["eps"] == 1e-8
+    assert opt.param_groups[0]["lr"] == 0.002 and opt.param_groups[0]["weight_decay"] == 1e-5
+    sched = p.get_parsed_content("lr_scheduler")
+    assert [sched.factor(e) for e in (0, 1, 100)] == pytest.approx([1.0, (1 - 1 / 200) ** 0.9, 0.5**0.9])
+    ema = p.get_parsed_content("ema")
+    assert not ema.enabled and p.get_parsed_content("eval_network") is p.get_parsed_content("network")
+    assert not p.get_parsed_content("train#trainer").has_event_handler(ema, IterationEvents.MODEL_COMPLETED)
+    assert not p.get_parsed_content("loss").adaptive_tversky
+    (clip,) = [h for h in p.get_parsed_content("train#handlers") if isinstance(h, GradientClipHandler)]
+    assert clip.max_norm == 12.0
+
+
+#: the default recipe's short run: brain_mr only, 1 batch per epoch, the 5 warm-up epochs and 2 more, validation
+#: after the last one
+RECIPE_RUN = {"tasks": "brain_mr", "epochs": 7, "batches_per_task": 1, "augment": False, "val_interval": 7}
+
+
+@pytest.fixture(scope="module")
+def recipe_run(trained, tmp_path_factory) -> dict:
+    """train.json with its default recipe (LAMB, warm-up, EMA, adaptive Tversky), short: the learning rate of every
+    iteration, the initial and final live weights, and the loss of one fixed batch under each."""
+    from ignite.engine import Events
+
+    root = tmp_path_factory.mktemp("hermes_recipe")
+    wf = workflow(BUNDLE, "train.json", root, dataset_dir=str(trained / "demo_data"), **RECIPE_RUN)
+    p = wf.parser
+    net, trainer = p.get_parsed_content("network"), p.get_parsed_content("train#trainer")
+    initial = copy.deepcopy(net.state_dict())
+    lrs = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: lrs.append(e.optimizer.param_groups[0]["lr"]))
+    run(wf)
+    torch.manual_seed(0)
+    x, y, _, kwargs = trainer.prepare_batch(next(iter(p.get_parsed_content("train#dataloader"))), "cpu")
+    loss_fn = p.get_parsed_content("loss")
+
+    def fixed_batch_loss(state: dict) -> float:
+        m = copy.deepcopy(net)
+        m.load_state_dict(state)
+        with torch.no_grad():
+            return float(loss_fn(m.train()(x, **kwargs), y))
+
+    ema = p.get_parsed_content("ema")
+    losses = {k: fixed_batch_loss(s) for k, s in (("initial", initial), ("final", net.state_dict()))}
+    losses["ema"] = fixed_batch_loss(ema.network.state_dict())
+    return {"root": root, "lrs": lrs, "losses": losses, "ema": ema, "dataset_dir": str(trained / "demo_data")}
+
+
+def test_default_recipe_lowers_the_loss(recipe_run):
+    """Seven iterations of the default recipe (five at warm-up rates) lower the loss of a fixed training batch, for
+    the trained weights and their EMA (deterministic: same batch, same network)."""
+    losses = recipe_run["losses"]
+    assert losses["final"] < 0.99 * losses["initial"]
+    assert losses["final"] < losses["ema"] < losses["initial"]  # the EMA lags the trained weights
+
+
+def test_default_recipe_learning_rate_per_epoch(recipe_run):
+    """The bundle steps the schedule once per epoch: e^(10 (e / w - 1)) of 2e-3 for epochs e = 0..w, then
+    (1 - e / E)^0.9, with the warm-up w the authors' share of the epochs (5 of 200), between 1 and 5: 1 for this
+    7-epoch run."""
+    from monai.bundle import ConfigParser
+
+    expected = [0.002 * (math.exp(10 * (e - 1)) if e <= 1 else (1 - e / 7) ** 0.9) for e in range(7)]
+    assert recipe_run["lrs"] == pytest.approx(expected, rel=1e-12)
+    latest = latest_state(recipe_run["root"])
+    assert latest["lr_scheduler"]["last_epoch"] == 7 and latest["lr_scheduler"]["warmup_epochs"] == 1
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / BUNDLE / "configs" / "train.json"))
+    warmup = {}
+    for epochs in (200, 400, 120, 30, 10):
+        parser["epochs"] = epochs
+        warmup[epochs] = parser.get_parsed_content("warmup_epochs", instantiate=True, lazy=False)
+    assert warmup == {200: 5, 400: 5, 120: 3, 30: 1, 10: 1}
+
+
+def test_checkpoints_hold_the_ema_weights_and_evaluate_scores_them(recipe_run, capsys):
+    """model.pt (best) and model_final.pt hold the EMA weights under "model", not the trained ones (which only the
+    resume checkpoint holds); evaluate.json loads and scores exactly those, as training's validation did."""
+    root, ema = recipe_run["root"], recipe_run["ema"]
+    latest = latest_state(root)
+    assert latest["ema"]["num_updates"] == 7 and latest["ema"]["decay"] == 0.99
+    averaged = latest["ema"]["weights"]
+    for k, v in ema.network.state_dict().items():
+        assert torch.equal(averaged[k], v), k
+    assert max(float((averaged[k] - v).abs().max()) for k, v in latest["model"].items()) > 1e-4  # not the live ones
+    for name in ("model.pt", "model_final.pt"):
+        saved = torch.load(root / "models" / name, weights_only=True)["model"]
+        assert set(saved) == set(averaged) and all(torch.equal(saved[k], averaged[k]) for k in saved), name
+    net, _ = load_checkpoint(root / "models" / "model_final.pt")  # what evaluate / infer / export read
+    assert all(torch.equal(v, averaged[k]) for k, v in net.state_dict().items())
+    # evaluate.json on the final weights, with training's validation protocol: the EMA scores as in validation
+    overrides = {"eval_checkpoint": "final", "eval_mirror": False, "validate#inferer#mode": "constant"}
+    data = recipe_run["dataset_dir"]
+    wf = run(
+        workflow(BUNDLE, ["train.json", "evaluate.json"], root, "eval", dataset_dir=data, **overrides, **RECIPE_RUN)
+    )
+    evaluated = wf.parser.get_parsed_content("validate#evaluator").network.state_dict()
+    assert all(torch.equal(v, averaged[k]) for k, v in evaluated.items())
+    saved = json.loads((root / "eval" / "dice_per_task.json").read_text())
+    val = json.loads((root / "eval" / "val_dice_per_task.json").read_text())
+    assert saved["mean"] == pytest.approx(val["mean"], abs=1e-6)
+    assert "mean over tasks" in capsys.readouterr().out
 
 
 def test_evaluate_prints_and_saves_per_task_dice(trained, capsys):
@@ -117,12 +256,20 @@ def test_monai_label_overrides_without_task_and_validation(trained, tmp_path):
 
 
 def test_resume_gives_the_same_weights(trained, tmp_path):
+    """Resume restores the weights, optimiser, schedule and the EMA (a 1-epoch warm-up: the resumed epoch trains at
+    the full learning rate)."""
     common = {"dataset_dir": str(trained / "demo_data"), "validate#dataset#data": [], "batches_per_task": 1}
-    common.update(tasks="abdomen_ct,brain_mr", augment=True)  # two mixable tasks: 2 mixed batches per epoch
+    common.update(tasks="abdomen_ct,brain_mr", augment=True, warmup_epochs=1)  # two mixable tasks: 2 mixed batches
     states = interrupted_and_resumed(BUNDLE, tmp_path, epochs=2, **common)
-    assert states["interrupted"]["trainer"]["iteration"] == 2
+    assert states["interrupted"]["trainer"]["iteration"] == 2 and states["interrupted"]["ema"]["num_updates"] == 2
     assert states["full"]["trainer"]["iteration"] == 4 and states["full"]["lr_scheduler"]["last_epoch"] == 2
     assert_same_training_state(states["full"], states["resumed"])
+    full, resumed = states["full"]["ema"], states["resumed"]["ema"]
+    assert full["num_updates"] == resumed["num_updates"] == 4
+    for k, v in full["weights"].items():  # the average continued: the same as the uninterrupted run's
+        assert torch.allclose(v, resumed["weights"][k], atol=1e-6), k
+    moved = max(float((v - states["interrupted"]["ema"]["weights"][k]).abs().max()) for k, v in full["weights"].items())
+    assert moved > 1e-4  # the resumed epoch changed the average
     assert load_checkpoint(tmp_path / "full" / "models" / "model.pt")[1].names == ["abdomen_ct", "brain_mr"]
 
 
@@ -143,7 +290,9 @@ def test_multi_gpu_overlay_two_cpu_processes(trained, tmp_path):
     assert len(seen[0]) == len(seen[1]) == 3  # 3 tasks x 2 batches over 2 ranks
     net, cat = load_checkpoint(tmp_path / "models" / "model.pt")
     assert isinstance(net, Hermes) and cat.names == TASKS
-    assert (tmp_path / "models" / "checkpoint_latest.pt").is_file()
+    latest = latest_state(tmp_path)
+    assert latest["ema"]["num_updates"] == 3  # the EMA of the unwrapped network, every step: saved as the model
+    assert all(torch.equal(v, latest["ema"]["weights"][k]) for k, v in net.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------- inference

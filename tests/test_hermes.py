@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import Counter
 
 import pytest
@@ -13,6 +15,7 @@ from uniseg_components.checkpoints import build_network, save_checkpoint
 from uniseg_components.data import TaskBalancedBatchSampler
 from uniseg_components.engines import PrepareTaskBatch
 from uniseg_components.export import export_torchscript
+from uniseg_components.handlers import EMAHandler
 from uniseg_components.methods.hermes import (
     Hermes,
     HermesLoss,
@@ -24,6 +27,7 @@ from uniseg_components.methods.hermes import (
     targets_to_label,
 )
 from uniseg_components.methods.hermes.incremental import extend_checkpoint, extend_network, param_groups
+from uniseg_components.optimizers import WarmupPolyLR, lamb
 from uniseg_components.tasks import TaskCatalog
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -263,6 +267,292 @@ def test_loss_decreases_and_beats_background(catalog):
         g = y[:, 0] == j + 1
         dice = 2 * (pred[:, j] & g).sum() / (pred[:, j].sum() + g.sum())
         assert float(dice) > 0.3  # all-background has Dice 0 on every target
+
+
+# ----------------------------------------------------------------------------- the authors' training recipe
+#: one sample, 10 voxels: targets of channel 0 at voxels 0-1, channel 1 at 2-5, channel 2 at 6-7; channel 3 is padding
+RECIPE_LABEL = torch.tensor([[[1, 1, 2, 2, 2, 2, 3, 3, 0, 0]]])
+#: probabilities per channel: FP >> FN (channel 0), FN >> FP (1), in between (2), padding (3)
+RECIPE_PROB = torch.tensor(
+    [[[0.9, 0.9] + [0.6] * 8, [0.02] * 2 + [0.1] * 4 + [0.02] * 4, [0.1] * 6 + [0.5] * 2 + [0.1] * 2, [0.7] * 10]],
+    dtype=torch.float64,
+)
+
+
+def _recipe_output(prob: torch.Tensor = RECIPE_PROB) -> dict[str, torch.Tensor]:
+    return {"pred": torch.logit(prob).requires_grad_(True), "task_ids": torch.tensor([[0, 1, 2, -1]])}
+
+
+def _hand_counts(channel: int) -> tuple[float, float, float, list[float], list[float]]:
+    """TP, FP, FN, probabilities and binary target of one channel of the recipe example, in plain Python."""
+    p = RECIPE_PROB[0, channel].tolist()
+    g = [1.0 if v == channel + 1 else 0.0 for v in RECIPE_LABEL[0, 0].tolist()]
+    tp = sum(a * b for a, b in zip(p, g))
+    fp = sum(a * (1 - b) for a, b in zip(p, g))
+    fn = sum((1 - a) * b for a, b in zip(p, g))
+    return tp, fp, fn, p, g
+
+
+def test_adaptive_tversky_alpha_is_fp_over_fp_plus_fn_clamped():
+    loss = HermesLoss()
+    gt = torch.stack([(RECIPE_LABEL[0, 0] == j + 1).double() for j in range(4)])[None]
+    alpha = loss.tversky_alpha(RECIPE_PROB, gt)[0]
+    fp, fn = [_hand_counts(j)[1] for j in range(3)], [_hand_counts(j)[2] for j in range(3)]
+    assert fp[0] / (fp[0] + fn[0]) > 0.9 and fp[1] / (fp[1] + fn[1]) < 0.1  # the example has both extremes
+    assert alpha[0].item() == pytest.approx(0.8)  # FP >> FN: clamped at 0.8
+    assert alpha[1].item() == pytest.approx(0.2)  # FN >> FP: clamped at 0.2
+    assert alpha[2].item() == pytest.approx(fp[2] / (fp[2] + fn[2])) and 0.2 < alpha[2].item() < 0.8  # 0.8 / 1.8
+    assert alpha[2].item() == pytest.approx(0.8 / 1.8)
+    assert HermesLoss(alpha_range=(0.3, 0.6)).tversky_alpha(RECIPE_PROB, gt)[0, :2].tolist() == pytest.approx(
+        [0.6, 0.3]
+    )
+
+
+def test_adaptive_tversky_loss_equals_hand_computation_and_ignores_padding():
+    s = 1e-5
+    expected = 0.0
+    for j in range(3):
+        tp, fp, fn, p, g = _hand_counts(j)
+        a = min(0.8, max(0.2, fp / (fp + fn)))
+        bce = -sum(b * math.log(q) + (1 - b) * math.log(1 - q) for q, b in zip(p, g)) / len(p)
+        tversky = 1 - (2 * tp + s) / (2 * tp + 2 * a * fp + 2 * (1 - a) * fn + s)
+        expected += (bce + tversky) / 3  # three valid channels; the padding channel has weight 0
+    out = _recipe_output()
+    value = HermesLoss(modality_weight=0.0, smooth=s)(out, RECIPE_LABEL)
+    assert value.item() == pytest.approx(expected, rel=1e-6)  # the loss computes in float32
+    value.backward()
+    assert bool((out["pred"].grad[0, 3] == 0).all()) and bool((out["pred"].grad[0, :3] != 0).all())
+    other = RECIPE_PROB.clone()
+    other[0, 3] = 0.01  # anything in the padding channel
+    assert HermesLoss(modality_weight=0.0, smooth=s)(_recipe_output(other), RECIPE_LABEL).item() == value.item()
+    # plain Dice (the previous recipe), and the Tversky form at alpha = beta = 1/2 is exactly that Dice
+    plain = 0.0
+    for j in range(3):
+        tp, _, _, p, g = _hand_counts(j)
+        bce = -sum(b * math.log(q) + (1 - b) * math.log(1 - q) for q, b in zip(p, g)) / len(p)
+        plain += (bce + 1 - (2 * tp + s) / (sum(p) + sum(g) + s)) / 3
+    dice = HermesLoss(modality_weight=0.0, smooth=s, adaptive_tversky=False)(_recipe_output(), RECIPE_LABEL)
+    assert dice.item() == pytest.approx(plain, rel=1e-6) and abs(dice.item() - value.item()) > 1e-3
+    half = HermesLoss(modality_weight=0.0, smooth=s, alpha_range=(0.5, 0.5))(_recipe_output(), RECIPE_LABEL)
+    assert half.item() == pytest.approx(dice.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="alpha_range"):
+        HermesLoss(alpha_range=(0.8, 0.2))
+    with pytest.raises(ValueError, match="adaptive_tversky must be True or False, got 'false'"):
+        HermesLoss(adaptive_tversky="false")  # what `--adaptive_tversky false` passes: a truthy string
+
+
+def test_adaptive_tversky_alpha_gradient_is_detached_by_default():
+    """Detached: the gradient of the loss with alpha held at its value; not detached (the authors' code): alpha's own
+    gradient is added, inside the clamp range only (channel 2)."""
+    grads = {}
+    for detach in (True, False):
+        out = _recipe_output()
+        loss = HermesLoss(modality_weight=0.0) if detach else HermesLoss(modality_weight=0.0, detach_alpha=False)
+        loss(out, RECIPE_LABEL).backward()
+        grads[detach] = out["pred"].grad[0].float()
+    # reference: the same loss written out with the alphas as constants
+    logits = torch.logit(RECIPE_PROB[0, :3]).float().requires_grad_(True)  # the loss computes in float32
+    p = torch.sigmoid(logits)
+    g = torch.stack([(RECIPE_LABEL[0, 0] == j + 1).float() for j in range(3)])
+    alphas = torch.tensor(
+        [min(0.8, max(0.2, _hand_counts(j)[1] / (_hand_counts(j)[1] + _hand_counts(j)[2]))) for j in range(3)]
+    )
+    tp, fp, fn = (p * g).sum(1), (p * (1 - g)).sum(1), ((1 - p) * g).sum(1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, g, reduction="none").mean(1)
+    tv = 1 - (2 * tp + 1e-5) / (2 * tp + 2 * alphas * fp + 2 * (1 - alphas) * fn + 1e-5)
+    ((bce + tv).sum() / 3).backward()
+    torch.testing.assert_close(grads[True][:3], logits.grad)
+    torch.testing.assert_close(grads[False][:2], grads[True][:2])  # clamped: the clamp passes no gradient
+    assert (grads[False][2] - grads[True][2]).abs().max() > 1e-4
+
+
+def _apex_fused_lamb_step(params, state, lr, betas, eps, weight_decay, max_grad_norm=1.0):
+    """One step of apex's FusedLAMB (csrc/multi_tensor_lamb.cu, bias correction, adam_w_mode, grad averaging)."""
+    b1, b2 = betas
+    state["step"] = t = state.get("step", 0) + 1
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
+    clip = norm / max_grad_norm if norm > max_grad_norm else 1.0
+    state["clipped"] = state.get("clipped", False) or bool(norm > max_grad_norm)
+    for p in params:
+        s = state.setdefault(id(p), {"m": torch.zeros_like(p), "v": torch.zeros_like(p)})
+        g = p.grad / clip
+        s["m"].mul_(b1).add_(g, alpha=1 - b1)
+        s["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        update = (s["m"] / (1 - b1**t)) / ((s["v"] / (1 - b2**t)).sqrt() + eps) + weight_decay * p
+        ratio = p.norm() / update.norm() if weight_decay != 0 and p.norm() > 0 and update.norm() > 0 else 1.0
+        p.sub_(lr * ratio * update)
+
+
+def _lamb_versus_apex(make_optimizer, steps: int = 30, eps: float = 1e-8) -> tuple[float, bool]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        net[2].weight.mul_(20)  # a tensor norm above 10 (pytorch_optimizer's default clamp)
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    opt, state = make_optimizer(net.parameters(), eps), {}
+    for _ in range(steps):
+        for m in (net, ref):
+            m.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            _apex_fused_lamb_step(list(ref.parameters()), state, 2e-3, (0.9, 0.999), eps, 1e-5)
+    diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(net.parameters(), ref.parameters()))
+    return diff, state["clipped"]
+
+
+def test_lamb_matches_apex_fused_lamb():
+    """The optimiser the bundle builds (create_optimizer("lamb"), the authors' lr, betas and weight decay) follows a
+    re-implementation of apex's FusedLAMB kernel: global gradient-norm clipping at 1 (active here), bias correction,
+    trust ratio with unclamped norms, decay in the update. eps is 1e-8 here: where it is added (to sqrt(v) rather
+    than sqrt(v / (1 - b2^t))) is the one documented difference, negligible when gradients are far above it."""
+    from pytorch_optimizer import Lamb
+
+    from uniseg_components.optimizers import create_optimizer
+
+    ours, clipped = _lamb_versus_apex(lambda p, eps: create_optimizer("lamb", p, 2e-3, 1e-5, (0.9, 0.999), eps))
+    assert clipped and ours < 2e-5
+    plain, _ = _lamb_versus_apex(lambda p, eps: Lamb(p, lr=2e-3, eps=eps, weight_decay=1e-5))  # package defaults
+    assert plain > 1e-2
+    adamw, _ = _lamb_versus_apex(lambda p, eps: torch.optim.AdamW(p, lr=2e-3, eps=eps, weight_decay=1e-5))
+    assert adamw > 1e-2
+    # apex's adam_w_mode: the decay is part of the update the trust ratio scales: with zero gradients every tensor
+    # shrinks by lr (p -= lr * ||p|| / ||wd p|| * wd p), not by lr * weight_decay (AdamW-style decoupling); a
+    # decay well above eps (which the package adds to ||wd p|| in the ratio)
+    p = torch.nn.Parameter(torch.randn(5, 4))
+    start = p.detach().clone()
+    opt = create_optimizer("lamb", [p], lr=0.1, weight_decay=0.1, eps=1e-5)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(p.detach(), start * (1 - 0.1))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and math.isinf(opt.clamp)
+    adam = create_optimizer("AdamW", [p], lr=0.1, eps=1e-8)
+    assert isinstance(adam, torch.optim.AdamW) and adam.param_groups[0]["eps"] == 1e-8
+    with pytest.raises(ValueError, match="unknown optimizer_name 'sgd'"):
+        create_optimizer("sgd", [p], lr=0.1)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        lamb([p], max_grad_norm=-1.0)
+
+
+def _warmup_poly(epoch: int, total: int, warmup: int, power: float = 0.9) -> float:
+    if warmup and epoch <= warmup:
+        return math.exp(10 * (epoch / warmup - 1))
+    return max(0.0, 1 - epoch / total) ** power
+
+
+def test_warmup_poly_schedule_per_epoch_and_resume(tmp_path, caplog):
+    def groups():  # two learning rates, e.g. add_tasks' new and old weights
+        return [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (2e-3, 5e-4)]
+
+    opt = torch.optim.SGD(groups())
+    sched = WarmupPolyLR(opt, total_iters=20, warmup_epochs=5, power=0.9)
+    lrs = []
+    for _ in range(20):  # one step per epoch, as LrScheduleHandler does
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for e, (lr, lr_old) in enumerate(lrs):
+        assert lr == pytest.approx(2e-3 * _warmup_poly(e, 20, 5), rel=1e-12), e
+        assert lr_old == pytest.approx(5e-4 * _warmup_poly(e, 20, 5), rel=1e-12), e
+    assert lrs[0][0] == pytest.approx(2e-3 * math.exp(-10)) and lrs[4][0] == pytest.approx(2e-3 * math.exp(-2))
+    assert lrs[5][0] == pytest.approx(2e-3) and lrs[6][0] == pytest.approx(2e-3 * 0.7**0.9)  # no restart of the decay
+    assert opt.param_groups[0]["lr"] == 0.0  # after the last epoch
+    # without warm-up: torch's PolynomialLR, epoch by epoch
+    a, b = torch.optim.SGD(groups()), torch.optim.SGD(groups())
+    ours, poly = WarmupPolyLR(a, 7, warmup_epochs=0), torch.optim.lr_scheduler.PolynomialLR(b, 7, power=0.9)
+    for _ in range(7):
+        assert [g["lr"] for g in a.param_groups] == pytest.approx([g["lr"] for g in b.param_groups], rel=1e-12)
+        a.step(), b.step(), ours.step(), poly.step()
+    # resume: the state loads with weights_only and the next epochs follow the same schedule
+    opt = torch.optim.SGD(groups())
+    sched = WarmupPolyLR(opt, total_iters=20, warmup_epochs=5)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    opt2 = torch.optim.SGD(groups())
+    sched2 = WarmupPolyLR(opt2, total_iters=3, warmup_epochs=1)
+    opt2.load_state_dict(state["opt"])
+    sched2.load_state_dict(state["sched"])
+    assert (sched2.total_iters, sched2.warmup_epochs, sched2.last_epoch) == (20, 5, 7)
+    for e in range(7, 12):
+        assert opt2.param_groups[0]["lr"] == pytest.approx(2e-3 * _warmup_poly(e, 20, 5), rel=1e-12)
+        opt2.step()
+        sched2.step()
+    with caplog.at_level("WARNING"):
+        WarmupPolyLR(torch.optim.SGD(groups()), total_iters=3, warmup_epochs=5)
+    assert "warm-up learning rates only" in caplog.text
+    for bad in ({"total_iters": 0}, {"total_iters": 5, "warmup_epochs": -1}, {"total_iters": 5, "power": -1.0}):
+        with pytest.raises(ValueError):
+            WarmupPolyLR(torch.optim.SGD(groups()), **bad)
+
+
+def _ema_run(decay: float, ramp_up: bool, steps: int = 7):
+    """A MONAI SupervisedTrainer with an EMAHandler: the handler, the network, and its state after every step."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    ema = EMAHandler(net, decay=decay, ramp_up=ramp_up)
+    data = [{"image": torch.randn(4, 3), "label": torch.randn(4, 1)} for _ in range(steps)]
+    opt = torch.optim.SGD(net.parameters(), 0.3)
+    trainer = SupervisedTrainer(
+        device="cpu", max_epochs=1, train_data_loader=data, network=net, optimizer=opt,
+        loss_function=torch.nn.MSELoss(), train_handlers=[ema], decollate=False,
+    )  # fmt: skip
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(copy.deepcopy(net.state_dict())))
+    trainer.run()
+    return ema, net, seen
+
+
+@pytest.mark.parametrize("ramp_up", [True, False])
+def test_ema_handler_is_the_recursive_average_of_the_trained_weights(ramp_up):
+    decay = 0.8
+    ema, net, seen = _ema_run(decay, ramp_up)
+    assert ema.num_updates == len(seen) == 7
+    params = [n for n, _ in net.named_parameters()]
+    expected = {n: seen[0][n].clone() for n in params}  # update 1 copies
+    for k in range(2, len(seen) + 1):  # update k: a = min(decay, (k - 1) / k) with the ramp, else decay
+        a = min(decay, (k - 1) / k) if ramp_up else decay
+        expected = {n: a * expected[n] + (1 - a) * seen[k - 1][n] for n in params}
+    got = ema.network.state_dict()
+    for n in params:
+        torch.testing.assert_close(got[n], expected[n])
+    for n in ("0.weight", "1.weight", "2.weight", "2.bias"):  # not the live weights
+        assert not torch.allclose(got[n], seen[-1][n], atol=1e-4), n
+    for n in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):  # buffers are copied, not averaged
+        assert torch.equal(got[n], seen[-1][n])
+
+
+def test_ema_handler_state_ddp_and_off(tmp_path):
+    ema, net, _ = _ema_run(0.8, True)
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    state = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert state["num_updates"] == 7 and state["decay"] == 0.8
+    again = EMAHandler(torch.nn.DataParallel(net), decay=0.8)  # a wrapped network: its module is averaged
+    assert set(again.network.state_dict()) == set(net.state_dict())  # no "module." prefix
+    again.load_state_dict(state)
+    assert again.num_updates == 7
+    for k, v in ema.network.state_dict().items():
+        assert torch.equal(again.network.state_dict()[k], v)
+    with torch.no_grad():  # the restored average continues: update 8 has a = min(0.8, 7 / 8)
+        for p in net.parameters():
+            p.add_(1.0)
+    expected = {n: 0.8 * p + 0.2 * dict(net.named_parameters())[n] for n, p in ema.network.named_parameters()}
+    again.update()
+    for n, p in again.network.named_parameters():
+        torch.testing.assert_close(p, expected[n])
+    assert not any(p.requires_grad for p in again.network.parameters())
+    off = EMAHandler(net, decay=0)
+    assert off.network is net and off.state_dict() == {} and not off.enabled
+    assert EMAHandler(torch.nn.DataParallel(net), decay=None).network is net
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="decay"):
+            EMAHandler(net, decay=bad)
 
 
 # ----------------------------------------------------------------------------- mixed-task batches

@@ -218,25 +218,45 @@ def test_vendored_code_passes_the_model_zoos_lint_settings():
         assert proc.returncode == 0, f"{cmd[0]}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
 
+#: third-party packages a single vendored module imports inside a function, which only the bundles whose configs name
+#: that module need: package -> (module, why)
+ONLY_WHERE_NAMED = {"pytorch-optimizer": ("uniseg_components.optimizers", "LAMB, built by optimizers.lamb")}
+
+
 def test_every_bundle_requires_what_the_vendored_code_imports():
     """A release vendors the whole package, so each bundle's ``required_packages_version`` (with MONAI, torch and
-    numpy, pinned on their own) must name every third-party module the package imports; the zoo installs only these."""
+    numpy, pinned on their own) must name every third-party module the package imports; the zoo installs only these.
+    The exceptions (``ONLY_WHERE_NAMED``) are imported only inside functions of one module, and are required by every
+    bundle whose configs name that module."""
     import ast
 
-    dist = {"ignite": "pytorch-ignite"}
-    imported = set()
+    dist = {"ignite": "pytorch-ignite", "pytorch_optimizer": "pytorch-optimizer"}
+    imported, where = set(), {}
     for f in (REPO / "uniseg_components").rglob("*.py"):
-        for node in ast.walk(ast.parse(f.read_text())):
+        tree = ast.parse(f.read_text())
+        module_level = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            names = []
             if isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[0] for a in node.names}
+                names = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
+                names = [node.module.split(".")[0]]
+            for name in names:
+                imported.add(name)
+                module = ".".join(f.relative_to(REPO).with_suffix("").parts)
+                where.setdefault(dist.get(name, name), set()).add((module, id(node) in module_level))
     third_party = {dist.get(m, m) for m in imported - set(sys.stdlib_module_names) - {"uniseg_components"}}
-    assert {"fire", "nibabel", "pytorch-ignite"} <= third_party  # the scan sees the package's imports
+    assert {"fire", "nibabel", "pytorch-ignite", "pytorch-optimizer"} <= third_party  # the scan sees the imports
+    for package_name, (module, _) in ONLY_WHERE_NAMED.items():
+        assert where[package_name] == {(module, False)}, f"{package_name} is imported elsewhere: {where[package_name]}"
     for bundle in sorted(BUNDLES.glob("*/configs/metadata.json")):
         meta = json.loads(bundle.read_text())
         pinned = set(meta["required_packages_version"]) | {"monai", "torch", "numpy"}
-        assert third_party <= pinned, f"{bundle}: {sorted(third_party - pinned)} imported but not required"
+        configs = " ".join(f.read_text() for f in bundle.parent.glob("*.json"))
+        needed = {p for p in third_party if p not in ONLY_WHERE_NAMED or ONLY_WHERE_NAMED[p][0] in configs}
+        assert needed <= pinned, f"{bundle}: {sorted(needed - pinned)} imported but not required"
+    hermes = json.loads((BUNDLES / "hermes_universal_segmentation" / "configs" / "metadata.json").read_text())
+    assert "pytorch-optimizer" in hermes["required_packages_version"]  # its train.json builds LAMB
 
 
 def test_cli_package_with_weights_url_writes_large_files_yml(tmp_path, capsys):

@@ -7,6 +7,7 @@ from .batch_recorder import BatchRecorder
 from .checkpoint_loader import CheckpointLoader, resume_path
 from .checkpoint_saver import SafeCheckpointSaver
 from .dice_table import DiceTableHandler
+from .ema import EMAHandler
 from .epoch_seed import EpochSeedHandler, epoch_seed
 from .gradient_clip import GradientClipHandler
 
@@ -16,6 +17,7 @@ __all__ = [
     "resume_path",
     "SafeCheckpointSaver",
     "DiceTableHandler",
+    "EMAHandler",
     "EpochSeedHandler",
     "epoch_seed",
     "GradientClipHandler",
