@@ -239,6 +239,9 @@ def evaluate_run(bundle: str, bundle_root: Path, capsys: Any) -> str:
     saved = json.loads((bundle_root / "eval" / "dice_per_task.json").read_text())
     val = json.loads((bundle_root / "eval" / "val_dice_per_task.json").read_text())
     assert saved["mean"] == pytest.approx(val["mean"], abs=1e-5)  # the loaded best model scores as in training
+    values = [v for classes in saved["per_task"].values() for v in classes.values()]
+    assert saved["mean_over_classes"] == pytest.approx(sum(values) / len(values))
+    assert "mean over classes (the papers)" in out
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from ignite.engine import Events
 
 from ..io import write_json, write_text
-from ..metrics import format_dice_table, task_means
+from ..metrics import format_dice_table, mean_over_classes, task_means
 
 __all__ = ["DiceTableHandler"]
 
@@ -24,7 +24,8 @@ class DiceTableHandler:
     Reads ``engine.state.metric_details[metric_name]`` (written by :class:`~uniseg_components.metrics.TaskDice`).
 
     Args:
-        output_dir: where ``<prefix>.json`` and ``<prefix>.txt`` go, default ``None`` (only logged).
+        output_dir: where ``<prefix>.json`` (``{"mean", "mean_over_classes", "per_task"}``) and ``<prefix>.txt`` go,
+            default ``None`` (only logged).
         metric_name: default ``"val_mean_dice"``.
         prefix: file name stem, default ``"dice_per_task"``.
         print_table: print the table to stdout instead of logging it, default ``False``.
@@ -58,7 +59,11 @@ class DiceTableHandler:
             logger.info("validation\n%s", table)
         if self.output_dir is not None:
             mean = engine.state.metrics.get(self.metric_name)
-            summary = {"mean": None if mean is None else float(mean), "per_task": details}
+            summary = {
+                "mean": None if mean is None else float(mean),
+                "mean_over_classes": mean_over_classes(details),
+                "per_task": details,
+            }
             write_json(self.output_dir / f"{self.prefix}.json", summary)
             write_text(self.output_dir / f"{self.prefix}.txt", table + "\n")
         if self.tensorboard_dir is not None and details:
