@@ -467,9 +467,8 @@ def test_rotated_and_scaled_patch_is_resampled_from_real_context():
         assert float(out["image"].min()) >= 1.0  # bilinear between values in [1, 2]: no zero anywhere
         assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0, 2.0}  # nearest: labels stay labels
     # the extremes of the ranges together
-    grid = crop.grid((64, 64, 64), (24, 24, 26), (16, 16, 12), (np.pi / 6,) * 3, 1.4)
-    extreme = crop.resample(img, grid, mode="bilinear", padding_mode="zeros")
-    assert float(extreme.min()) >= 1.0
+    extreme = crop.sample(img, crop.coordinates((24, 24, 26), (16, 16, 12), (np.pi / 6,) * 3, 1.4))
+    assert float(extreme.min()) >= 1.0 and isinstance(extreme, MetaTensor)
     # crop-then-rotate, as before: zero-filled corners
     from monai.transforms import Rotate
 
@@ -491,9 +490,16 @@ def test_unaugmented_patch_is_an_exact_crop_and_scale_zooms_out():
     # a scale above 1 samples a larger region (zoom out): a centred bar 10 voxels wide gets narrower
     bar = torch.zeros(1, 40, 36)
     bar[0, :, 13:23] = 1
-    grid = crop.grid((40, 36), (8, 8), (24, 20), None, 2.0)
-    out = crop.resample(MetaTensor(bar), grid, mode="nearest", padding_mode="zeros")
+    out = crop.sample(MetaTensor(bar), crop.coordinates((8, 8), (24, 20), None, 2.0), "nearest")
     assert int(out[0, 12].sum()) == 5
+    # the sampling grid without rotation or scaling is the crop itself; a quarter turn maps rows to columns
+    same = crop.sample(img, crop.coordinates((5, 7), (24, 20), None, None))
+    assert torch.allclose(same.as_tensor(), img[:, 5:29, 7:27].as_tensor(), atol=1e-3)
+    square = MetaTensor(torch.arange(21 * 21, dtype=torch.float32).reshape(1, 21, 21))
+    turned = crop.sample(square, crop.coordinates((5, 5), (11, 11), (np.pi / 2,), None), "nearest")
+    assert torch.equal(turned[0].as_tensor(), torch.rot90(square[0, 5:16, 5:16].as_tensor(), 1)) or torch.equal(
+        turned[0].as_tensor(), torch.rot90(square[0, 5:16, 5:16].as_tensor(), -1)
+    )
 
 
 def test_set_random_state_makes_pipeline_deterministic(ct_case, us_case):

@@ -64,14 +64,13 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
-    Resample,
     SaveImaged,
     Spacingd,
     SqueezeDim,
 )
 from monai.transforms.inverse import InvertibleTransform
-from monai.transforms.utils import create_grid, create_rotate, create_scale, create_translate
-from monai.utils import MAX_SEED, TraceKeys, ensure_tuple_rep
+from monai.transforms.utils import create_rotate
+from monai.utils import MAX_SEED, TraceKeys, convert_to_dst_type, ensure_tuple_rep
 
 from .dicom import is_series_reference, with_series_reader, write_dicom_seg
 from .io import output_path, save_label_map
@@ -641,7 +640,7 @@ class TaskRandCropd(Randomizable, MapTransform):
     ``+-rotation``; 2D: in-plane) and scaling with ``prob_scale`` (one factor for all axes: with probability 1/2
     uniform in ``[scale_range[0], 1)``, else in ``[1, scale_range[1]]``, nnU-Net's draw; a factor above 1 samples a
     larger region, i.e. zooms out). If either is drawn, the patch is sampled from the whole image around the
-    patch's centre through the rotated and scaled grid (MONAI's ``Resample``: bilinear image, nearest label): one
+    patch's centre through the rotated and scaled grid (``grid_sample``: linear image, nearest label): one
     resampling, which is what nnU-Net's crop of an enlarged patch, spatial transform and centre crop compute, so the
     patch holds real image context wherever the image has it, never zero-filled corners. Voxels that fall outside
     the image are 0 (label 0), as nnU-Net pads. Otherwise the patch is cut out exactly. Works for 2D and 3D tasks.
@@ -693,20 +692,25 @@ class TaskRandCropd(Randomizable, MapTransform):
         self.prob_rotate, self.prob_scale = float(prob_rotate), float(prob_scale)
         self.rotation, self.scale_range = abs(float(rotation)), (lo, hi)
         self.mode = ensure_tuple_rep(mode, len(self.keys))
-        self.resample = Resample(norm_coords=True)
 
     def randomize(self, data: Any = None) -> None:
         """Nothing drawn ahead: :meth:`place` and :meth:`draw` draw from ``self.R`` per sample."""
 
-    def place(self, label: torch.Tensor, patch: Sequence[int], force: bool) -> list[int]:
+    def place(
+        self, label: torch.Tensor, patch: Sequence[int], force: bool, num_classes: int | None = None
+    ) -> list[int]:
         """The first voxel of the patch on every spatial axis of ``label`` ``(1, *spatial)`` (negative where the
-        image is smaller than the patch and gets padded)."""
+        image is smaller than the patch and gets padded). ``num_classes`` (with the background) limits the search
+        for the classes the case has, default ``None`` (every value the label holds)."""
         shape = label.shape[1:]
         lo = [-((p - n) // 2) if n < p else 0 for n, p in zip(shape, patch)]
         hi = [a if n < p else n - p for a, n, p in zip(lo, shape, patch)]
         if force:
-            lab = label[0]
-            present = [int(c) for c in torch.unique(lab).tolist() if c > 0]
+            lab = label[0].as_tensor() if isinstance(label, MetaTensor) else label[0]
+            if num_classes is None:
+                present = [int(c) for c in torch.unique(lab).tolist() if c > 0]
+            else:
+                present = [c for c in range(1, num_classes) if bool((lab == c).any())]
             if present:
                 where = torch.nonzero(lab == present[int(self.R.randint(len(present)))])
                 voxel = where[int(self.R.randint(len(where)))].tolist()
@@ -724,19 +728,38 @@ class TaskRandCropd(Randomizable, MapTransform):
             scale = float(self.R.uniform(lo, 1.0) if self.R.rand() < 0.5 and lo < 1 else self.R.uniform(max(lo, 1), hi))
         return angles, scale
 
-    def grid(
-        self, shape: Sequence[int], start: Sequence[int], patch: Sequence[int], angles: Any, scale: float | None
+    def coordinates(
+        self, start: Sequence[int], patch: Sequence[int], angles: Sequence[float] | None, scale: float | None
     ) -> torch.Tensor:
-        """The sampling grid ``(dims + 1, *patch)`` in voxels relative to the image centre (MONAI's ``Resample``
-        convention): the patch's own grid, scaled, rotated, then moved to the patch centre."""
+        """Where each voxel of the patch samples the image: ``(dims, *patch)`` voxel coordinates, the patch's own
+        grid around its centre, scaled, rotated (MONAI's ``create_rotate`` convention) and moved to the patch centre
+        ``start + (patch - 1) / 2``."""
         dims = len(patch)
-        affine = create_translate(dims, [s + (p - 1) / 2 - (n - 1) / 2 for s, p, n in zip(start, patch, shape)])
+        matrix = np.eye(dims)
         if angles is not None:
-            affine = affine @ create_rotate(dims, angles)
+            matrix = matrix @ np.asarray(create_rotate(dims, angles))[:dims, :dims]
         if scale is not None:
-            affine = affine @ create_scale(dims, [scale] * dims)
-        grid = np.asarray(affine) @ np.asarray(create_grid(patch)).reshape(dims + 1, -1)
-        return torch.as_tensor(grid.reshape(dims + 1, *patch), dtype=torch.float32)
+            matrix = matrix * scale
+        axes = [torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch]
+        local = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(dims, -1)
+        centre = torch.tensor([s + (p - 1) / 2 for s, p in zip(start, patch)], dtype=torch.float32)
+        coords = torch.as_tensor(matrix, dtype=torch.float32) @ local + centre[:, None]
+        return coords.reshape(dims, *patch)
+
+    @staticmethod
+    def sample(img: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """``img`` ``(C, *spatial)`` at the voxel coordinates ``coords`` ``(dims, *out)`` (``torch.grid_sample``:
+        ``"bilinear"`` is linear on every axis, ``"nearest"``; 0 outside the image); the result keeps ``img``'s
+        type and metadata."""
+        data = img.as_tensor() if isinstance(img, MetaTensor) else img
+        shape = data.shape[1:]
+        half = torch.tensor([(n - 1) / 2 if n > 1 else 1.0 for n in shape], dtype=torch.float32)
+        norm = (coords.reshape(len(shape), -1) - half[:, None]) / half[:, None]  # [-1, 1] at the first / last voxel
+        grid = norm.flip(0).T.reshape(1, *coords.shape[1:], len(shape))  # grid_sample wants (x, y, z) = reversed axes
+        out = torch.nn.functional.grid_sample(
+            data[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=True
+        )[0].to(data.dtype)
+        return convert_to_dst_type(out, img)[0]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -746,15 +769,14 @@ class TaskRandCropd(Randomizable, MapTransform):
         if self.label_key not in d:
             raise ValueError(f"TaskRandCropd: the item of task {task.name!r} has no {self.label_key!r}.")
         patch = tuple(task.patch_size)
-        shape = tuple(d[self.label_key].shape[1:])
-        start = self.place(d[self.label_key], patch, force)
+        start = self.place(d[self.label_key], patch, force, task.num_classes)
         angles, scale = self.draw(task.dims)
-        grid = None if angles is None and scale is None else self.grid(shape, start, patch, angles, scale)
+        coords = None if angles is None and scale is None else self.coordinates(start, patch, angles, scale)
         for key, mode in self.key_iterator(d, self.mode):
-            if grid is None:
+            if coords is None:
                 d[key] = _crop_with_padding(d[key], start, patch)
             else:
-                d[key] = self.resample(d[key], grid, mode=mode, padding_mode="zeros")
+                d[key] = self.sample(d[key], coords, "bilinear" if mode in ("bilinear", "trilinear") else mode)
         return d
 
 
