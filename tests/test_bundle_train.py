@@ -182,6 +182,37 @@ def test_distributed_helpers_and_data_errors(tmp_path):
     ["uniseg_universal_segmentation", "meduniseg_universal_segmentation", "hermes_universal_segmentation",
      "uniseg_finetune_segmentation"],
 )  # fmt: skip
+def test_evaluate_mirrors_only_models_trained_with_mirroring(bundle, tmp_path) -> None:
+    """The train configs record their augment in the checkpoint; evaluate.json (and the CLI's evaluate) mirror a
+    model trained without flips only when asked: its mirrored predictions are worse (a fine-tune demo model trained
+    with --augment False scored 0.59 without and 0.13 with mirroring)."""
+    from types import SimpleNamespace
+
+    from monai.bundle import ConfigParser
+
+    from uniseg_components.checkpoints import CheckpointMeta, trained_with_mirroring
+
+    train = ConfigParser.load_config_file(config(bundle, "train.json"))
+    assert train["checkpoint_meta"]["mirrored"] == "@augment"
+    final = tmp_path / "models" / "model_final.pt"
+    final.parent.mkdir()
+    for mirrored, axes in ((False, []), (True, [0, 1, 2]), (None, [0, 1, 2])):
+        torch.save({"model": {}, "meta": CheckpointMeta(mirrored=mirrored).state_dict()}, final)
+        assert trained_with_mirroring(final) is (mirrored is not False)
+        parser = ConfigParser()
+        parser.read_config([config(bundle, "train.json"), config(bundle, "evaluate.json")])
+        parser.update(
+            {"bundle_root": str(tmp_path), "network_def": SimpleNamespace(plan=SimpleNamespace(spatial_dims=3))}
+        )
+        assert parser.get_parsed_content("validate#inferer#mirror_axes") == axes, mirrored
+    assert trained_with_mirroring(tmp_path / "absent.pt", default=False) is False
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    ["uniseg_universal_segmentation", "meduniseg_universal_segmentation", "hermes_universal_segmentation",
+     "uniseg_finetune_segmentation"],
+)  # fmt: skip
 def test_evaluate_config_defaults_to_the_papers_protocol(bundle, tmp_path) -> None:
     """evaluate.json scores the final weights with a Gaussian window and mirroring on every axis (the papers'
     protocol); --eval_checkpoint best and --eval_mirror False give training's validation setting."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,10 @@ __all__ = [
     "environment",
     "prepare_run",
     "sliding_window_throughput",
+    "matmul_peak_flops",
+    "step_flops",
+    "step_efficiency",
+    "efficiency_rows",
     "run_benchmarks",
 ]
 
@@ -187,15 +191,98 @@ def sliding_window_throughput(
     return {"size": list(size), "seconds": seconds, "per_s": voxels / seconds}
 
 
+def matmul_peak_flops(device: torch.device, size: int | None = None, repeats: int = 5) -> float:
+    """The device's dense matrix rate in FLOP/s, measured: the median time of a square matmul of ``size`` (default
+    8192 on CUDA, in fp16 as autocast runs the convolutions there; 2048 in fp32 on CPU), ``2 size^3`` FLOPs each.
+    The denominator of a training step's share of the peak."""
+    n = int(size or (8192 if device.type == "cuda" else 2048))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    (seconds,) = time_interleaved([lambda: torch.mm(a, b)], repeats, 2, device)
+    return 2.0 * n**3 / seconds
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    """Floating-point operations of one call of ``step`` (a training step: forward, loss and backward), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matrix multiplications and convolutions, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def step_efficiency(
+    steps: Mapping[str, Callable[[], None]],
+    seconds: Mapping[str, float],
+    device: torch.device,
+    peak_flops: float,
+    compiled: Mapping[str, Callable[[], None]] | None = None,
+    repeats: int = 3,
+) -> dict[str, dict[str, Any]]:
+    """Per model: seconds per training step (already timed: ``seconds``), TFLOP per step (:func:`step_flops`),
+    achieved TFLOP/s and their share of ``peak_flops`` (:func:`matmul_peak_flops`), the peak GPU memory of a step
+    (CUDA only, else ``None``), and, for the models in ``compiled`` (the same step on ``torch.compile`` of the
+    network), the compiled step's seconds (after two warm-up steps, which compile) and the eager / compiled ratio.
+
+    Returns:
+        ``{name: {"s", "tflop", "tflop_s", "peak_share", "peak_gib", "compiled_s", "compile_speedup"}}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, step in steps.items():
+        flops = step_flops(step)
+        peak_gib = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        s = float(seconds[name])
+        out[name] = {
+            "s": s,
+            "tflop": flops / 1e12,
+            "tflop_s": flops / s / 1e12,
+            "peak_share": flops / s / peak_flops,
+            "peak_gib": peak_gib,
+            "compiled_s": None,
+            "compile_speedup": None,
+        }
+    if compiled:
+        times = time_interleaved(list(compiled.values()), repeats, 2, device)
+        for name, t in zip(compiled, times):
+            out[name].update(compiled_s=t, compile_speedup=out[name]["s"] / t)
+    return out
+
+
+def efficiency_rows(efficiency: Mapping[str, Mapping[str, Any]], peak_flops: float) -> list[tuple[str, str]]:
+    """The report rows of :func:`step_efficiency`: one per model, after the measured matrix peak."""
+    rows = [("matrix peak of this device (measured matmul)", f"{peak_flops / 1e12:.2f} TFLOP/s")]
+    for name, e in efficiency.items():
+        text = (
+            f"{e['s']:.3f} s/step, {e['tflop']:.3f} TFLOP/step, {e['tflop_s']:.2f} TFLOP/s "
+            f"({100 * e['peak_share']:.1f}% of peak)"
+        )
+        if e.get("peak_gib") is not None:
+            text += f", peak memory {e['peak_gib']:.2f} GiB"
+        if e.get("compiled_s") is not None:
+            text += f"; compiled {e['compiled_s']:.3f} s/step ({e['compile_speedup']:.2f}x eager)"
+        rows.append((f"(e) {name}", text))
+    return rows
+
+
 def run_benchmarks(
     names: Sequence[str] | None = None,
     catalog: Any = None,
     patch_size: Sequence[int] | None = None,
     repeats: int = 3,
     device: str | None = None,
+    compile: bool | None = None,
 ) -> str:
     """Run the benchmark of each named method (default every registered one) in this process and return their
-    markdown reports, one section per method.
+    markdown reports, one section per method. ``compile`` also times each training step with ``torch.compile`` of
+    the network (default: on CUDA only; on a CPU compiling takes minutes).
 
     Raises:
         ValueError: an unknown method name (the message lists the registered ones).
@@ -205,6 +292,8 @@ def run_benchmarks(
     methods = [get_method(n) for n in (names or list(METHODS))]
     reports = []
     for m in methods:
-        result = m.run_benchmark(catalog=catalog, patch_size=patch_size, repeats=repeats, device=device)
+        result = m.run_benchmark(
+            catalog=catalog, patch_size=patch_size, repeats=repeats, device=device, compile=compile
+        )
         reports.append(f"### {m.name}\n\n{m.format_benchmark(result)}")
     return "\n\n".join(reports)

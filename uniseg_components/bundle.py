@@ -38,6 +38,9 @@ __all__ = [
     "items_of_tasks",
     "ensure_datalist",
     "channels_last_kwargs",
+    "AMP_DTYPES",
+    "amp_kwargs",
+    "set_cudnn_benchmark",
     "find_bundle_root",
 ]
 
@@ -50,6 +53,31 @@ DEMO_3D_TASKS = ("abdomen_ct", "brain_mr", "lesion_petct")
 def channels_last_kwargs(device: str | torch.device) -> dict[str, Any]:
     """``{"memory_format": torch.channels_last_3d}`` on CPU (oneDNN convolutions are faster), else ``{}``."""
     return {"memory_format": torch.channels_last_3d} if torch.device(device).type == "cpu" else {}
+
+
+#: the autocast dtypes a config's ``amp_dtype`` may name
+AMP_DTYPES = ("float16", "bfloat16")
+
+
+def amp_kwargs(dtype: str = "float16") -> dict[str, Any]:
+    """The engines' ``amp_kwargs`` (``torch.autocast`` arguments) for a config's ``amp_dtype``: ``{"dtype":
+    torch.float16}`` (default; with MONAI's gradient scaler) or ``{"dtype": torch.bfloat16}``. AMP itself is on
+    where the config's ``amp`` is (CUDA).
+
+    Raises:
+        ValueError: a dtype other than ``"float16"`` or ``"bfloat16"``.
+    """
+    if str(dtype) not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {dtype!r}.")
+    return {"dtype": getattr(torch, str(dtype))}
+
+
+def set_cudnn_benchmark(enabled: bool = True) -> bool:
+    """``torch.backends.cudnn.benchmark = enabled`` (cuDNN times its convolution algorithms once per input shape and
+    keeps the fastest: right for training's fixed patch and inference's fixed window; MONAI's ``set_determinism``
+    turns it off, so the configs call this after it). Returns ``enabled``."""
+    torch.backends.cudnn.benchmark = bool(enabled)
+    return bool(enabled)
 
 
 #: environment variable naming the folder that holds the bundles (default: ``bundles/`` of this checkout)

@@ -37,6 +37,7 @@ __all__ = [
     "load_checkpoint",
     "described_network",
     "checkpoint_catalog",
+    "trained_with_mirroring",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,26 +56,35 @@ class CheckpointMeta:
     Args:
         network: a network with a ``config`` property (``UniSeg``...), or its config dict; default ``None``.
         catalog: the task catalog the network was trained on; default ``None``.
+        mirrored: whether training augmented with mirroring (the train configs pass their ``augment``); evaluation
+            mirrors by default only a model that learnt mirrored images (:func:`trained_with_mirroring`); default
+            ``None`` (not recorded).
     """
 
-    def __init__(self, network: Any = None, catalog: TaskCatalog | None = None) -> None:
+    def __init__(self, network: Any = None, catalog: TaskCatalog | None = None, mirrored: bool | None = None) -> None:
         network = unwrap(network) if isinstance(network, nn.Module) else network
         self.network_config = network.config if hasattr(network, "config") else network
         self.catalog = catalog
+        self.mirrored = None if mirrored is None else bool(mirrored)
 
     def state_dict(self) -> dict[str, Any]:
         from . import __version__
 
-        return {
+        state = {
             "network": self.network_config,
             "catalog": None if self.catalog is None else self.catalog.to_dict(),
             "uniseg_components": __version__,
         }
+        if self.mirrored is not None:
+            state["trained_with_mirroring"] = self.mirrored
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.network_config = state.get("network")
         cat = state.get("catalog")
         self.catalog = None if cat is None else TaskCatalog.from_dict(cat)
+        mirrored = state.get("trained_with_mirroring")
+        self.mirrored = None if mirrored is None else bool(mirrored)
 
 
 def _feed(h: Any, obj: Any) -> None:
@@ -233,6 +243,22 @@ def described_network(
         return None
     obj = read_checkpoint(path, map_location)
     return _load(obj, path, None) if "meta" in obj and "model" in obj else None
+
+
+def trained_with_mirroring(checkpoint: str | os.PathLike, default: bool = True) -> bool:
+    """Whether the checkpoint's training augmented with mirroring (recorded by the train configs), so that mirroring
+    test-time augmentation helps: a model trained without flips (``--augment False``) is worse on mirrored images,
+    and averaging its mirrored predictions lowers the Dice. ``default`` (``True``, the papers' protocol) when the
+    checkpoint does not say (written before this was recorded) or does not exist yet.
+
+    Raises:
+        ValueError: the file exists but cannot be read as a checkpoint of this package.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        return bool(default)
+    mirrored = _meta(read_checkpoint(path), path).mirrored
+    return bool(default) if mirrored is None else mirrored
 
 
 def checkpoint_catalog(checkpoint: str | os.PathLike) -> TaskCatalog:

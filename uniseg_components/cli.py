@@ -198,12 +198,31 @@ def _config_entries(value: Any, option: str = "--config") -> dict[str, Any]:
     return {k: literals.get(v, v) if isinstance(v, str) else v for k, v in value.items()}
 
 
+def _flag(value: Any, option: str) -> bool:
+    """A command-line switch: a bool, or the strings true/false/1/0/yes/no in any case (fire passes ``--x false`` as
+    the string "false", which ``bool()`` would take for True).
+
+    Raises:
+        ValueError: any other value, naming ``option``.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"{option} must be true or false, got {value!r}.")
+
+
 @functools.wraps(_workflows.train)
 def train(*args: Any, **kwargs: Any) -> str:
     from .metrics import format_dice_table
 
     if "config" in kwargs:
         kwargs["config"] = _config_entries(kwargs["config"])
+    if "compile" in kwargs:
+        kwargs["compile"] = _flag(kwargs["compile"], "--compile")
     _setup_logging()
     res = _workflows.train(*args, **kwargs)
     if res["details"]:
@@ -216,7 +235,7 @@ def evaluate(
     checkpoint: str,
     datalist: str,
     split: str = "validation",
-    mirror: bool = True,
+    mirror: Any = None,
     device: str = "",
     output: str = "",
     predictions: str = "",
@@ -225,7 +244,7 @@ def evaluate(
 ) -> float:
     """Segment the held-out cases of a datalist with the checkpoint's bundle inference and print Dice per task and
     class on each file's own grid, with the papers' protocol by default: the final weights, Gaussian sliding window
-    (overlap 0.5) and mirroring on every axis (8 passes in 3D).
+    (overlap 0.5) and mirroring on every axis (8 passes in 3D) for a model trained with mirroring.
 
     Beside the model's Dice, the table shows what an all-background prediction would score on the same cases
     (1 for a class absent from a case, else 0), the baseline the model must beat.
@@ -235,7 +254,9 @@ def evaluate(
             final, default) or model.pt (--which best: the best validation Dice).
         datalist: datalist.json from `prepare`.
         split: "validation" (default) or "training".
-        mirror: mirroring test-time augmentation on every axis, default True (--mirror False: one pass).
+        mirror: mirroring test-time augmentation on every axis, default: as the checkpoint was trained (on unless it
+            was trained without augmentation, --augment False, whose mirrored predictions are worse); --mirror True or
+            False decides.
         device: default CUDA when available.
         output: optional JSON file for the per-task results.
         predictions: optional folder that keeps the label maps (PREDICTIONS/<task>/<image>_<task>.nii.gz).
@@ -252,7 +273,7 @@ def evaluate(
         checkpoint,
         datalist,
         split=split,
-        mirror=mirror,
+        mirror=None if mirror in (None, "") else _flag(mirror, "--mirror"),
         device=device or None,
         predictions=predictions or None,
         pictures=pictures or None,
@@ -280,6 +301,8 @@ def infer(
     dicom_seg: bool = False,
     skip_existing: bool = False,
     num_workers: Any = None,
+    compile: bool = False,
+    amp_dtype: str = "",
 ) -> list[str]:
     """Segment NIfTI images or DICOM series for one task, or for all tasks of their modality, into label maps (the
     checkpoint's bundle inference); shards the studies across ranks under torchrun.
@@ -309,6 +332,8 @@ def infer(
         dicom_seg: also write a DICOM SEG per DICOM series input (highdicom), read back and checked, default False.
         skip_existing: leave out images whose outputs exist (an interrupted run continues), default False.
         num_workers: DataLoader workers loading the next images during inference, default 4 on CUDA, 0 on CPU.
+        compile: torch.compile the network (compiled once per window shape; pays off over many studies), default False.
+        amp_dtype: autocast dtype on CUDA, float16 (default) or bfloat16.
     Returns:
         the label maps of this rank's images, done or skipped.
     """
@@ -324,9 +349,11 @@ def infer(
         mirror=mirror,
         catalog=catalog or None,
         device=device or None,
-        dicom_seg=bool(dicom_seg),
-        skip_existing=bool(skip_existing),
+        dicom_seg=_flag(dicom_seg, "--dicom_seg"),
+        skip_existing=_flag(skip_existing, "--skip_existing"),
         num_workers=None if num_workers in (None, "") else int(num_workers),
+        compile=_flag(compile, "--compile"),
+        amp_dtype=amp_dtype or None,
     )
     return [str(p) for p in written]
 
@@ -345,13 +372,16 @@ def benchmark(
     task: str = "abdomen_ct",
     ranks: Any = "1,2",
     infer_args: Any = None,
+    compile: Any = None,
 ) -> str:
     """Measure parameters, time ratios and throughput of each method, and the data path, in one run on this machine.
 
     Each method reports its own table (see docs/benchmarks.md): UniSeg (a) parameters of UniSeg and of the plain
     backbone, (b) the time ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio
     of the all-tasks path / separate per-task passes with the ratio the multiply-accumulate counts allow, (d)
-    sliding-window throughput; MedUniSeg and Hermes the same kinds of figures for their networks. "loader": batches/s
+    sliding-window throughput, (e) per training step: seconds, TFLOP (FLOP counter), TFLOP/s and their share of the
+    device's matrix peak (measured with a large matmul), peak GPU memory, and, compiled, seconds and the speed-up;
+    MedUniSeg and Hermes the same kinds of figures for their networks. "loader": batches/s
     of the train pipeline on synthetic 512x512x160 CT through the disk cache at the timed patch, for 0 and the
     default worker count, beside the UniSeg training step rate. "scale" (not in "all", minutes): peak RSS of a short
     training run through the disk cache for 10 and 40 such cases. "infer" (not in "all"): studies/s of `infer` over
@@ -373,6 +403,8 @@ def benchmark(
         task: task of "infer", default "abdomen_ct".
         ranks: rank counts of "infer", comma-separated, default "1,2".
         infer_args: more `infer` arguments for "infer", e.g. "--dicom_seg" (a string, split on spaces).
+        compile: also time the methods' training steps with torch.compile (eager against compiled), default on CUDA
+            only (compiling takes minutes on a CPU).
     Returns:
         the markdown tables.
     """
@@ -387,7 +419,12 @@ def benchmark(
     if methods:
         sections.append(
             run_benchmarks(
-                methods, catalog=catalog or None, patch_size=patch_size, repeats=repeats, device=device or None
+                methods,
+                catalog=catalog or None,
+                patch_size=patch_size,
+                repeats=repeats,
+                device=device or None,
+                compile=None if compile in (None, "") else _flag(compile, "--compile"),
             )
         )
     if "loader" in names:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.utils import CommonKeys as Keys
 
@@ -44,6 +45,10 @@ class PrepareTaskBatch:
         task_key: default ``"task_id"``.
         mixed_tasks: default ``False``; ``True`` accepts batches mixing tasks (Hermes) and passes one task id per
             sample, ``{"task_id": LongTensor (B,)}``.
+        plain_tensors: hand the image and label over as plain ``torch.Tensor`` (no ``MetaTensor`` metadata), default
+            ``False``. The trainers use ``True``: training needs no metadata, every operation on a ``MetaTensor``
+            passes through its ``__torch_function__``, and MONAI's compiled trainer fails putting a batch's collated
+            metadata back on the prediction. Evaluators keep the metadata (``Invertd`` needs it).
 
     Returns ``(image, label, (), {"task_id": int})`` so that the engine calls ``network(image, task_id=...)``.
 
@@ -57,9 +62,11 @@ class PrepareTaskBatch:
         label_key: str = Keys.LABEL,
         task_key: str = "task_id",
         mixed_tasks: bool = False,
+        plain_tensors: bool = False,
     ) -> None:
         self.image_key, self.label_key, self.task_key = image_key, label_key, task_key
         self.mixed_tasks = bool(mixed_tasks)
+        self.plain_tensors = bool(plain_tensors)
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kw
@@ -73,6 +80,9 @@ class PrepareTaskBatch:
         label = batchdata.get(self.label_key)
         if isinstance(label, torch.Tensor):
             label = label.to(device=device, non_blocking=non_blocking, **kw)
+        if self.plain_tensors:
+            image = image.as_tensor() if isinstance(image, MetaTensor) else image
+            label = label.as_tensor() if isinstance(label, MetaTensor) else label
         if self.mixed_tasks:
             ids = torch.as_tensor(batchdata[self.task_key]).reshape(-1).to(device=image.device, dtype=torch.long)
             return image, label, (), {"task_id": ids}

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .bundle import bundle_dir
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, trained_with_mirroring
 from .data import load_datalist
 from .dicom import is_series_reference, series_files
 from .distributed import distributed_device, get_rank, init_distributed, is_main_process, shard, shutdown_distributed
@@ -148,6 +148,8 @@ def train(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    compile: bool | None = None,
+    amp_dtype: str | None = None,
     config: Mapping[str, Any] | None = None,
     bundle: str | None = None,
     handlers: Sequence[Any] = (),
@@ -181,6 +183,9 @@ def train(
             number of cases; a changed file, catalog or transform is preprocessed again); default none: the
             preprocessed cases are kept in RAM, right for small collections such as the demo.
         resume: continue from OUTPUT_DIR/checkpoint_latest.pt, default False.
+        compile: ``torch.compile`` the network for training and validation (MONAI's engines' ``compile``); default
+            the bundle's (False). Checkpoints hold the plain network's weights either way.
+        amp_dtype: the autocast dtype on CUDA, "float16" or "bfloat16"; default the bundle's ("float16").
         config: other entries of the bundle's train.json, e.g. --config '{"momentum": 0.9, "cache_rate": 0.5}'.
         bundle: another bundle of the method to train with, e.g. "uniseg_finetune_segmentation" (one task, set by
             --config '{"task": ...}'); default the method's upstream bundle.
@@ -219,6 +224,8 @@ def train(
             "cache_dir": None if cache_dir is None else str(cache_dir),
             "device": None if device is None else torch.device(device),
             "resume": bool(resume),
+            "compile": None if compile is None else bool(compile),
+            "amp_dtype": amp_dtype,
         }
     )
     if batches_per_task is not None and "batches_per_task" not in read_json(
@@ -259,6 +266,8 @@ def infer(
     skip_existing: bool = False,
     num_workers: int | None = None,
     progress: bool = True,
+    compile: bool = False,
+    amp_dtype: str | None = None,
 ) -> list[Path]:
     """Segment images with a checkpoint through its bundle's ``inference.json``: label maps on each input's grid.
 
@@ -289,6 +298,8 @@ def infer(
         num_workers: DataLoader workers that load the next images while the network works, default the bundle's
             (4 on CUDA, 0 on CPU).
         progress: show the progress bar (rank 0), default ``True``.
+        compile: ``torch.compile`` the network (the inference config's ``compile``), default ``False``.
+        amp_dtype: the autocast dtype on CUDA, ``"float16"`` or ``"bfloat16"``, default the bundle's (float16).
 
     Returns:
         this rank's outputs (label maps) of the images done or skipped, in input order.
@@ -363,7 +374,7 @@ def infer(
 
             _, errors = _run_inference(
                 net, cat, checkpoint, group, [cat[n] for n in names], all_tasks, out, mirror, device,
-                dicom_seg=dicom_seg, num_workers=num_workers, on_image=record,
+                dicom_seg=dicom_seg, num_workers=num_workers, on_image=record, compile=compile, amp_dtype=amp_dtype,
             )  # fmt: skip
             failed.update(errors)
             bar.update(len(errors))
@@ -547,11 +558,14 @@ def _run_inference(
     dicom_seg: bool = False,
     num_workers: int | None = None,
     on_image: Callable[[str, float], None] | None = None,
+    compile: bool = False,
+    amp_dtype: str | None = None,
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Run the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged). When the run stops on
     an image, the images it did not reach run one by one, so that one bad image never stops the others. An image is
-    a path or a list of paths (one per channel). ``dicom_seg`` and ``num_workers`` set the config's keys of these
-    names (``None``: the config's); ``on_image(name, seconds)`` is called after each image (default: a log line).
+    a path or a list of paths (one per channel). ``dicom_seg``, ``num_workers``, ``compile`` and ``amp_dtype`` set
+    the config's keys of these names (``None``: the config's); ``on_image(name, seconds)`` is called after each image
+    (default: a log line).
 
     Returns:
         ``({image_name(image): output}, {image_name(image): reason})`` of the images done and failed.
@@ -573,6 +587,8 @@ def _run_inference(
             "device": device,
             "dicom_seg": bool(dicom_seg),
             "num_workers": num_workers,
+            "compile": bool(compile),
+            "amp_dtype": amp_dtype,
         }
     )
     overrides.update(m.bundle_overrides("inference"))
@@ -667,7 +683,7 @@ def evaluate(
     checkpoint: str | os.PathLike,
     datalist: str | os.PathLike,
     split: str = "validation",
-    mirror: bool = True,
+    mirror: bool | None = None,
     device: str | torch.device | None = None,
     predictions: str | os.PathLike | None = None,
     pictures: str | os.PathLike | None = None,
@@ -679,13 +695,15 @@ def evaluate(
     a quick-look PNG per task (:func:`uniseg_components.visualize.write_quicklook`).
 
     The defaults are the papers' protocol: the final weights, Gaussian sliding window with overlap 0.5, and
-    mirroring on every axis (8 passes in 3D).
+    mirroring on every axis (8 passes in 3D) for a model trained with mirroring (the checkpoint records it).
 
     Args:
         checkpoint: a checkpoint file, or a training output folder / bundle root (see :func:`checkpoint_file`).
         datalist: ``datalist.json`` from ``prepare``.
         split: ``"validation"`` (default) or ``"training"``.
-        mirror: mirroring TTA on every axis, default ``True``.
+        mirror: mirroring TTA on every axis, default ``None``: as the checkpoint was trained
+            (:func:`~uniseg_components.checkpoints.trained_with_mirroring`: on unless it was trained without
+            augmentation, whose mirrored predictions are worse).
         device: default CUDA when available.
         predictions: folder that keeps the label maps (``<task>/<image>_<task>.nii.gz``), default ``None`` (a
             temporary folder, removed afterwards).
@@ -710,6 +728,8 @@ def evaluate(
     if split not in ("validation", "training"):
         raise ValueError(f"split must be 'validation' or 'training', got {split!r}.")
     checkpoint = checkpoint_file(checkpoint, which)
+    if mirror is None:
+        mirror = trained_with_mirroring(checkpoint)
     logger.info("evaluate: %s (mirroring %s)", checkpoint, "on" if mirror else "off")
     net, cat = load_checkpoint(checkpoint)
     train_items, val_items, _ = load_datalist(datalist)

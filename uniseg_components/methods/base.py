@@ -184,12 +184,16 @@ class Method:
         patch_size: Sequence[int] | None = None,
         repeats: int = 3,
         device: str | None = None,
+        compile: bool | None = None,
     ) -> dict[str, Any]:
         """Measure the method on this machine (``python -m uniseg_components benchmark``); returns plain data.
-        Default: ``run_benchmark`` of the unit's :attr:`benchmark` module."""
+        Default: ``run_benchmark`` of the unit's :attr:`benchmark` module. ``compile``: also time the training steps
+        compiled (default on CUDA only)."""
         if self.benchmark is None:
             raise NotImplementedError(f"{self.title} has no benchmark.")
-        return self.benchmark.run_benchmark(catalog, patch_size=patch_size, repeats=repeats, device=device)
+        return self.benchmark.run_benchmark(
+            catalog, patch_size=patch_size, repeats=repeats, device=device, compile=compile
+        )
 
     def format_benchmark(self, result: Mapping[str, Any]) -> str:
         """A markdown table of :meth:`run_benchmark`'s result (default: the :attr:`benchmark` module's

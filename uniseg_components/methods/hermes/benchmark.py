@@ -11,9 +11,12 @@ import torch
 
 from ...benchmark import (
     count_parameters,
+    efficiency_rows,
     markdown_table,
+    matmul_peak_flops,
     prepare_run,
     sliding_window_throughput,
+    step_efficiency,
     time_interleaved,
     train_step,
 )
@@ -32,9 +35,11 @@ def run_benchmark(
     device: str | None = None,
     batch_size: int = 2,
     volume_factor: float = 2.0,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Measure Hermes: parameters (fusion share, prototypes, modality head, tokens), the training-step time ratio
-    against the plain backbone, sliding-window throughput, and one all-targets pass against one pass per target.
+    against the plain backbone, sliding-window throughput, one all-targets pass against one pass per target, and
+    each training step's FLOPs, TFLOP/s, share of the device's matrix peak and peak memory (eager, and compiled).
 
     Args:
         catalog: catalog whose plan and tasks are measured, default ``"uniseg_11tasks"``; only its 3D tasks count.
@@ -43,10 +48,12 @@ def run_benchmark(
         device: default CUDA when available else CPU.
         batch_size: training batch, default 2; its samples come from different 1-channel tasks (a mixed batch).
         volume_factor: the sliding-window volume is ``volume_factor`` times the patch per axis, default 2.
+        compile: also time the steps with ``torch.compile`` of the networks, default on CUDA only.
     """
     cat, dev, amp, full_plan, patch, res = prepare_run(
         catalog, "uniseg_11tasks", patch_size, device, batch_size, repeats
     )
+    compile = dev.type == "cuda" if compile is None else bool(compile)
     torch.manual_seed(0)
     net = Hermes.from_catalog(cat, patch_size=patch)
     res["params_hermes"] = count_parameters(net)
@@ -70,19 +77,27 @@ def run_benchmark(
     y = torch.randint(0, k_min + 1, (batch_size, 1, *patch), device=dev).float()
     net.train()
     plain.train()
-    t_h, t_plain = time_interleaved(
-        [
-            train_step(net, x, y, amp, HermesLoss(), task_id=torch.tensor(tasks, device=dev)),
-            train_step(plain, x, y, amp),
-        ],
-        repeats,
-        1,
-        dev,
-    )
+    ids = torch.tensor(tasks, device=dev)
+    steps = {
+        "Hermes": train_step(net, x, y, amp, HermesLoss(), task_id=ids),
+        "plain backbone": train_step(plain, x, y, amp),
+    }
+    t_h, t_plain = time_interleaved(list(steps.values()), repeats, 1, dev)
     res.update(
         train_tasks=tasks, train_step_hermes_s=t_h, train_step_backbone_s=t_plain, train_step_ratio=t_h / t_plain
     )
-    del plain
+    # (e) FLOPs and the share of the device's matrix peak; eager and compiled
+    res["matmul_peak_flops"] = matmul_peak_flops(dev)
+    compiled = None
+    if compile:
+        compiled = {
+            "Hermes": train_step(torch.compile(net), x, y, amp, HermesLoss(), task_id=ids),
+            "plain backbone": train_step(torch.compile(plain), x, y, amp),
+        }
+    res["efficiency"] = step_efficiency(
+        steps, {"Hermes": t_h, "plain backbone": t_plain}, dev, res["matmul_peak_flops"], compiled, repeats
+    )
+    del plain, steps, compiled
 
     # (c) sliding-window throughput on a volume larger than the patch (one dataset's targets per window)
     sw = sliding_window_throughput(net, patch, 1, one_channel[0], dev, repeats, volume_factor)
@@ -139,4 +154,6 @@ def format_report(r: dict[str, Any]) -> str:
             f"{r['all_targets_ratio']:.3f} ({r['all_targets_s']:.2f} s / {r['per_target_s']:.2f} s)",
         ),
     ]
+    if "efficiency" in r:
+        rows += efficiency_rows(r["efficiency"], r["matmul_peak_flops"])
     return markdown_table(rows)

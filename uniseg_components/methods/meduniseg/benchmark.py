@@ -12,9 +12,12 @@ import torch
 from ...benchmark import (
     count_parameters,
     cpu_patch,
+    efficiency_rows,
     markdown_table,
+    matmul_peak_flops,
     prepare_run,
     sliding_window_throughput,
+    step_efficiency,
     time_interleaved,
     train_step,
 )
@@ -32,9 +35,11 @@ def run_benchmark(
     device: str | None = None,
     batch_size: int = 2,
     volume_factor: float = 2.0,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Measure MedUniSeg: parameters against one nnU-Net per task, training-step ratios against the plain
-    backbone for a 3D and a 2D task, and 2D and 3D sliding-window throughput.
+    backbone for a 3D and a 2D task, 2D and 3D sliding-window throughput, and each training step's FLOPs, TFLOP/s,
+    share of the device's matrix peak and peak memory (eager, and compiled).
 
     Args:
         catalog: default ``"meduniseg_17tasks"`` (the 11 UniSeg tasks and six 2D tasks).
@@ -44,10 +49,14 @@ def run_benchmark(
         device: default CUDA when available else CPU.
         batch_size: training batch, default 2.
         volume_factor: the sliding-window image is ``volume_factor`` times the patch per axis, default 2.
+        compile: also time the steps with ``torch.compile`` of the networks, default on CUDA only.
     """
     cat, dev, amp, plan, p3, res = prepare_run(
         catalog, "meduniseg_17tasks", patch_size, device, batch_size, repeats, dims=None
     )
+    compile = dev.type == "cuda" if compile is None else bool(compile)
+    res["matmul_peak_flops"] = matmul_peak_flops(dev)
+    res["efficiency"] = {}
     full = MedUniSeg.from_catalog(cat)
     # (a) one model against one nnU-Net of the same plan per task (its own input channels and classes)
     res["params_meduniseg"] = count_parameters(full)
@@ -86,10 +95,21 @@ def run_benchmark(
         xp = x[:, :1]
         net.train()
         plain.train()
-        t_med, t_plain = time_interleaved(
-            [train_step(net, x, y, amp, task_id=task.id), train_step(plain, xp, y, amp)], repeats, 1, dev
-        )
+        label = name.upper()
+        steps = {
+            f"MedUniSeg {label}": train_step(net, x, y, amp, task_id=task.id),
+            f"plain {label} backbone": train_step(plain, xp, y, amp),
+        }
+        t_med, t_plain = time_interleaved(list(steps.values()), repeats, 1, dev)
         res[f"train_step_{name}"] = {"task": task.name, "meduniseg_s": t_med, "backbone_s": t_plain}
+        compiled = None
+        if compile:
+            compiled = {
+                f"MedUniSeg {label}": train_step(torch.compile(net), x, y, amp, task_id=task.id),
+                f"plain {label} backbone": train_step(torch.compile(plain), xp, y, amp),
+            }
+        seconds = dict(zip(steps, (t_med, t_plain)))
+        res["efficiency"].update(step_efficiency(steps, seconds, dev, res["matmul_peak_flops"], compiled, repeats))
         res[f"sliding_{name}"] = sliding_window_throughput(net, patch, c, task.id, dev, repeats, volume_factor)
     return res
 
@@ -124,4 +144,6 @@ def format_report(r: dict[str, Any]) -> str:
                     f"{sw['per_s']:,.0f} {unit}/s (image {sw['size']}, {sw['seconds']:.2f} s)",
                 )
             )
+    if r.get("efficiency"):
+        rows += efficiency_rows(r["efficiency"], r["matmul_peak_flops"])
     return markdown_table(rows)

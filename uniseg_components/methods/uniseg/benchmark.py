@@ -11,9 +11,12 @@ import torch
 
 from ...benchmark import (
     count_parameters,
+    efficiency_rows,
     markdown_table,
+    matmul_peak_flops,
     prepare_run,
     sliding_window_throughput,
+    step_efficiency,
     time_interleaved,
     train_step,
 )
@@ -31,8 +34,10 @@ def run_benchmark(
     device: str | None = None,
     batch_size: int = 2,
     volume_factor: float = 2.0,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
-    """Measure parameters, training-step and all-tasks time ratios, and sliding-window throughput.
+    """Measure parameters, training-step and all-tasks time ratios, sliding-window throughput, and each training
+    step's FLOPs, TFLOP/s, share of the device's matrix peak and peak memory (eager, and compiled).
 
     Args:
         catalog: catalog whose plan and tasks are measured, default ``"uniseg_11tasks"`` (the paper's plan); only
@@ -43,10 +48,12 @@ def run_benchmark(
         device: default CUDA when available else CPU.
         batch_size: training batch, default 2.
         volume_factor: the sliding-window volume is ``volume_factor`` times the patch per axis, default 2.
+        compile: also time the steps with ``torch.compile`` of the networks, default on CUDA only.
     """
     cat, dev, amp, full_plan, patch, res = prepare_run(
         catalog, "uniseg_11tasks", patch_size, device, batch_size, repeats
     )
+    compile = dev.type == "cuda" if compile is None else bool(compile)
     torch.manual_seed(0)
     uniseg = UniSeg.from_catalog(cat, patch_size=patch).to(dev)
     plain = UNetBackbone(uniseg.plan, in_channels=(1,), out_channels=cat[0].num_classes).to(dev)
@@ -61,10 +68,20 @@ def run_benchmark(
     y = torch.randint(0, cat[0].num_classes, (batch_size, 1, *patch), device=dev).float()
     uniseg.train()
     plain.train()
-    t_uni, t_plain = time_interleaved(
-        [train_step(uniseg, x, y, amp, task_id=0), train_step(plain, x, y, amp)], repeats, 1, dev
-    )
+    steps = {"UniSeg": train_step(uniseg, x, y, amp, task_id=0), "plain backbone": train_step(plain, x, y, amp)}
+    t_uni, t_plain = time_interleaved(list(steps.values()), repeats, 1, dev)
     res.update(train_step_uniseg_s=t_uni, train_step_backbone_s=t_plain, train_step_ratio=t_uni / t_plain)
+    # (e) FLOPs and the share of the device's matrix peak; eager and compiled
+    res["matmul_peak_flops"] = matmul_peak_flops(dev)
+    compiled = None
+    if compile:
+        compiled = {
+            "UniSeg": train_step(torch.compile(uniseg), x, y, amp, task_id=0),
+            "plain backbone": train_step(torch.compile(plain), x, y, amp),
+        }
+    res["efficiency"] = step_efficiency(
+        steps, {"UniSeg": t_uni, "plain backbone": t_plain}, dev, res["matmul_peak_flops"], compiled, repeats
+    )
 
     # (c) all-tasks path vs one pass per task (inference, one patch)
     uniseg.eval()
@@ -127,4 +144,6 @@ def format_report(r: dict[str, Any]) -> str:
             f"{r['sw_voxels_per_s']:,.0f} voxels/s (volume {r['sw_volume']}, {r['sw_seconds']:.2f} s)",
         ),
     ]
+    if "efficiency" in r:
+        rows += efficiency_rows(r["efficiency"], r["matmul_peak_flops"])
     return markdown_table(rows)
