@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from conftest import mixed_catalog
 
@@ -37,6 +38,14 @@ def test_run_benchmark_on_demo_plan(tmp_path):
     assert res["sw_volume"] == [24, 24, 24]
     report = format_report(res)
     assert "(b) training step" in report and "voxels/s" in report
+    # (e) FLOPs per step: UniSeg's prompt and FUSE add work to the same backbone; rates follow from the timed steps
+    eff = res["efficiency"]
+    assert set(eff) == {"UniSeg", "plain backbone"} and eff["UniSeg"]["tflop"] > eff["plain backbone"]["tflop"] > 0
+    for e in eff.values():
+        assert e["tflop_s"] == pytest.approx(e["tflop"] / e["s"])
+        assert e["peak_share"] == pytest.approx(e["tflop_s"] * 1e12 / res["matmul_peak_flops"])
+        assert e["compiled_s"] is None and e["peak_gib"] is None  # CPU: not compiled by default, no GPU memory
+    assert "(e) UniSeg" in report and "% of peak" in report
     assert get_method("uniseg").format_benchmark(res) == report  # the method protocol reaches the same report
     # the CLI writes the same kind of table
     out = tmp_path / "bench.md"
@@ -61,6 +70,8 @@ def test_meduniseg_benchmark_on_demo_plan():
         step = res[f"train_step_{dims}"]
         assert step["meduniseg_s"] > 0 and step["backbone_s"] > 0
         assert res[f"sliding_{dims}"]["per_s"] > 0
+    assert set(res["efficiency"]) == {"MedUniSeg 3D", "plain 3D backbone", "MedUniSeg 2D", "plain 2D backbone"}
+    assert all(e["tflop"] > 0 for e in res["efficiency"].values())
     report = format_meduniseg_report(res)
     assert "2D sliding-window throughput" in report and "single-task nnU-Nets" in report
     assert METHODS["meduniseg"].format_benchmark(res) == report
@@ -82,6 +93,7 @@ def test_hermes_benchmark_on_demo_plan():
     for key in ("train_step_ratio", "all_targets_ratio", "sw_voxels_per_s"):
         assert res[key] > 0
     assert res["sw_volume"] == [24, 24, 24]
+    assert res["efficiency"]["Hermes"]["tflop"] > res["efficiency"]["plain backbone"]["tflop"] > 0
     report = format_hermes_report(res)
     assert "prior-fusion layers" in report and "one pass per target" in report
     assert METHODS["hermes"].format_benchmark(res) == report
