@@ -15,8 +15,8 @@ Usage::
     python scripts/split_by_case_prefix.py RAW/Task091_MOTS --out RAW   # UniSeg's MOTS prefixes (the default)
     python scripts/split_by_case_prefix.py SRC --out DIR --map "abcd=TaskA,efgh=TaskB"
 
-Exits 1, writing nothing, when a case matches no prefix (unless ``--ignore_unmatched``), a target folder already
-exists with other content, or a prefix matches no case.
+Exits 1, writing nothing, when a case matches no prefix (unless ``--ignore_unmatched``), a case's image or label
+file is missing, a target folder already exists with other content, or a prefix matches no case.
 """
 
 from __future__ import annotations
@@ -85,20 +85,27 @@ def split(source: Path, out: Path, mapping: dict[str, str], ignore_unmatched: bo
     empty = sorted(folder for folder, names in groups.items() if not names)
     if empty:
         raise ValueError(f"no case of {str(source)!r} for folder(s) {empty}; check the prefixes.")
-    busy = [str(out / f) for f in groups if (out / f).exists() and any((out / f).iterdir())]
+    busy = [str(out / f) for f in groups if (out / f).exists() and (not (out / f).is_dir() or any((out / f).iterdir()))]
     if busy:
-        raise ValueError(f"target folder(s) exist and are not empty: {busy}.")
+        raise ValueError(f"target(s) exist and are not empty folders: {busy}.")
+
+    def images(case: str) -> list[Path]:
+        found = sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"))
+        return found or sorted((source / "imagesTr").glob(f"{case}{ending}"))
+
+    missing = [f"{c}: no image in imagesTr/" for names in groups.values() for c in names if not images(c)]
+    missing += [f"{c}: no labelsTr/{c}{ending}" for names in groups.values() for c in names
+                if not (source / "labelsTr" / f"{c}{ending}").is_file()]  # fmt: skip
+    if missing:
+        raise ValueError(f"{len(missing)} case file(s) missing in {str(source)!r}: {missing[:5]}...")
     for folder, names in groups.items():
         for sub in ("imagesTr", "labelsTr"):
             (out / folder / sub).mkdir(parents=True, exist_ok=True)
         for case in names:
-            for src in sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")) + sorted(
-                (source / "imagesTr").glob(f"{case}{ending}")
-            ):
+            for src in images(case):
                 os.symlink(src.resolve(), out / folder / "imagesTr" / src.name)
-            os.symlink(
-                (source / "labelsTr" / f"{case}{ending}").resolve(), out / folder / "labelsTr" / f"{case}{ending}"
-            )
+            label = source / "labelsTr" / f"{case}{ending}"
+            os.symlink(label.resolve(), out / folder / "labelsTr" / label.name)
         sub_meta = {k: v for k, v in meta.items() if k not in ("training", "test", "numTraining", "numTest")}
         sub_meta["name"] = folder
         if isinstance(meta.get("training"), list):
@@ -106,6 +113,8 @@ def split(source: Path, out: Path, mapping: dict[str, str], ignore_unmatched: bo
             sub_meta["numTraining"] = len(names)
         else:
             sub_meta["numTraining"] = len(names)
+            if isinstance(meta.get("dataset"), dict):  # nnU-Net v2's explicit case mapping: this folder's cases only
+                sub_meta["dataset"] = {c: meta["dataset"][c] for c in names if c in meta["dataset"]}
         (out / folder / "dataset.json").write_text(json.dumps(sub_meta, indent=2))
     return {folder: len(names) for folder, names in groups.items()}
 

@@ -21,12 +21,16 @@ def test_amp_kwargs_and_cudnn_switch():
     assert amp_kwargs() == {"dtype": torch.float16} and amp_kwargs("bfloat16") == {"dtype": torch.bfloat16}
     with pytest.raises(ValueError, match="amp_dtype must be one of"):
         amp_kwargs("float32")
-    before = torch.backends.cudnn.benchmark
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     try:
+        torch.backends.cudnn.deterministic = True  # what MONAI's set_determinism leaves
         assert set_cudnn_benchmark(True) is True and torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.deterministic is False  # autotuning over all algorithms, as nnU-Net
+        torch.backends.cudnn.deterministic = True
         assert set_cudnn_benchmark(False) is False and torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.deterministic is True
     finally:
-        torch.backends.cudnn.benchmark = before
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -45,8 +49,12 @@ def test_every_train_and_inference_config_has_the_switches(bundle):
         init = parser["initialize"]
         i = next(i for i, x in enumerate(init) if "set_determinism" in x)
         assert "set_cudnn_benchmark(@cudnn_benchmark)" in init[i + 1], (name, init)
-    multi = ConfigParser.load_config_file(config(bundle, "multi_gpu_train.json"))
-    assert any("set_cudnn_benchmark" in x for x in multi["initialize"])
+    for overlay in ("multi_gpu_train.json", "multi_gpu_inference.json", "add_tasks.json", "relearn.json"):
+        if (BUNDLES / bundle / "configs" / overlay).is_file():
+            init = ConfigParser.load_config_file(config(bundle, overlay)).get("initialize")
+            assert init is None or any("set_cudnn_benchmark" in x for x in init), overlay  # replaced lists keep it
+    inference_imports = ConfigParser.load_config_file(config(bundle, "inference.json"))["imports"]
+    assert "$import uniseg_components.bundle" in inference_imports  # a release runs it without the package loaded
 
 
 def test_step_flops_counts_a_matmul_step_exactly():

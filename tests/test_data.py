@@ -450,3 +450,32 @@ def test_split_by_case_prefix_script(tmp_path):
     assert sorted((it["task"], case_id(it)) for it in val) == [("kidney", "kidn_0002"), ("liver", "live_0001")]
     assert len(train) == 3
     assert script.main([str(src), "--out", str(out), "--map", "live=MOTS_liver,kidn=MOTS_kidney"]) == 1  # not empty
+
+
+def test_split_by_case_prefix_refuses_missing_files_and_a_file_as_target(tmp_path):
+    """A case whose label is missing, or a target that is a file, stops the split before anything is written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "split_script", Path(__file__).parents[1] / "scripts/split_by_case_prefix.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    src = make_msd(tmp_path / "raw", "Task091_MOTS", 2, seed=5)
+    meta = json.loads((src / "dataset.json").read_text())
+    for i, name in enumerate(["live_0000", "kidn_0000"]):
+        (src / "imagesTr" / f"case_{i:03d}.nii.gz").rename(src / "imagesTr" / f"{name}_0000.nii.gz")
+        (src / "labelsTr" / f"case_{i:03d}.nii.gz").rename(src / "labelsTr" / f"{name}.nii.gz")
+        meta["training"][i] = {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+    (src / "dataset.json").write_text(json.dumps(meta))
+    mapping = {"live": "MOTS_liver", "kidn": "MOTS_kidney"}
+    (src / "labelsTr" / "kidn_0000.nii.gz").rename(tmp_path / "away.nii.gz")
+    with pytest.raises(ValueError, match="kidn_0000: no labelsTr"):
+        script.split(src, tmp_path / "out", mapping)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "away.nii.gz").rename(src / "labelsTr" / "kidn_0000.nii.gz")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "MOTS_liver").write_text("not a folder")
+    with pytest.raises(ValueError, match="not empty folders"):
+        script.split(src, tmp_path / "out", mapping)
+    assert script.split(src, tmp_path / "out2", mapping) == {"MOTS_liver": 1, "MOTS_kidney": 1}

@@ -292,8 +292,7 @@ def run_benchmarks(
     methods = [get_method(n) for n in (names or list(METHODS))]
     reports = []
     for m in methods:
-        result = m.run_benchmark(
-            catalog=catalog, patch_size=patch_size, repeats=repeats, device=device, compile=compile
-        )
+        extra = {} if compile is None else {"compile": compile}  # a method's own run_benchmark may predate it
+        result = m.run_benchmark(catalog=catalog, patch_size=patch_size, repeats=repeats, device=device, **extra)
         reports.append(f"### {m.name}\n\n{m.format_benchmark(result)}")
     return "\n\n".join(reports)

@@ -73,10 +73,14 @@ def amp_kwargs(dtype: str = "float16") -> dict[str, Any]:
 
 
 def set_cudnn_benchmark(enabled: bool = True) -> bool:
-    """``torch.backends.cudnn.benchmark = enabled`` (cuDNN times its convolution algorithms once per input shape and
-    keeps the fastest: right for training's fixed patch and inference's fixed window; MONAI's ``set_determinism``
-    turns it off, so the configs call this after it). Returns ``enabled``."""
+    """``torch.backends.cudnn.benchmark = enabled``, and when enabled ``deterministic = False``: cuDNN times its
+    convolution algorithms once per input shape and keeps the fastest of all of them, as nnU-Net and UniSeg train
+    (right for training's fixed patch and inference's fixed window; GPU runs are then not bit-reproducible).
+    ``False``: no autotuning, and cuDNN's determinism as MONAI's ``set_determinism`` (which the configs call before
+    this) left it. Returns ``enabled``."""
     torch.backends.cudnn.benchmark = bool(enabled)
+    if enabled:
+        torch.backends.cudnn.deterministic = False
     return bool(enabled)
 
 

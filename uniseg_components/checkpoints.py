@@ -249,7 +249,8 @@ def trained_with_mirroring(checkpoint: str | os.PathLike, default: bool = True) 
     """Whether the checkpoint's training augmented with mirroring (recorded by the train configs), so that mirroring
     test-time augmentation helps: a model trained without flips (``--augment False``) is worse on mirrored images,
     and averaging its mirrored predictions lowers the Dice. ``default`` (``True``, the papers' protocol) when the
-    checkpoint does not say (written before this was recorded) or does not exist yet.
+    checkpoint does not say (written before this was recorded, or a plain state dict such as a release's
+    ``models/model.pt``) or does not exist yet.
 
     Raises:
         ValueError: the file exists but cannot be read as a checkpoint of this package.
@@ -257,7 +258,10 @@ def trained_with_mirroring(checkpoint: str | os.PathLike, default: bool = True) 
     path = Path(checkpoint)
     if not path.is_file():
         return bool(default)
-    mirrored = _meta(read_checkpoint(path), path).mirrored
+    obj = read_checkpoint(path)
+    if "meta" not in obj:  # a plain state dict (a release's or the model zoo's weights): it does not say
+        return bool(default)
+    mirrored = _meta(obj, path).mirrored
     return bool(default) if mirrored is None else mirrored
 
 

@@ -301,7 +301,7 @@ def infer(
     dicom_seg: bool = False,
     skip_existing: bool = False,
     num_workers: Any = None,
-    compile: bool = False,
+    compile: Any = None,
     amp_dtype: str = "",
 ) -> list[str]:
     """Segment NIfTI images or DICOM series for one task, or for all tasks of their modality, into label maps (the
@@ -332,7 +332,8 @@ def infer(
         dicom_seg: also write a DICOM SEG per DICOM series input (highdicom), read back and checked, default False.
         skip_existing: leave out images whose outputs exist (an interrupted run continues), default False.
         num_workers: DataLoader workers loading the next images during inference, default 4 on CUDA, 0 on CPU.
-        compile: torch.compile the network (compiled once per window shape; pays off over many studies), default False.
+        compile: torch.compile the network (compiled once per window shape; pays off over many studies), default:
+            the bundle's inference.json (off).
         amp_dtype: autocast dtype on CUDA, float16 (default) or bfloat16.
     Returns:
         the label maps of this rank's images, done or skipped.
@@ -352,7 +353,7 @@ def infer(
         dicom_seg=_flag(dicom_seg, "--dicom_seg"),
         skip_existing=_flag(skip_existing, "--skip_existing"),
         num_workers=None if num_workers in (None, "") else int(num_workers),
-        compile=_flag(compile, "--compile"),
+        compile=None if compile in (None, "") else _flag(compile, "--compile"),
         amp_dtype=amp_dtype or None,
     )
     return [str(p) for p in written]

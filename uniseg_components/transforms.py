@@ -14,7 +14,8 @@ Pipeline built by :func:`deterministic_transforms` (cacheable: nothing random in
 
 and by :func:`random_transforms` (training only)::
 
-    TaskRandCropd (SpatialPadd + RandCropByLabelClassesd, 1/3 foreground) -> nnU-Net "moreDA" augmentation
+    TaskRandCropd (patch placed as nnU-Net v1: foreground when the sampler's batch position says so; rotation and
+    scaling in the same single resampling) -> the rest of nnU-Net's "moreDA" augmentation (intensity, mirroring)
 
 Design choices (see the function docstrings for details):
 

@@ -266,7 +266,7 @@ def infer(
     skip_existing: bool = False,
     num_workers: int | None = None,
     progress: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     amp_dtype: str | None = None,
 ) -> list[Path]:
     """Segment images with a checkpoint through its bundle's ``inference.json``: label maps on each input's grid.
@@ -298,7 +298,8 @@ def infer(
         num_workers: DataLoader workers that load the next images while the network works, default the bundle's
             (4 on CUDA, 0 on CPU).
         progress: show the progress bar (rank 0), default ``True``.
-        compile: ``torch.compile`` the network (the inference config's ``compile``), default ``False``.
+        compile: ``torch.compile`` the network (the inference config's ``compile``), default ``None`` (the config's:
+            off).
         amp_dtype: the autocast dtype on CUDA, ``"float16"`` or ``"bfloat16"``, default the bundle's (float16).
 
     Returns:
@@ -558,7 +559,7 @@ def _run_inference(
     dicom_seg: bool = False,
     num_workers: int | None = None,
     on_image: Callable[[str, float], None] | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     amp_dtype: str | None = None,
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Run the bundle's ``inference.json`` for ``images`` of one task (or all ``tasks`` merged). When the run stops on
@@ -587,7 +588,7 @@ def _run_inference(
             "device": device,
             "dicom_seg": bool(dicom_seg),
             "num_workers": num_workers,
-            "compile": bool(compile),
+            "compile": None if compile is None else bool(compile),
             "amp_dtype": amp_dtype,
         }
     )
