@@ -197,10 +197,11 @@ def test_compare_minutes_budget_is_turned_into_iterations_by_a_probe(demo):
     for task in ("brain_mr", "lesion_petct"):  # half of the 3 s each
         budget = json.loads((out / "runs" / "single" / task / "budget.json").read_text())
         assert budget["share"] == 0.5 and budget["seconds_per_iteration"] > 0 and budget["seconds_per_epoch"] >= 0
-        # the planned iterations and epochs spend the task's 1.5 s at the probe's rates (within one iteration)
+        # the planned iterations and epochs spend the task's 1.5 s at the probe's rates: the budget is floored to whole
+        # iterations (< 1) and the schedule's total may differ from that by up to the task count (1 here)
         spent = budget["iterations"] * budget["seconds_per_iteration"] + budget["epochs"] * budget["seconds_per_epoch"]
         if budget["iterations"] > 1:
-            assert abs(spent - 1.5) <= budget["seconds_per_iteration"] * 1.05 + 0.05 * 1.5, budget
+            assert abs(spent - 1.5) <= budget["seconds_per_iteration"] * 2.05 + 0.05 * 1.5, budget
         assert not (out / "runs" / "single" / task / "probe").exists()  # the probe's scratch run is removed
         total += budget["iterations"]
     assert report["runs"]["single"]["iterations"] == total
