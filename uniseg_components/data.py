@@ -933,6 +933,11 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             p = np.asarray([share[t] for t in self.tasks])
             order = rng.choice(np.asarray(self.tasks), size=self.total_batches, p=p / p.sum())
             tasks = np.repeat(order[:, None], self.batch_size, axis=1)
+        return self._items_of(tasks, rng)
+
+    def _items_of(self, tasks: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        """Batches of dataset indices for a ``(batches, batch_size)`` array of task ids: each element an item of its
+        task, drawn uniformly with replacement."""
         items = np.empty_like(tasks)
         for t, idx in self.indices.items():
             where = tasks == t
@@ -953,12 +958,7 @@ class TaskBalancedBatchSampler(Sampler[list[int]]):
             table = np.zeros((len(self.groups), int(sizes.max())), dtype=int)
             for i, g in enumerate(self.groups):
                 table[i, : len(g)] = g
-            tasks = table[picks[:, None], slot]
-            items = np.empty_like(tasks)
-            for t, idx in self.indices.items():
-                where = tasks == t
-                items[where] = idx[rng.integers(0, len(idx), size=int(where.sum()))]
-            batches = items.tolist()
+            batches = self._items_of(table[picks[:, None], slot], rng)
         else:
             order = np.repeat(np.asarray(self.tasks), self.batches_per_task)
             order = order[rng.permutation(len(order))]
