@@ -485,7 +485,7 @@ def test_unaugmented_patch_is_an_exact_crop_and_scale_zooms_out():
         state = crop.R.get_state()
         out = crop({"image": img, "label": lab, "task": "head_us", T.FORCE_FG_KEY: False})
         crop.R.set_state(state)
-        i, j = crop.place(lab, (24, 20), False)
+        i, j = crop.place(lab, (24, 20), False, 2)
         assert torch.equal(out["image"].as_tensor(), img[:, i : i + 24, j : j + 20].as_tensor())
     # a scale above 1 samples a larger region (zoom out): a centred bar 10 voxels wide gets narrower
     bar = torch.zeros(1, 40, 36)

@@ -697,21 +697,16 @@ class TaskRandCropd(Randomizable, MapTransform):
     def randomize(self, data: Any = None) -> None:
         """Nothing drawn ahead: :meth:`place` and :meth:`draw` draw from ``self.R`` per sample."""
 
-    def place(
-        self, label: torch.Tensor, patch: Sequence[int], force: bool, num_classes: int | None = None
-    ) -> list[int]:
+    def place(self, label: torch.Tensor, patch: Sequence[int], force: bool, num_classes: int) -> list[int]:
         """The first voxel of the patch on every spatial axis of ``label`` ``(1, *spatial)`` (negative where the
-        image is smaller than the patch and gets padded). ``num_classes`` (with the background) limits the search
-        for the classes the case has, default ``None`` (every value the label holds)."""
+        image is smaller than the patch and gets padded); ``num_classes`` (with the background) bounds the search
+        for the foreground classes the case has."""
         shape = label.shape[1:]
         lo = [-((p - n) // 2) if n < p else 0 for n, p in zip(shape, patch)]
         hi = [a if n < p else n - p for a, n, p in zip(lo, shape, patch)]
         if force:
             lab = label[0].as_tensor() if isinstance(label, MetaTensor) else label[0]
-            if num_classes is None:
-                present = [int(c) for c in torch.unique(lab).tolist() if c > 0]
-            else:
-                present = [c for c in range(1, num_classes) if bool((lab == c).any())]
+            present = [c for c in range(1, num_classes) if bool((lab == c).any())]
             if present:
                 where = torch.nonzero(lab == present[int(self.R.randint(len(present)))])
                 voxel = where[int(self.R.randint(len(where)))].tolist()
