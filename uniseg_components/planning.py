@@ -114,12 +114,12 @@ def _geometry(path: str) -> tuple[tuple[float, ...], tuple[int, ...], int]:
     return tuple(spacing), tuple(size), channels
 
 
-def _nonzero_fraction(files: Sequence[str]) -> float:
-    """The share of the image volume inside the bounding box of its non-zero voxels (any channel): what cropping to
-    the non-zero region keeps (1.0 when nothing would be cropped)."""
+def _nonzero_fraction(arrays: Sequence[np.ndarray]) -> float:
+    """The share of the image volume (the arrays of its files) inside the bounding box of its non-zero voxels (any
+    channel): what cropping to the non-zero region keeps (1.0 when nothing would be cropped)."""
     mask: np.ndarray | None = None
-    for f in files:
-        nz = np.asarray(load_nifti(f)[0]) != 0
+    for a in arrays:
+        nz = a != 0
         nz = nz.reshape(*nz.shape[:3], -1).any(axis=-1) if nz.ndim > 3 else nz  # channels last
         mask = nz if mask is None else mask | nz
     if mask is None or not mask.any():
@@ -152,17 +152,24 @@ def _fingerprint_case(
         if sh != shape:
             raise ValueError(f"{p}: shape {list(sh)} differs from {list(shape)} of {files[0]} (same case).")
     out: dict[str, Any] = {"spacing": list(spacing), "shape": list(shape)}
+    loaded: dict[str, np.ndarray] = {}
+
+    def read(path: str) -> np.ndarray:  # each image file of the case is read at most once
+        if path not in loaded:
+            loaded[path] = np.asarray(load_nifti(path)[0])
+        return loaded[path]
+
     if nonzero:
-        out["nonzero_fraction"] = _nonzero_fraction(files)
+        out["nonzero_fraction"] = _nonzero_fraction([read(f) for f in files])
     if ct_channels:
         label, _ = load_nifti(item["label"])
         fg = np.flatnonzero(label.reshape(-1) > 0)
         rng = np.random.default_rng(seed)
         pick = rng.choice(fg, size=min(FOREGROUND_SAMPLES, fg.size), replace=False) if fg.size else fg
-        whole = load_nifti(files[0])[0] if len(files) == 1 else None  # one file, channels last: read it once
+        whole = read(files[0]) if len(files) == 1 else None  # one file, channels last
         samples = []
         for c in ct_channels:
-            data = load_nifti(files[c])[0] if whole is None else whole[..., c] if whole.ndim == 4 else whole
+            data = read(files[c]) if whole is None else whole[..., c] if whole.ndim == 4 else whole
             samples.append(np.asarray(data).reshape(-1)[pick].astype(np.float64))
         out["ct_foreground"] = np.concatenate(samples) if samples else np.zeros(0)
     return out
