@@ -258,8 +258,11 @@ def trained_with_mirroring(checkpoint: str | os.PathLike, default: bool = True) 
     path = Path(checkpoint)
     if not path.is_file():
         return bool(default)
-    obj = read_checkpoint(path)
-    if "meta" not in obj:  # a plain state dict (a release's or the model zoo's weights): it does not say
+    try:  # memory-mapped: only the small meta entry is read, not the tensors (the loader reads and checks them)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - read_checkpoint raises the error that names the file
+        obj = read_checkpoint(path)
+    if not isinstance(obj, Mapping) or "meta" not in obj:  # a plain state dict (a release's or the zoo's weights)
         return bool(default)
     mirrored = _meta(obj, path).mirrored
     return bool(default) if mirrored is None else mirrored
