@@ -9,7 +9,13 @@ import torch
 from conftest import BUNDLES, config
 from monai.bundle import ConfigParser
 
-from uniseg_components.benchmark import efficiency_rows, matmul_peak_flops, step_efficiency, step_flops
+from uniseg_components.benchmark import (
+    efficiency_rows,
+    matmul_peak_flops,
+    step_efficiency,
+    step_flops,
+    step_op_counts,
+)
 from uniseg_components.bundle import amp_kwargs, set_cudnn_benchmark
 from uniseg_components.methods.uniseg import UniSeg
 from uniseg_components.tasks import TaskCatalog
@@ -71,9 +77,25 @@ def test_step_flops_counts_a_matmul_step_exactly():
     e = eff["linear"]
     assert e["tflop"] == pytest.approx(384e-12) and e["tflop_s"] == pytest.approx(768e-12)
     assert e["peak_share"] == pytest.approx(768 / 1e3) and e["peak_gib"] is None and e["compiled_s"] is None
+    assert e["ops"] > 0 and e["full_res_ops"] == 0  # no patch given: operations only
     rows = dict(efficiency_rows(eff, 1e3))
-    assert "(e) linear" in rows and "% of peak" in rows["(e) linear"]
+    assert "(e) linear" in rows and "% of peak" in rows["(e) linear"] and "ops/step" in rows["(e) linear"]
     assert matmul_peak_flops(torch.device("cpu"), size=64, repeats=1) > 0
+
+
+def test_step_op_counts_counts_kernels_and_full_resolution_bytes():
+    """Views cost nothing; an elementwise product of a full-resolution tensor is one operation reading 128 and
+    writing 128 bytes; a reduction to a scalar reads the full-resolution tensor only."""
+    x = torch.randn(1, 2, 4, 4)
+    assert step_op_counts(lambda: x.transpose(2, 3).unsqueeze(0)[..., :2], (4, 4))["ops"] == 0
+    assert step_op_counts(lambda: torch.mul(x, 2.0), (4, 4)) == {
+        "ops": 1.0,
+        "full_res_ops": 1.0,
+        "full_res_gb": pytest.approx(256e-9),
+    }
+    counts = step_op_counts(lambda: torch.mul(x, 2.0).sum(), (4, 4))
+    assert counts["ops"] == 2 and counts["full_res_gb"] == pytest.approx(384e-9)
+    assert step_op_counts(lambda: torch.mul(x, 2.0).sum(), (8, 8))["full_res_ops"] == 0  # another patch
 
 
 def test_compiled_network_gives_the_eager_output():

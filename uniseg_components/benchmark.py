@@ -31,6 +31,7 @@ __all__ = [
     "sliding_window_throughput",
     "matmul_peak_flops",
     "step_flops",
+    "step_op_counts",
     "step_efficiency",
     "efficiency_rows",
     "run_benchmarks",
@@ -74,8 +75,10 @@ def train_step(
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     **kw: Any,
 ) -> Callable[[], None]:
-    """One SGD step of ``net(x, **kw)`` against ``y`` with ``loss_fn`` (default :class:`TaskDiceCELoss`)."""
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True)
+    """One SGD step of ``net(x, **kw)`` against ``y`` with ``loss_fn`` (default :class:`TaskDiceCELoss`); the
+    optimiser updates all parameters with multi-tensor (``foreach``) kernels on every device, as it does by default
+    on CUDA."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.99, nesterov=True, foreach=True)
     loss_fn = TaskDiceCELoss() if loss_fn is None else loss_fn
     scaler = torch.amp.GradScaler(enabled=amp)
 
@@ -213,6 +216,56 @@ def step_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
+#: ATen operations that only make views or read metadata: no kernel runs for them on a GPU.
+_NO_KERNEL_OPS = frozenset(
+    "alias as_strided detach empty empty_like empty_strided expand flatten is_same_size lift_fresh narrow new_empty "
+    "new_empty_strided permute _reshape_alias reshape select slice split split_with_sizes squeeze t transpose unbind "
+    "unflatten unsqueeze view _unsafe_view _local_scalar_dense".split()
+)
+
+
+def step_op_counts(step: Callable[[], None], full_size: Sequence[int] | None = None) -> dict[str, float]:
+    """Count what one call of ``step`` (a training step) asks of a device, independently of the device it runs on.
+
+    Every ATen operation that reaches the dispatcher is counted, except views and metadata reads (on a GPU each
+    counted operation is at least one kernel launch). Operations that read or write a tensor whose trailing
+    dimensions are ``full_size`` (the patch: full-resolution feature maps and logits) are counted apart, with the
+    bytes of those full-resolution tensors: the memory traffic a step's elementwise and convolution work moves at
+    full resolution. On a GPU, where the convolutions at full resolution are memory-bound and a few thousand small
+    kernels cost milliseconds to launch, these two figures rather than the FLOPs set the time of a step.
+
+    Args:
+        step: the training step (forward, loss, backward, optimiser), run once.
+        full_size: the spatial size of the patch; ``None`` counts operations only.
+
+    Returns:
+        ``{"ops", "full_res_ops", "full_res_gb"}`` (``full_res_*`` 0 without ``full_size``).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    size = None if full_size is None else tuple(int(v) for v in full_size)
+    counts = {"ops": 0.0, "full_res_ops": 0.0, "full_res_gb": 0.0}
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in _NO_KERNEL_OPS:
+                return out
+            counts["ops"] += 1
+            if size is not None:
+                flat = tree_flatten((args, kwargs, out))[0]
+                full = [t for t in flat if isinstance(t, torch.Tensor) and tuple(t.shape[-len(size) :]) == size]
+                if full:
+                    counts["full_res_ops"] += 1
+                    counts["full_res_gb"] += sum(t.numel() * t.element_size() for t in full) / 1e9
+            return out
+
+    with _Count():
+        step()
+    return counts
+
+
 def step_efficiency(
     steps: Mapping[str, Callable[[], None]],
     seconds: Mapping[str, float],
@@ -220,14 +273,18 @@ def step_efficiency(
     peak_flops: float,
     compiled: Mapping[str, Callable[[], None]] | None = None,
     repeats: int = 3,
+    full_size: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per model: seconds per training step (already timed: ``seconds``), TFLOP per step (:func:`step_flops`),
     achieved TFLOP/s and their share of ``peak_flops`` (:func:`matmul_peak_flops`), the peak GPU memory of a step
     (CUDA only, else ``None``), and, for the models in ``compiled`` (the same step on ``torch.compile`` of the
-    network), the compiled step's seconds (after two warm-up steps, which compile) and the eager / compiled ratio.
+    network), the compiled step's seconds (after two warm-up steps, which compile) and the eager / compiled ratio;
+    and what the step asks of any device (:func:`step_op_counts` at ``full_size``, the steps' patch): operations
+    (kernel launches) per step, those at full resolution and the gigabytes of full-resolution tensors they move.
 
     Returns:
-        ``{name: {"s", "tflop", "tflop_s", "peak_share", "peak_gib", "compiled_s", "compile_speedup"}}``.
+        ``{name: {"s", "tflop", "tflop_s", "peak_share", "peak_gib", "compiled_s", "compile_speedup", "ops",
+        "full_res_ops", "full_res_gb"}}``.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, step in steps.items():
@@ -248,6 +305,7 @@ def step_efficiency(
             "peak_gib": peak_gib,
             "compiled_s": None,
             "compile_speedup": None,
+            **step_op_counts(step, full_size),
         }
     if compiled:
         times = time_interleaved(list(compiled.values()), repeats, 2, device)
@@ -266,6 +324,10 @@ def efficiency_rows(efficiency: Mapping[str, Mapping[str, Any]], peak_flops: flo
         )
         if e.get("peak_gib") is not None:
             text += f", peak memory {e['peak_gib']:.2f} GiB"
+        if e.get("ops"):
+            text += f", {e['ops']:.0f} ops/step"
+            if e.get("full_res_ops"):
+                text += f" ({e['full_res_ops']:.0f} at full resolution moving {e['full_res_gb']:.2f} GB)"
         if e.get("compiled_s") is not None:
             text += f"; compiled {e['compiled_s']:.3f} s/step ({e['compile_speedup']:.2f}x eager)"
         rows.append((f"(e) {name}", text))

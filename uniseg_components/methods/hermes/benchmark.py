@@ -95,7 +95,7 @@ def run_benchmark(
             "plain backbone": train_step(torch.compile(plain), x, y, amp),
         }
     res["efficiency"] = step_efficiency(
-        steps, {"Hermes": t_h, "plain backbone": t_plain}, dev, res["matmul_peak_flops"], compiled, repeats
+        steps, {"Hermes": t_h, "plain backbone": t_plain}, dev, res["matmul_peak_flops"], compiled, repeats, patch
     )
     del plain, steps, compiled
 

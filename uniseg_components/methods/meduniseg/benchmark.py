@@ -109,7 +109,9 @@ def run_benchmark(
                 f"plain {label} backbone": train_step(torch.compile(plain), xp, y, amp),
             }
         seconds = dict(zip(steps, (t_med, t_plain)))
-        res["efficiency"].update(step_efficiency(steps, seconds, dev, res["matmul_peak_flops"], compiled, repeats))
+        res["efficiency"].update(
+            step_efficiency(steps, seconds, dev, res["matmul_peak_flops"], compiled, repeats, patch)
+        )
         res[f"sliding_{name}"] = sliding_window_throughput(net, patch, c, task.id, dev, repeats, volume_factor)
     return res
 

@@ -80,7 +80,7 @@ def run_benchmark(
             "plain backbone": train_step(torch.compile(plain), x, y, amp),
         }
     res["efficiency"] = step_efficiency(
-        steps, {"UniSeg": t_uni, "plain backbone": t_plain}, dev, res["matmul_peak_flops"], compiled, repeats
+        steps, {"UniSeg": t_uni, "plain backbone": t_plain}, dev, res["matmul_peak_flops"], compiled, repeats, patch
     )
 
     # (c) all-tasks path vs one pass per task (inference, one patch)
