@@ -390,3 +390,58 @@ def test_infer_and_save_a_2d_rgb_file(catalog, tmp_path):
     np.testing.assert_allclose(out.affine[:2, :2], affine[:2, :2], atol=1e-6)
     np.testing.assert_allclose(out.affine[:2, 3], affine[:2, 3], atol=1e-6)
     np.testing.assert_array_equal(np.asarray(out.dataobj), label[0].numpy())
+
+
+def test_mmap_gate_equals_the_autograd_expression_with_fewer_full_resolution_ops():
+    """MMap's hand-written gate backward: outputs and every gradient (features, prompt, MMap's parameters) equal
+    those of autograd on ``features * (1 + tanh(a))`` and ``mean(a)`` (float64 round-off), also when only one of
+    the two outputs is used, and it runs fewer full-resolution operations."""
+    from uniseg_components.benchmark import step_op_counts
+    from uniseg_components.methods.meduniseg.network import MMap
+
+    torch.manual_seed(0)
+    mmap = MMap(3, 8, 4, 3).double()
+    nn.init.normal_(mmap.out.weight, std=0.5)  # a trained gate: not the identity of a fresh MMap
+    f = torch.randn(2, 8, 6, 6, 4, dtype=torch.double, requires_grad=True)
+    p = torch.randn(2, 4, 6, 6, 4, dtype=torch.double, requires_grad=True)
+    g_out, g_prior = torch.randn(2, 8, 6, 6, 4, dtype=torch.double), torch.randn(2, 8, dtype=torch.double)
+    tensors = [f, p, *mmap.parameters()]
+
+    def reference():
+        a = mmap.out(mmap.block(torch.cat([f, p], dim=1)))
+        return f * (1 + torch.tanh(a)), a.mean(dim=(2, 3, 4))
+
+    for use_out, use_prior in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0)):
+        grads = []
+        for outputs in (mmap(f, p), reference()):
+            loss = use_out * (outputs[0] * g_out).sum() + use_prior * (outputs[1] * g_prior).sum()
+            grads.append(torch.autograd.grad(loss, tensors))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    out, prior = mmap(f, p)
+    ref_out, ref_prior = reference()
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prior, ref_prior, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(mmap(f, p)[0], ref_out, rtol=1e-12, atol=1e-12)
+
+    def step(fn):
+        return lambda: sum(o.sum() for o in fn()).backward()
+
+    ours, ref = step_op_counts(step(lambda: mmap(f, p)), (6, 6, 4)), step_op_counts(step(reference), (6, 6, 4))
+    assert ours["full_res_ops"] < ref["full_res_ops"] and ours["full_res_gb"] < ref["full_res_gb"]
+
+
+def test_twin_tensors_follow_the_source_weights(catalog):
+    """The 2D twin's tensors are worked out once per (network, twin) and then read from the current weights: a
+    change to the 3D network shows in the next call."""
+    net = MedUniSeg.from_catalog(catalog).eval()
+    twin = net.flat_twin()
+    first = twin_tensors(net, twin)
+    name = next(k for k in first if k.endswith("conv.weight") and net.get_parameter(k).ndim == 5)
+    with torch.no_grad():
+        net.get_parameter(name).add_(1.0)
+    second = twin_tensors(net, twin)
+    assert set(first) == set(second)
+    w = net.get_parameter(name)
+    torch.testing.assert_close(second[name], w.select(-1, w.shape[-1] // 2))

@@ -411,3 +411,79 @@ def test_training_two_tasks_prompt_conditions_output():
     # same images, different task: the outputs differ (task 0 does not find the dark cubes)
     assert _dice(p0, dark) < 0.2
     assert _dice(p1, bright) < 0.2
+
+
+# ----------------------------------------------------------------------------- GPU-speed rewrites: same values
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_act_is_bitwise_monai_adn_with_fewer_full_resolution_ops(dims):
+    """InstanceNormAct's training pass (batch norm of the (1, B*C, ...) view, activation in place before the view)
+    gives exactly MONAI's ADN "NA" values and gradients, and skips autograd's CopySlices detour: fewer operations at
+    full resolution and fewer bytes moved in forward + backward."""
+    from monai.networks.blocks import ADN
+
+    from uniseg_components.benchmark import step_op_counts
+    from uniseg_components.networks.blocks import InstanceNormAct
+
+    torch.manual_seed(0)
+    ours = InstanceNormAct(dims, 6, negative_slope=0.02)
+    ref = ADN(
+        ordering="NA",
+        in_channels=6,
+        norm=("instance", {"affine": True, "eps": 1e-5}),
+        norm_dim=dims,
+        act=("leakyrelu", {"negative_slope": 0.02, "inplace": True}),
+    )
+    with torch.no_grad():
+        ours.N.weight.uniform_(0.5, 1.5)
+        ours.N.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    size = (12, 10, 8)[:dims]
+    x = torch.randn(2, 6, *size)
+    grad = torch.randn(2, 6, *size)
+
+    def run(module):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(grad)
+        return out.detach(), xi.grad, module.N.weight.grad, module.N.bias.grad
+
+    for a, b in zip(run(ours), run(ref)):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # no gradient: ADN's own forward
+        assert torch.equal(ours(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same kernels under autocast too
+        for a, b in zip(run(ours), run(ref)):
+            assert torch.equal(a, b)
+
+    def step(module):
+        xi = x.clone().requires_grad_()
+        return lambda: module(xi).backward(grad)
+
+    fast, slow = step_op_counts(step(ours), size), step_op_counts(step(ref), size)
+    assert fast["full_res_ops"] < slow["full_res_ops"] and fast["full_res_gb"] < slow["full_res_gb"]
+    assert torch.equal(torch.jit.script(ours)(x), ref(x))  # export scripts the plain form
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        ours(torch.randn(2, 6, *([1] * dims), requires_grad=True))
+
+
+def test_decode_head_channels_equals_slicing_the_full_heads():
+    """backbone.decode(head_channels=k): the first k channels of every head's output (deep supervision included)
+    with the same gradients, computed from the first k rows of the head weights."""
+    torch.manual_seed(0)
+    net = UNetBackbone(UNetPlan.from_dict(TINY_PLAN), (1,), 4).train()
+    x = torch.randn(2, 1, 16, 16, 16)
+    full = net.decode(net.encode(x))
+    part = net.decode(net.encode(x), head_channels=2)
+    assert isinstance(part, list) and len(part) == len(full)
+    for a, b in zip(part, full):
+        assert a.shape[1] == 2
+        torch.testing.assert_close(a, b[:, :2], rtol=1e-5, atol=1e-6)
+    g_part = torch.autograd.grad(sum(o.square().sum() for o in part), list(net.parameters()), allow_unused=True)
+    g_full = torch.autograd.grad(sum(o[:, :2].square().sum() for o in full), list(net.parameters()), allow_unused=True)
+    scale = max(float(b.abs().max()) for b in g_full if b is not None)
+    for a, b in zip(g_part, g_full):  # conv biases before InstanceNorm: zero up to round-off, hence the scale
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="head_channels must be in 1..4"):
+        net.decode(net.encode(x), head_channels=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers import Conv
 from torch import nn
 
@@ -156,6 +157,7 @@ class UNetBackbone(nn.Module):
         skips: Sequence[torch.Tensor],
         extra: torch.Tensor | None = None,
         hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        head_channels: int | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Run the decoder on the encoder outputs.
 
@@ -165,11 +167,15 @@ class UNetBackbone(nn.Module):
                 upsampling; required when ``decoder_extra_channels > 0``.
             hook: optional ``hook(stage, features) -> features`` applied to the output of every decoder stage
                 (``stage`` 0 is the deepest), before its head; default ``None``.
+            head_channels: compute only the first ``head_channels`` outputs of every head (the task's classes of
+                a shared head), with the first rows of its weight: the values of slicing the full output, without
+                computing and back-propagating through the channels that would be dropped; default ``None`` = all
+                ``out_channels``.
 
         Returns:
-            ``(B, out_channels, *spatial)`` in eval mode or without deep supervision, else a list of the outputs of
-            every decoder stage, highest resolution first. Without heads (``out_channels=0``): the last decoder
-            stage's features ``(B, features[0], *spatial)``.
+            ``(B, head_channels or out_channels, *spatial)`` in eval mode or without deep supervision, else a list
+            of the outputs of every decoder stage, highest resolution first. Without heads (``out_channels=0``):
+            the last decoder stage's features ``(B, features[0], *spatial)``.
         """
         h = skips[-1]
         if self.decoder_extra_channels:
@@ -182,6 +188,10 @@ class UNetBackbone(nn.Module):
         elif extra is not None:
             raise ValueError("this backbone was built with decoder_extra_channels=0 and takes no extra tensor.")
         deep = self.plan.deep_supervision and self.training and self.out_channels > 0
+        k = self.out_channels if head_channels is None else int(head_channels)
+        if self.out_channels and not 1 <= k <= self.out_channels:
+            raise ValueError(f"head_channels must be in 1..{self.out_channels}, got {head_channels}.")
+        conv = F.conv3d if self.plan.spatial_dims == 3 else F.conv2d
         outputs = []
         for s, (up, dec) in enumerate(zip(self.upsamples, self.decoder)):
             h = up(h)
@@ -189,7 +199,8 @@ class UNetBackbone(nn.Module):
             if hook is not None:
                 h = hook(s, h)
             if self.out_channels and (deep or s == len(self.decoder) - 1):
-                outputs.append(self.heads[s](h))
+                head = self.heads[s]
+                outputs.append(head(h) if k == self.out_channels else conv(h, head.weight[:k]))
         if not self.out_channels:
             return h
         return outputs[::-1] if deep else outputs[0]

@@ -7,11 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import ADN, Convolution
 from monai.networks.layers import Conv
 from torch import nn
 
 __all__ = [
+    "InstanceNormAct",
     "conv_norm_act",
     "norm_act",
     "StackedConvBlocks",
@@ -23,15 +25,68 @@ __all__ = [
 ]
 
 
-def norm_act(spatial_dims: int, channels: int, negative_slope: float = 0.01) -> ADN:
-    """InstanceNorm (affine, eps 1e-5) followed by LeakyReLU(``negative_slope``)."""
-    return ADN(
-        ordering="NA",
-        in_channels=channels,
-        norm=("instance", {"affine": True, "eps": 1e-5}),
-        norm_dim=spatial_dims,
-        act=("leakyrelu", {"negative_slope": negative_slope, "inplace": True}),
-    )
+class InstanceNormAct(ADN):
+    """InstanceNorm (affine, eps 1e-5) followed by in-place LeakyReLU(``negative_slope``): MONAI's ``ADN`` with
+    ordering ``"NA"`` (children ``N`` and ``A``, the same parameters and state-dict keys) and a faster training pass.
+
+    ``torch.instance_norm`` returns a *view* of the batch-norm output it computes, and an in-place activation on a
+    view makes autograd rebuild that view on the way back (``CopySlices``): four more full-resolution kernels per
+    block in the backward pass (an allocation, a clone, two copies) beside the activation's own. When a gradient is
+    needed this runs the same kernels in an order without that detour: batch norm of the ``(1, B * C, *spatial)``
+    view with the affine parameters repeated per sample (what ``torch.instance_norm`` does), the activation in place
+    on that output, then the view. Values and gradients are bitwise those of ``A(N(x))``; for one block at 2 x 32 x
+    64 x 64 x 32 the forward and backward run 6 instead of 11 full-resolution operations (0.47 instead of 0.87 GB).
+    Without a gradient, and while TorchScript scripts or traces the module (export), it is ``A(N(x))`` itself.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: channels of the input.
+        negative_slope: LeakyReLU slope, default 0.01.
+
+    Shapes: ``(B, channels, *spatial)`` in and out.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, negative_slope: float = 0.01) -> None:
+        super().__init__(
+            ordering="NA",
+            in_channels=channels,
+            norm=("instance", {"affine": True, "eps": 1e-5}),
+            norm_dim=spatial_dims,
+            act=("leakyrelu", {"negative_slope": negative_slope, "inplace": True}),
+        )
+        self.spatial_dims = int(spatial_dims)
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.A(self.N(x))
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.N
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(norm.weight.requires_grad))
+        plain = not needs_grad or torch.jit.is_tracing() or x.ndim != self.spatial_dims + 2
+        if plain or x.shape[1] != norm.num_features or x[0, 0].numel() == 1:
+            return self.A(self.N(x))  # also raises the norm's own errors for a wrong shape or a single voxel
+        b, c = x.shape[:2]
+        out = torch.batch_norm(
+            x.reshape(1, b * c, *x.shape[2:]),
+            norm.weight.repeat(b),
+            norm.bias.repeat(b),
+            None,
+            None,
+            True,
+            0.0,
+            norm.eps,
+            torch.backends.cudnn.enabled,
+        )
+        return F.leaky_relu_(out, self.negative_slope).view(x.shape)
+
+
+def norm_act(spatial_dims: int, channels: int, negative_slope: float = 0.01) -> InstanceNormAct:
+    """InstanceNorm (affine, eps 1e-5) followed by LeakyReLU(``negative_slope``) (:class:`InstanceNormAct`)."""
+    return InstanceNormAct(spatial_dims, channels, negative_slope)
 
 
 def conv_norm_act(
@@ -42,7 +97,8 @@ def conv_norm_act(
     stride: Sequence[int] | int = 1,
     negative_slope: float = 0.01,
 ) -> Convolution:
-    """Conv (with bias, same padding) -> InstanceNorm (affine) -> LeakyReLU, as in nnU-Net.
+    """Conv (with bias, same padding) -> InstanceNorm (affine) -> LeakyReLU, as in nnU-Net: MONAI's ``Convolution``
+    (children ``conv`` and ``adn``) whose ``adn`` is an :class:`InstanceNormAct`.
 
     Args:
         spatial_dims: 2 or 3.
@@ -52,7 +108,7 @@ def conv_norm_act(
         stride: stride per axis, default 1 (a stride of 2 halves that axis of an even-sized input).
         negative_slope: LeakyReLU slope, default 0.01.
     """
-    return Convolution(
+    block = Convolution(
         spatial_dims,
         in_channels,
         out_channels,
@@ -63,6 +119,8 @@ def conv_norm_act(
         norm=("instance", {"affine": True, "eps": 1e-5}),
         bias=True,
     )
+    block.adn = norm_act(spatial_dims, out_channels, negative_slope)  # same children and parameters, faster backward
+    return block
 
 
 class StackedConvBlocks(nn.Sequential):

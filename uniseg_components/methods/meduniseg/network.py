@@ -52,6 +52,34 @@ def flat_plan(plan: UNetPlan) -> UNetPlan:
     )
 
 
+def _twin_recipe(source: nn.Module, twin: nn.Module) -> list[tuple[str, str]]:
+    """How each tensor of ``twin`` is taken from ``source`` (see :func:`twin_tensors`): ``(name, kind)`` with kind
+    ``"same"``, ``"centre"`` (the central depth tap of a convolution weight) or ``"mean"`` (the mean over depth).
+
+    Raises:
+        ValueError: the twin has a tensor the source lacks, or one whose shape cannot be derived from the source's.
+    """
+    src = dict(source.named_parameters())
+    src.update(source.named_buffers())
+    recipe = []
+    for prefix, module in twin.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for pname, t in own:
+            name = f"{prefix}.{pname}" if prefix else pname
+            if name not in src:
+                raise ValueError(f"the 2D twin has {name!r}, which the 3D network lacks.")
+            s = src[name]
+            if s.shape == t.shape:
+                recipe.append((name, "same"))
+            elif s.ndim == t.ndim + 1 and isinstance(module, (nn.Conv2d, nn.Conv1d)) and pname == "weight":
+                recipe.append((name, "centre"))
+            elif s.ndim == t.ndim + 1:  # transposed convolutions and prompts on a 3D grid
+                recipe.append((name, "mean"))
+            else:
+                raise ValueError(f"{name!r}: cannot map the 3D shape {tuple(s.shape)} to {tuple(t.shape)}.")
+    return recipe
+
+
 def twin_tensors(source: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a 2D ``twin`` runs on, taken from the 3D ``source`` network with the same module names.
 
@@ -63,26 +91,24 @@ def twin_tensors(source: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
     * prompts stored on a 3D grid: their mean over depth;
     * everything else (biases, norms, linear layers, buffers) as it is.
 
+    Which of these applies to each tensor is worked out once per ``(source, twin)`` pair and kept on ``source``, so
+    a call costs one pass over the tensors (the 2D path calls it on every forward pass).
+
     The returned tensors are views of (or computed from) ``source``'s parameters, so gradients reach them.
+
+    Raises:
+        ValueError: the twin has a tensor the source lacks, or one whose shape cannot be derived from the source's.
     """
+    recipes = source.__dict__.setdefault("_twin_recipes", {})
+    recipe = recipes.get(id(twin))
+    if recipe is None:
+        recipe = recipes[id(twin)] = _twin_recipe(source, twin)
     src = dict(source.named_parameters())
     src.update(source.named_buffers())
     out: dict[str, torch.Tensor] = {}
-    for prefix, module in twin.named_modules():
-        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for pname, t in own:
-            name = f"{prefix}.{pname}" if prefix else pname
-            if name not in src:
-                raise ValueError(f"the 2D twin has {name!r}, which the 3D network lacks.")
-            s = src[name]
-            if s.shape == t.shape:
-                out[name] = s
-            elif s.ndim == t.ndim + 1 and isinstance(module, (nn.Conv2d, nn.Conv1d)) and pname == "weight":
-                out[name] = s.select(-1, s.shape[-1] // 2)
-            elif s.ndim == t.ndim + 1:  # transposed convolutions and prompts on a 3D grid
-                out[name] = s.mean(dim=-1)
-            else:
-                raise ValueError(f"{name!r}: cannot map the 3D shape {tuple(s.shape)} to {tuple(t.shape)}.")
+    for name, kind in recipe:
+        s = src[name]
+        out[name] = s if kind == "same" else s.select(-1, s.shape[-1] // 2) if kind == "centre" else s.mean(dim=-1)
     return out
 
 
@@ -103,6 +129,53 @@ def call_twin(source: nn.Module, twin: nn.Module, method: str, *args: Any, **kwa
     own parameters (kept on the ``meta`` device) are never used."""
     tensors = {f"module.{k}": v for k, v in twin_tensors(source, twin).items()}
     return functional_call(_Call(twin, method), tensors, args, kwargs)
+
+
+class _ResidualTanhGate(torch.autograd.Function):
+    """``(features * (1 + tanh(a)), mean(a) over space)`` for training, with a hand-written backward pass.
+
+    What autograd builds for these expressions runs four full-resolution kernels forward and five backward, and keeps
+    ``1 + tanh(a)`` for the backward pass as well as ``tanh(a)``. This runs three forward (``tanh``, ``addcmul``,
+    ``mean``) and four backward (``addcmul``, a product, ``tanh_backward``, one in-place broadcast add for the mean)
+    and keeps ``features`` and ``tanh(a)`` only. The values are those of :func:`_gate` (the same forward kernels).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, features: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tanh(a)
+        ctx.save_for_backward(features, t)
+        ctx.a_dtype = a.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a full-size zero tensor
+        return torch.addcmul(features, features, t), a.mean(dim=tuple(range(2, a.ndim)))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_prior: torch.Tensor | None) -> tuple[Any, Any]:
+        features, t = ctx.saved_tensors
+        grad_features = grad_a = None
+        if grad_out is not None and ctx.needs_input_grad[0]:
+            grad_features = torch.addcmul(grad_out, grad_out, t.to(grad_out.dtype))
+        if not ctx.needs_input_grad[1]:
+            return grad_features, None
+        if grad_out is not None:
+            grad_a = torch.ops.aten.tanh_backward(grad_out * features, t.to(grad_out.dtype)).to(ctx.a_dtype)
+        if grad_prior is not None:
+            shape = (*grad_prior.shape, *([1] * (t.ndim - 2)))
+            spread = (grad_prior / t[0, 0].numel()).reshape(shape).to(ctx.a_dtype)
+            grad_a = spread.expand(t.shape).contiguous() if grad_a is None else grad_a.add_(spread)
+        return grad_features, grad_a
+
+
+def _gate(features: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMap's residual gate and pooled map: ``features * (1 + tanh(a))`` (computed as ``features + features *
+    tanh(a)``) and ``mean(a)`` over space; through :class:`_ResidualTanhGate` when a gradient is needed (and not
+    while ``torch.jit`` traces: export keeps plain operations).
+
+    Shapes: ``features`` and ``a`` ``(B, C, *s)``; returns ``(B, C, *s)`` and ``(B, C)``.
+    """
+    needs_grad = torch.is_grad_enabled() and (features.requires_grad or a.requires_grad)
+    if needs_grad and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+        return _ResidualTanhGate.apply(features, a)
+    return torch.addcmul(features, features, torch.tanh(a)), a.mean(dim=tuple(range(2, a.ndim)))
 
 
 class MMap(nn.Module):
@@ -134,7 +207,7 @@ class MMap(nn.Module):
 
     def forward(self, features: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.out(self.block(torch.cat([features, prompt], dim=1)))
-        return features * (1 + torch.tanh(a)), a.mean(dim=tuple(range(2, a.ndim)))
+        return _gate(features, a)
 
 
 class MedUniSeg(DefaultTask, nn.Module):
@@ -374,10 +447,6 @@ class MedUniSeg(DefaultTask, nn.Module):
         modal = self.modal_to_fuse(modal_prior).reshape(*modal_prior.shape[:1], -1, *([1] * len(b)))
         return self.fuse(torch.cat([bottleneck, modal.expand(-1, -1, *b), prompt], dim=1))
 
-    def _slice(self, out: torch.Tensor | list[torch.Tensor], task: int) -> torch.Tensor | list[torch.Tensor]:
-        k = self.num_classes[task]
-        return [o[:, :k] for o in out] if isinstance(out, list) else out[:, :k]
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x`` for one task.
@@ -399,7 +468,7 @@ class MedUniSeg(DefaultTask, nn.Module):
             return call_twin(self, self.flat_twin(), "forward", x, task)
         skips, modal = self.encode(x, task)
         prompts = self.task_prompts(skips[-1], modal)
-        return self._slice(self.backbone.decode(skips, prompts[:, task : task + 1]), task)
+        return self.backbone.decode(skips, prompts[:, task : task + 1], head_channels=self.num_classes[task])
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script`` (MONAI's ``ckpt_export network_def``): one trace per input kind (channel
@@ -446,5 +515,5 @@ class MedUniSeg(DefaultTask, nn.Module):
             skips, modal = self.encode(x, members[0])
             prompts = self.task_prompts(skips[-1], modal)
             for t in members:
-                outputs[t] = self._slice(self.backbone.decode(skips, prompts[:, t : t + 1]), t)
+                outputs[t] = self.backbone.decode(skips, prompts[:, t : t + 1], head_channels=self.num_classes[t])
         return [outputs[t] for t in ids]

@@ -163,7 +163,8 @@ class MedUniSegStar(DefaultTask, nn.Module):
 
     def _decode(self, skips: list[torch.Tensor], prompt: torch.Tensor, task: int) -> Any:
         adapters = self.adapters[str(task)]
-        return self.base.backbone.decode(skips, prompt, hook=lambda s, h: adapters[s](h))
+        k = self.base.num_classes[task]
+        return self.base.backbone.decode(skips, prompt, hook=lambda s, h: adapters[s](h), head_channels=k)
 
     def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """As :meth:`MedUniSeg.forward`; relearned tasks go through their adapters."""
@@ -175,7 +176,7 @@ class MedUniSegStar(DefaultTask, nn.Module):
             return call_twin(self, self.flat_twin(), "forward", x, task)
         skips, modal = base.encode(x, task)
         prompts = base.task_prompts(skips[-1], modal)
-        return base._slice(self._decode(skips, prompts[:, task : task + 1], task), task)
+        return self._decode(skips, prompts[:, task : task + 1], task)
 
     #: called by ``torch.jit.script``: the traces of :meth:`MedUniSeg.__prepare_scriptable__`, adapters included
     __prepare_scriptable__ = MedUniSeg.__prepare_scriptable__

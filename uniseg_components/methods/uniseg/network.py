@@ -114,10 +114,6 @@ class UniSeg(DefaultTask, nn.Module):
         prompt = prompt.expand(bottleneck.shape[0], *prompt.shape[1:])
         return self.fuse(torch.cat([bottleneck, prompt], dim=1))
 
-    def _slice(self, out: torch.Tensor | list[torch.Tensor], task: int) -> torch.Tensor | list[torch.Tensor]:
-        k = self.num_classes[task]
-        return [o[:, :k] for o in out] if isinstance(out, list) else out[:, :k]
-
     def forward(self, x: torch.Tensor, task_id: int | torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x`` for one task.
 
@@ -133,7 +129,7 @@ class UniSeg(DefaultTask, nn.Module):
         task = task_index(self.default_task if task_id is None else task_id, self.num_tasks, x.shape[0])
         skips = self.backbone.encode(x)
         prompts = self.task_prompts(skips[-1])
-        return self._slice(self.backbone.decode(skips, prompts[:, task : task + 1]), task)
+        return self.backbone.decode(skips, prompts[:, task : task + 1], head_channels=self.num_classes[task])
 
     def forward_all_tasks(
         self, x: torch.Tensor, task_ids: Sequence[int] | None = None
@@ -153,7 +149,7 @@ class UniSeg(DefaultTask, nn.Module):
         ids = list(range(self.num_tasks)) if task_ids is None else [task_index(t, self.num_tasks) for t in task_ids]
         skips = self.backbone.encode(x)
         prompts = self.task_prompts(skips[-1])
-        return [self._slice(self.backbone.decode(skips, prompts[:, t : t + 1]), t) for t in ids]
+        return [self.backbone.decode(skips, prompts[:, t : t + 1], head_channels=self.num_classes[t]) for t in ids]
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script`` (MONAI's ``ckpt_export network_def``): the TorchScript form of
