@@ -766,3 +766,40 @@ def test_cli_infer_reads_sigmoid_targets(catalog, tmp_path):
     assert merged.shape == (20, 18, 16) and int(merged.min()) >= 1  # every voxel gets some target's label
     labels = {organs.label_offset + c for c in (1, 2)} | {lesion.label_offset + 1}
     assert set(np.unique(merged).tolist()) <= labels
+
+
+def test_cross_attention_equals_multihead_attention_with_fewer_ops():
+    """cross_attention (one key/value product, one split of the projection weights, the padding bias computed
+    once): the output and the weight gradients of nn.MultiheadAttention's own forward, for a boolean mask and for
+    its key_padding_bias, and fewer operations than three separately sliced projections."""
+    from uniseg_components.benchmark import step_op_counts
+    from uniseg_components.methods.hermes.network import cross_attention, key_padding_bias
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    query, context = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 5:] = True
+    expected = attn(query, context, context, key_padding_mask=mask, need_weights=False)[0]
+    ref_grads = torch.autograd.grad(expected.square().sum(), list(attn.parameters()))
+    for m in (mask, key_padding_bias(mask)):
+        got = cross_attention(attn, query, context, m)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), list(attn.parameters())), ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert key_padding_bias(mask).shape == (2, 1, 1, 7) and bool(key_padding_bias(mask)[0, 0, 0, 5:].isinf().all())
+
+    def sliced():  # three slices of in_proj: what each one costs in the backward pass
+        c, w, b = 16, attn.in_proj_weight, attn.in_proj_bias
+        q, k, v = (
+            torch.nn.functional.linear(t, w[i * c : (i + 1) * c], b[i * c : (i + 1) * c])
+            for i, t in enumerate((query, context, context))
+        )
+        split = [t.reshape(2, -1, 2, 8).transpose(1, 2) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*split, attn_mask=(~mask)[:, None, None, :])
+        return attn.out_proj(out.transpose(1, 2).reshape(2, 5, 16))
+
+    torch.testing.assert_close(sliced(), expected, rtol=1e-5, atol=1e-6)
+    ours = step_op_counts(lambda: cross_attention(attn, query, context, mask).sum().backward())
+    theirs = step_op_counts(lambda: sliced().sum().backward())
+    assert ours["ops"] < theirs["ops"]

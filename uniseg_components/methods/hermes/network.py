@@ -30,7 +30,14 @@ from ...networks.backbone import UNetBackbone
 from ...networks.blocks import DefaultTask
 from ...networks.plans import UNetPlan, plan_from_catalog
 
-__all__ = ["TwoWayAttentionBlock", "Hermes", "hermes_tables", "default_fusion_stages"]
+__all__ = [
+    "TwoWayAttentionBlock",
+    "Hermes",
+    "hermes_tables",
+    "default_fusion_stages",
+    "cross_attention",
+    "key_padding_bias",
+]
 
 
 def hermes_tables(catalog: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -92,6 +99,18 @@ def _ffn(dim: int, mlp_ratio: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
+def key_padding_bias(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """The additive attention bias of a key padding mask: ``0`` where a key is attended, ``-inf`` where it is ignored.
+
+    Computed once per forward pass and handed to every :func:`cross_attention` call that uses the mask, instead of
+    each call converting the boolean mask again (three small kernels per call).
+
+    Shapes: ``key_padding_mask`` ``(B, Lk)`` bool (``True`` = ignore); returns ``(B, 1, 1, Lk)`` float32.
+    """
+    bias = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=key_padding_mask.device)
+    return bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+
+
 def cross_attention(
     attn: nn.MultiheadAttention,
     query: torch.Tensor,
@@ -101,23 +120,26 @@ def cross_attention(
     """``attn(query, context, context, key_padding_mask=...)[0]`` of a ``batch_first`` ``nn.MultiheadAttention``,
     computed from its weights with ``scaled_dot_product_attention``.
 
-    The result equals the module's own, but unlike ``nn.MultiheadAttention.forward`` (which takes another kernel
-    path when none of its weights requires gradients) it does not depend on ``requires_grad``: freezing a trained
-    Hermes leaves its outputs bitwise the same.
+    The result equals the module's own (within float round-off), but unlike ``nn.MultiheadAttention.forward`` (which
+    takes another kernel path when none of its weights requires gradients) it does not depend on ``requires_grad``:
+    freezing a trained Hermes leaves its outputs bitwise the same. Keys and values come from one matrix product with
+    the key and value rows of ``in_proj_weight``, and the projection weights are taken with one ``split``, so the
+    backward pass gathers their gradients with one concatenation instead of zero-filling the whole weight per slice.
 
     Shapes: ``query`` ``(B, Lq, C)``, ``context`` ``(B, Lk, C)``, ``key_padding_mask`` ``(B, Lk)`` bool (``True``
-    = ignore) or ``None``; returns ``(B, Lq, C)``.
+    = ignore), its :func:`key_padding_bias` ``(B, 1, 1, Lk)``, or ``None``; returns ``(B, Lq, C)``.
     """
     c, h = attn.embed_dim, attn.num_heads
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(query, w[:c], None if b is None else b[:c])
-    k = F.linear(context, w[c : 2 * c], None if b is None else b[c : 2 * c])
-    v = F.linear(context, w[2 * c :], None if b is None else b[2 * c :])
+    w_q, w_kv = attn.in_proj_weight.split([c, 2 * c])
+    b_q, b_kv = (None, None) if attn.in_proj_bias is None else attn.in_proj_bias.split([c, 2 * c])
     bsz, lq, lk = query.shape[0], query.shape[1], context.shape[1]
-    q = q.reshape(bsz, lq, h, c // h).transpose(1, 2)
-    k = k.reshape(bsz, lk, h, c // h).transpose(1, 2)
-    v = v.reshape(bsz, lk, h, c // h).transpose(1, 2)
-    mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+    q = F.linear(query, w_q, b_q).reshape(bsz, lq, h, c // h).transpose(1, 2)
+    k, v = (t.reshape(bsz, lk, h, c // h).transpose(1, 2) for t in F.linear(context, w_kv, b_kv).split(c, dim=-1))
+    mask = key_padding_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = key_padding_bias(mask)
+    if mask is not None and mask.dtype != q.dtype:  # autocast: the bias follows the attention's dtype
+        mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return attn.out_proj(out.transpose(1, 2).reshape(bsz, lq, c))
 
@@ -147,7 +169,8 @@ class TwoWayAttentionBlock(nn.Module):
 
     Shapes:
         ``forward(tokens (B, T, dim), features (B, L, dim), token_mask (B, T) bool or None)`` returns the updated
-        ``(tokens, features)``. ``token_mask`` marks tokens the features must not attend to (padding).
+        ``(tokens, features)``. ``token_mask`` marks tokens the features must not attend to (padding); its
+        :func:`key_padding_bias` ``(B, 1, 1, T)`` may be passed instead (what Hermes does: once per forward pass).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
@@ -574,6 +597,7 @@ class Hermes(DefaultTask, nn.Module):
         rows = torch.where(req < 0, torch.zeros_like(req), self.target_rows[req.clamp(min=0)])
         pad = req < 0
         token_mask = torch.cat([pad, torch.zeros(b, 1 + self.modality_tokens, dtype=torch.bool, device=x.device)], 1)
+        token_bias = key_padding_bias(token_mask)  # once for every fusion block
         posterior: dict[str, torch.Tensor] = {}
 
         def fusion_hook(prefix: str):
@@ -581,7 +605,7 @@ class Hermes(DefaultTask, nn.Module):
                 name = f"{prefix}{stage}"
                 if name not in self.fusion:
                     return h
-                tokens, h = self._fuse(name, h, self._tokens(name, rows, mod), token_mask)
+                tokens, h = self._fuse(name, h, self._tokens(name, rows, mod), token_bias)
                 posterior[name] = tokens
                 return h
 
