@@ -30,8 +30,8 @@ class InstanceNormAct(ADN):
     ordering ``"NA"`` (children ``N`` and ``A``, the same parameters and state-dict keys) and a faster training pass.
 
     ``torch.instance_norm`` returns a *view* of the batch-norm output it computes, and an in-place activation on a
-    view makes autograd rebuild that view on the way back (``CopySlices``): four more full-resolution kernels per
-    block in the backward pass (an allocation, a clone, two copies) beside the activation's own. When a gradient is
+    view makes autograd rebuild that view on the way back (``CopySlices``): five more full-resolution operations per
+    block in the backward pass (a zero-filled allocation, a clone, three copies) beside the activation's own. When a gradient is
     needed this runs the same kernels in an order without that detour: batch norm of the ``(1, B * C, *spatial)``
     view with the affine parameters repeated per sample (what ``torch.instance_norm`` does), the activation in place
     on that output, then the view. Values and gradients are bitwise those of ``A(N(x))``; for one block at 2 x 32 x
