@@ -154,3 +154,33 @@ def test_inference_benchmark_counts_every_study_on_one_and_two_ranks(tmp_path):
     assert len(list((tmp_path / "work" / "out_2").glob("case*_abdomen_ct.nii.gz"))) == 3
     table = format_inference_report(res)
     assert "| 1 | " in table and "| 2 | 1 | 3 | 0 |" in table and "1.00x" in table
+
+
+def test_profile_step_script_profiles_every_model(tmp_path):
+    """scripts/profile_step.py (the profiler half of scripts/gpu_check.sh) on the demo plan, CPU: one table per model
+    with its operator count and a Chrome trace each."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--catalog", "demo", "--steps", "1", "--rows", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name, trace in (
+        ("plain backbone", "plain_backbone"),
+        ("UniSeg", "uniseg"),
+        ("MedUniSeg 3D", "meduniseg_3d"),
+        ("Hermes", "hermes"),
+    ):
+        assert f"### {name} (patch" in run.stdout
+        assert json.loads((tmp_path / f"{trace}.json").read_text())["traceEvents"]
+    counts = [float(line.split(", ")[1].split()[0]) for line in run.stdout.splitlines() if "per step," in line]
+    assert len(counts) == 4 and counts[3] > counts[0] > 0  # Hermes' fusion blocks: many more operators
