@@ -88,13 +88,15 @@ def main() -> None:
                 torch.cuda.synchronize(dev)
         events = prof.key_averages()
         if cuda:
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernels = [  # GPU work: kernels, memcpy and memset; not the user annotations of the GPU timeline
+                e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+            ]
             launched = len(kernels) / args.steps
             device_ms = sum(k.time_range.elapsed_us() for k in kernels) / 1e3 / args.steps  # kernels' busy time
         else:
             launched = sum(e.count for e in events if e.key.startswith("aten::")) / args.steps
             device_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
-        unit = "CUDA kernels" if cuda else "aten operator calls (nested calls included)"
+        unit = "CUDA kernels (memcpy and memset included)" if cuda else "aten operator calls (nested calls included)"
         print(f"\n### {name} (patch {list(p)})\n")
         print(f"{device_ms:.1f} ms device time per step, {launched:.0f} {unit} per step\n")
         print(events.table(sort_by=sort, row_limit=args.rows))

@@ -800,6 +800,8 @@ def test_cross_attention_equals_multihead_attention_with_fewer_ops():
         return attn.out_proj(out.transpose(1, 2).reshape(2, 5, 16))
 
     torch.testing.assert_close(sliced(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must be bool"):
+        cross_attention(attn, query, context, mask.to(torch.uint8))
     ours = step_op_counts(lambda: cross_attention(attn, query, context, mask).sum().backward())
     theirs = step_op_counts(lambda: sliced().sum().backward())
     assert ours["ops"] < theirs["ops"]

@@ -430,6 +430,8 @@ def test_mmap_gate_equals_the_autograd_expression_with_fewer_full_resolution_ops
 
     ours, ref = step_op_counts(step(lambda: mmap(f, p)), (6, 6, 4)), step_op_counts(step(reference), (6, 6, 4))
     assert ours["full_res_ops"] < ref["full_res_ops"] and ours["full_res_gb"] < ref["full_res_gb"]
+    with pytest.raises(RuntimeError, match="no second derivative"):  # rather than a silently wrong one
+        torch.autograd.grad(mmap(f, p)[0].sum(), f, create_graph=True)
 
 
 def test_twin_tensors_follow_the_source_weights(catalog):
@@ -445,3 +447,6 @@ def test_twin_tensors_follow_the_source_weights(catalog):
     assert set(first) == set(second)
     w = net.get_parameter(name)
     torch.testing.assert_close(second[name], w.select(-1, w.shape[-1] // 2))
+    other = MedUniSeg.from_catalog(catalog, features=(4, 8, 32)).eval()  # other shapes: the recipe is worked out again
+    with pytest.raises(ValueError, match="cannot map the 3D shape"):
+        twin_tensors(other, twin)

@@ -451,9 +451,20 @@ def test_instance_norm_act_is_bitwise_monai_adn_with_fewer_full_resolution_ops(d
         assert torch.equal(a, b)
     with torch.no_grad():  # no gradient: ADN's own forward
         assert torch.equal(ours(x), ref(x))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same kernels under autocast too
+    x_full = x
+    x = x_full.to(torch.bfloat16)  # a bf16 input under autocast (what a conv hands over): the same kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         for a, b in zip(run(ours), run(ref)):
-            assert torch.equal(a, b)
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    if dims == 3:  # channels-last inputs (the CPU bundles' layout), batch of 1 and of 2
+        for batch in (1, 2):
+            x = x_full[:batch].contiguous(memory_format=torch.channels_last_3d)
+            grad_batch = grad
+            grad = grad_batch[:batch]
+            for a, b in zip(run(ours), run(ref)):
+                assert torch.equal(a, b)
+            grad = grad_batch
+    x = x_full
 
     def step(module):
         xi = x.clone().requires_grad_()

@@ -220,19 +220,22 @@ def step_flops(step: Callable[[], None]) -> float:
 _NO_KERNEL_OPS = frozenset(
     "alias as_strided detach empty empty_like empty_strided expand flatten is_same_size lift_fresh narrow new_empty "
     "new_empty_strided permute _reshape_alias reshape select slice split split_with_sizes squeeze t transpose unbind "
-    "unflatten unsqueeze view _unsafe_view _local_scalar_dense".split()
+    "unflatten unsqueeze view _unsafe_view _local_scalar_dense _record_function_enter_new _record_function_exit".split()
 )
 
 
 def step_op_counts(step: Callable[[], None], full_size: Sequence[int] | None = None) -> dict[str, float]:
-    """Count what one call of ``step`` (a training step) asks of a device, independently of the device it runs on.
+    """Count what one call of ``step`` (a training step) asks of a device.
 
     Every ATen operation that reaches the dispatcher is counted, except views and metadata reads (on a GPU each
     counted operation is at least one kernel launch). Operations that read or write a tensor whose trailing
     dimensions are ``full_size`` (the patch: full-resolution feature maps and logits) are counted apart, with the
     bytes of those full-resolution tensors: the memory traffic a step's elementwise and convolution work moves at
     full resolution. On a GPU, where the convolutions at full resolution are memory-bound and a few thousand small
-    kernels cost milliseconds to launch, these two figures rather than the FLOPs set the time of a step.
+    kernels cost milliseconds to launch, these two figures rather than the FLOPs set the time of a step. The counts
+    depend on the step's precision, not on the machine: the benchmark's CUDA steps run fp16 autocast (casts added,
+    half the bytes of fp16 tensors), its CPU steps fp32, so compare counts of the same kind of device. Copies and
+    fills are counted with the bytes of every full-resolution tensor they touch, their views included.
 
     Args:
         step: the training step (forward, loss, backward, optimiser), run once.

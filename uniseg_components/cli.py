@@ -381,8 +381,9 @@ def benchmark(
     backbone, (b) the time ratio UniSeg / plain backbone for one training step at the same patch, (c) the time ratio
     of the all-tasks path / separate per-task passes with the ratio the multiply-accumulate counts allow, (d)
     sliding-window throughput, (e) per training step: seconds, TFLOP (FLOP counter), TFLOP/s and their share of the
-    device's matrix peak (measured with a large matmul), peak GPU memory, and, compiled, seconds and the speed-up;
-    MedUniSeg and Hermes the same kinds of figures for their networks. "loader": batches/s
+    device's matrix peak (measured with a large matmul), peak GPU memory, operations (kernel launches) per step and
+    those at full resolution with the bytes they move, and, compiled, seconds and the speed-up; MedUniSeg and Hermes
+    the same kinds of figures for their networks. "loader": batches/s
     of the train pipeline on synthetic 512x512x160 CT through the disk cache at the timed patch, for 0 and the
     default worker count, beside the UniSeg training step rate. "scale" (not in "all", minutes): peak RSS of a short
     training run through the disk cache for 10 and 40 such cases. "infer" (not in "all"): studies/s of `infer` over

@@ -169,8 +169,9 @@ class UNetBackbone(nn.Module):
                 (``stage`` 0 is the deepest), before its head; default ``None``.
             head_channels: compute only the first ``head_channels`` outputs of every head (the task's classes of
                 a shared head), with the first rows of its weight: the values of slicing the full output, without
-                computing and back-propagating through the channels that would be dropped; default ``None`` = all
-                ``out_channels``.
+                computing and back-propagating through the channels that would be dropped (the heads are bias-free 1x1
+                convolutions; with fewer channels their module, and any hook on it, is bypassed); default ``None`` =
+                all ``out_channels``.
 
         Returns:
             ``(B, head_channels or out_channels, *spatial)`` in eval mode or without deep supervision, else a list

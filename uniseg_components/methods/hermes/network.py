@@ -138,6 +138,10 @@ def cross_attention(
     mask = key_padding_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = key_padding_bias(mask)
+    elif mask is not None and not mask.is_floating_point():
+        raise ValueError(
+            f"key_padding_mask must be bool (True = ignore) or a float key_padding_bias, got dtype {mask.dtype}."
+        )
     if mask is not None and mask.dtype != q.dtype:  # autocast: the bias follows the attention's dtype
         mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

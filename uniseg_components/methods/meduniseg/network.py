@@ -52,9 +52,10 @@ def flat_plan(plan: UNetPlan) -> UNetPlan:
     )
 
 
-def _twin_recipe(source: nn.Module, twin: nn.Module) -> list[tuple[str, str]]:
-    """How each tensor of ``twin`` is taken from ``source`` (see :func:`twin_tensors`): ``(name, kind)`` with kind
-    ``"same"``, ``"centre"`` (the central depth tap of a convolution weight) or ``"mean"`` (the mean over depth).
+def _twin_recipe(source: nn.Module, twin: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """How each tensor of ``twin`` is taken from ``source`` (see :func:`twin_tensors`): ``(name, kind, source
+    shape)`` with kind ``"same"``, ``"centre"`` (the central depth tap of a convolution weight) or ``"mean"`` (the
+    mean over depth).
 
     Raises:
         ValueError: the twin has a tensor the source lacks, or one whose shape cannot be derived from the source's.
@@ -70,13 +71,14 @@ def _twin_recipe(source: nn.Module, twin: nn.Module) -> list[tuple[str, str]]:
                 raise ValueError(f"the 2D twin has {name!r}, which the 3D network lacks.")
             s = src[name]
             if s.shape == t.shape:
-                recipe.append((name, "same"))
+                kind = "same"
             elif s.ndim == t.ndim + 1 and isinstance(module, (nn.Conv2d, nn.Conv1d)) and pname == "weight":
-                recipe.append((name, "centre"))
+                kind = "centre"
             elif s.ndim == t.ndim + 1:  # transposed convolutions and prompts on a 3D grid
-                recipe.append((name, "mean"))
+                kind = "mean"
             else:
                 raise ValueError(f"{name!r}: cannot map the 3D shape {tuple(s.shape)} to {tuple(t.shape)}.")
+            recipe.append((name, kind, tuple(s.shape)))
     return recipe
 
 
@@ -91,22 +93,22 @@ def twin_tensors(source: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
     * prompts stored on a 3D grid: their mean over depth;
     * everything else (biases, norms, linear layers, buffers) as it is.
 
-    Which of these applies to each tensor is worked out once per ``(source, twin)`` pair and kept on ``source``, so
-    a call costs one pass over the tensors (the 2D path calls it on every forward pass).
+    Which of these applies to each tensor is worked out once and kept on ``twin`` with the source shapes it was
+    worked out for (worked out again for a source whose shapes differ), so a call costs one pass over the tensors
+    instead of a walk of the twin's modules (the 2D path calls it on every forward pass).
 
     The returned tensors are views of (or computed from) ``source``'s parameters, so gradients reach them.
 
     Raises:
         ValueError: the twin has a tensor the source lacks, or one whose shape cannot be derived from the source's.
     """
-    recipes = source.__dict__.setdefault("_twin_recipes", {})
-    recipe = recipes.get(id(twin))
-    if recipe is None:
-        recipe = recipes[id(twin)] = _twin_recipe(source, twin)
     src = dict(source.named_parameters())
     src.update(source.named_buffers())
+    recipe = twin.__dict__.get("_twin_recipe")
+    if recipe is None or any(name not in src or tuple(src[name].shape) != shape for name, _, shape in recipe):
+        recipe = twin.__dict__["_twin_recipe"] = _twin_recipe(source, twin)
     out: dict[str, torch.Tensor] = {}
-    for name, kind in recipe:
+    for name, kind, _ in recipe:
         s = src[name]
         out[name] = s if kind == "same" else s.select(-1, s.shape[-1] // 2) if kind == "centre" else s.mean(dim=-1)
     return out
@@ -150,6 +152,10 @@ class _ResidualTanhGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor | None, grad_prior: torch.Tensor | None) -> tuple[Any, Any]:
+        if torch.is_grad_enabled():  # create_graph=True: the saved tanh(a) has no graph, so refuse, not answer wrong
+            raise RuntimeError(
+                "MedUniSeg's MMap gate has no second derivative in training mode (backward with create_graph=True)."
+            )
         features, t = ctx.saved_tensors
         grad_features = grad_a = None
         if grad_out is not None and ctx.needs_input_grad[0]:
