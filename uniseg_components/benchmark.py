@@ -278,7 +278,7 @@ def step_efficiency(
     repeats: int = 3,
     full_size: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per model: seconds per training step (already timed: ``seconds``), TFLOP per step (:func:`step_flops`),
+    """Per model: seconds per training step (already timed: ``seconds``), TFLOP per step (as :func:`step_flops`),
     achieved TFLOP/s and their share of ``peak_flops`` (:func:`matmul_peak_flops`), the peak GPU memory of a step
     (CUDA only, else ``None``), and, for the models in ``compiled`` (the same step on ``torch.compile`` of the
     network), the compiled step's seconds (after two warm-up steps, which compile) and the eager / compiled ratio;
@@ -289,9 +289,13 @@ def step_efficiency(
         ``{name: {"s", "tflop", "tflop_s", "peak_share", "peak_gib", "compiled_s", "compile_speedup", "ops",
         "full_res_ops", "full_res_gb"}}``.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     out: dict[str, dict[str, Any]] = {}
     for name, step in steps.items():
-        flops = step_flops(step)
+        with FlopCounterMode(display=False) as counter:  # one step gives both: the modes see the same operations
+            counts = step_op_counts(step, full_size)
+        flops = float(counter.get_total_flops())
         peak_gib = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -308,7 +312,7 @@ def step_efficiency(
             "peak_gib": peak_gib,
             "compiled_s": None,
             "compile_speedup": None,
-            **step_op_counts(step, full_size),
+            **counts,
         }
     if compiled:
         times = time_interleaved(list(compiled.values()), repeats, 2, device)
