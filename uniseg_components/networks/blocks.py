@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import ADN, Convolution
 from monai.networks.layers import Conv
 from torch import nn
@@ -56,7 +55,6 @@ class InstanceNormAct(ADN):
             act=("leakyrelu", {"negative_slope": negative_slope, "inplace": True}),
         )
         self.spatial_dims = int(spatial_dims)
-        self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -82,7 +80,7 @@ class InstanceNormAct(ADN):
             norm.eps,
             torch.backends.cudnn.enabled,
         )
-        return F.leaky_relu_(out, self.negative_slope).view(x.shape)
+        return self.A(out).view(x.shape)  # A is the in-place LeakyReLU: on the batch-norm output, not on a view
 
 
 def norm_act(spatial_dims: int, channels: int, negative_slope: float = 0.01) -> InstanceNormAct:
